@@ -1,0 +1,1 @@
+"""One module per job: audit, fold, convert, export, check."""

@@ -1,0 +1,154 @@
+"""Shared CLI plumbing: option decorators, model loading, error handling, output.
+
+Exit codes: 0 success, 1 the job ran but a check failed (``bool(report)`` is
+False), 2 user error (``NormswapError``: one line on stderr), 3 internal
+error (one line; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------- options
+
+
+def output_options(f: Callable) -> Callable:
+    """--json FILE, --quiet, --debug on a command (they may also be given before the command)."""
+    f = click.option("--debug", is_flag=True, default=None, help="Show tracebacks for errors.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, default=None, help="Print only the final summary line.")(f)
+    f = click.option(
+        "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON to FILE."
+    )(f)
+    return f
+
+
+def model_options(f: Callable) -> Callable:
+    """Options that say how to load MODEL safely."""
+    f = click.option(
+        "--arch-kwargs", default=None, metavar="JSON", help="Keyword arguments for the --arch factory, as a JSON object."
+    )(f)
+    f = click.option(
+        "--arch", default=None, metavar="PKG.MODULE:FACTORY", help="Factory that builds the model for a state dict / safetensors file."
+    )(f)
+    f = click.option(
+        "--import", "imports", multiple=True, metavar="MODULE", help="Import MODULE first (repeatable), e.g. the package that defines the model's classes."
+    )(f)
+    f = click.option(
+        "--trust", is_flag=True, default=False, help="Allow unpickling a whole pickled model. Unpickling runs arbitrary code: only for files you trust."
+    )(f)
+    return f
+
+
+def write_options(f: Callable) -> Callable:
+    f = click.option("--force", is_flag=True, default=False, help="Overwrite existing output files.")(f)
+    return f
+
+
+# --------------------------------------------------------------------------- context
+
+
+class Settings:
+    """Resolved output settings (command-level options override group-level ones)."""
+
+    def __init__(self, json_path=None, quiet=False, debug=False):
+        self.json_path = json_path
+        self.quiet = bool(quiet)
+        self.debug = bool(debug)
+
+
+def settings(json_path=None, quiet=None, debug=None) -> Settings:
+    ctx = click.get_current_context(silent=True)
+    root = (ctx.find_root().obj if ctx else None) or {}
+    return Settings(
+        json_path if json_path is not None else root.get("json_path"),
+        quiet if quiet is not None else root.get("quiet", False),
+        debug if debug is not None else root.get("debug", False),
+    )
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def load(model_path: str, *, arch=None, arch_kwargs=None, trust=False, imports=()):
+    """Load MODEL with the shared options (errors surface as NormswapError)."""
+    from normswap.io import load_model
+
+    return load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
+def run_job(
+    job: Callable[[], Any],
+    render: Callable[[Any, Any], None] | None,
+    opts: Settings,
+    *,
+    notes: Callable[[], list[str]] | None = None,
+) -> None:
+    """Run ``job()`` (which returns a Report), render it, write JSON, print the summary, exit.
+
+    ``NormswapError`` → one line on stderr, exit 2.  Any other exception → one
+    line naming it, exit 3 (``--debug`` shows the traceback instead).
+    """
+    from normswap.errors import NormswapError
+
+    try:
+        report = job()
+    except NormswapError as e:
+        if opts.debug:
+            raise
+        fail(str(e), EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit:
+        raise
+    except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
+        if opts.debug:
+            raise
+        fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
+    out = console()
+    if not opts.quiet and render is not None:
+        render(report, out)
+    if opts.json_path:
+        try:
+            report.to_json(opts.json_path)
+        except NormswapError as e:
+            fail(str(e), EXIT_USAGE)
+        if not opts.quiet:
+            out.print(f"report written to {opts.json_path}")
+    line = report.summary_line()
+    style = "bold green" if report else "bold red"
+    out.print(line, style=style, markup=False)
+    sys.exit(EXIT_OK if report else EXIT_FAILED)
+
+
+def print_notes(notes: list[str], out=None) -> None:
+    if not notes:
+        return
+    out = out or console(stderr=True)
+    for n in notes:
+        out.print(f"note: {n}", style="yellow", markup=False)
+
+
+def pass_settings(f: Callable) -> Callable:
+    """Turn the --json/--quiet/--debug values into a Settings object passed as ``opts``."""
+
+    @functools.wraps(f)
+    def wrapper(*args, json_path=None, quiet=None, debug=None, **kwargs):
+        return f(*args, opts=settings(json_path, quiet, debug), **kwargs)
+
+    return wrapper
