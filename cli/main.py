@@ -48,12 +48,9 @@ class JobGroup(click.Group):
 def cli(ctx, json_path, quiet, debug):
     """normswap: normalization-layer surgery on trained PyTorch models.
 
-    \b
-    audit    which norms a model uses, where, foldable or not, and their risks
-    fold     fold BatchNorm (and norm affines) into neighbouring layers, exactly
-    convert  replace one norm by another with calibrated parameters
-    export   export to ONNX, refusing silent errors
-    check    ONNX parity in onnxruntime (CPU and CUDA) with numbers
+    Audit the norms of a model, fold BatchNorm exactly, convert one norm into
+    another with calibrated parameters, export to ONNX and check parity in
+    onnxruntime.  Global options may also be given after the command.
     """
     ctx.ensure_object(dict)
     ctx.obj.update(json_path=json_path, quiet=quiet, debug=debug)
