@@ -1,0 +1,493 @@
+"""The norm registry: one place that describes every normalization kind normswap knows.
+
+``NORMS`` is a plain dict keyed by kind name (like timm's ``create_norm.py``).  Each
+:class:`NormKind` says which *exact* module types it matches, what its statistics are
+taken over, whether it has running statistics and an affine, whether its eval-time
+closed form is a per-channel affine (foldable), and which ONNX ops it exports to.
+
+Matching is by **exact type**: a subclass of a known norm (timm's ``BatchNormAct2d``, a
+``BatchNorm2d`` subclass that also applies an activation) is ``unsupported_subclass``,
+never treated as its base.  Frozen BatchNorm (torchvision / detectron2 style, all
+buffers) is recognised by structure, and norms of other libraries (HF ``LlamaRMSNorm``,
+``T5LayerNorm``...) by class-name pattern and parameter shapes (``custom``).
+
+Spectral norm and weight norm are not modules of their own: they sit on a producer's
+weight, see :func:`weight_reparam` / :func:`weight_reparams` / :func:`iter_weight_reparams`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NormKind",
+    "NORMS",
+    "KIND_NAMES",
+    "classify",
+    "classify_type",
+    "looks_like_norm_name",
+    "known_base",
+    "is_composite",
+    "iter_norms",
+    "weight_reparam",
+    "weight_reparams",
+    "iter_weight_reparams",
+    "WeightReparam",
+    "norm_eps",
+    "norm_shape",
+    "FUNCTIONAL_NORMS",
+    "functional_kind",
+]
+
+
+@dataclass(frozen=True)
+class NormKind:
+    """Static facts about one kind of norm."""
+
+    name: str
+    #: exact module types this kind matches (filled lazily for seed layers)
+    types: tuple[type, ...]
+    #: "batch" (statistics over the batch), "sample" (per-sample statistics),
+    #: "weight" (a reparametrisation of a producer's weight), "none" or "unknown"
+    stats: str
+    #: what the statistics are taken over, in words (x is (N, C, *spatial))
+    axes: str
+    #: True / False, or None when it depends on the module's configuration
+    running_stats: bool | None
+    affine: bool | None
+    #: "yes": eval closed form is a per-channel affine; "running_stats": only when running
+    #: statistics are used at eval; "affine_only": only the affine part can move into a
+    #: neighbouring linear op; "bake": the weight can be baked to a constant; "partial": a part
+    #: of it; "no"
+    foldable: str
+    onnx_ops: tuple[str, ...]
+    description: str = ""
+    #: True for norms built out of other modules (their children are not separate sites)
+    composite: bool = False
+
+
+def _t(*names: str) -> tuple[type, ...]:
+    out = []
+    for n in names:
+        t = getattr(nn, n, None)
+        if isinstance(t, type):
+            out.append(t)
+    return tuple(out)
+
+
+NORMS: dict[str, NormKind] = {
+    "bn": NormKind(
+        "bn",
+        _t("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+           "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"),
+        "batch", "N and all spatial axes, per channel (dim 1)", None, None, "yes",
+        ("BatchNormalization",),
+        "BatchNorm: running statistics at eval (unless track_running_stats=False)",
+    ),
+    "frozen_bn": NormKind(
+        "frozen_bn", (), "none", "fixed statistics (buffers only)", True, True, "yes",
+        ("Mul", "Add"),
+        "frozen BatchNorm (torchvision/detectron2 FrozenBatchNorm2d): weight, bias, "
+        "running_mean, running_var all buffers",
+    ),
+    "in": NormKind(
+        "in",
+        _t("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+           "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d"),
+        "sample", "spatial axes, per sample and channel", None, None, "running_stats",
+        ("InstanceNormalization",),
+        "InstanceNorm: per-sample statistics unless track_running_stats=True",
+    ),
+    "ln": NormKind(
+        "ln", _t("LayerNorm"), "sample", "the last len(normalized_shape) dims, per sample",
+        False, None, "affine_only", ("LayerNormalization",),
+        "LayerNorm",
+    ),
+    "gn": NormKind(
+        "gn", _t("GroupNorm"), "sample", "each group's channels and spatial axes, per sample",
+        False, None, "affine_only",
+        ("Reshape", "InstanceNormalization", "Mul", "Add"),
+        "GroupNorm (GroupNormalization at opset 21)",
+    ),
+    "rms": NormKind(
+        "rms", _t("RMSNorm"), "sample", "the last len(normalized_shape) dims, per sample (no mean)",
+        False, None, "affine_only",
+        ("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"),
+        "RMSNorm (RMSNormalization at opset 23)",
+    ),
+    "lrn": NormKind(
+        "lrn", _t("LocalResponseNorm"), "sample", "neighbouring channels, per position",
+        False, False, "no", ("LRN",), "LocalResponseNorm",
+    ),
+    "spectral": NormKind(
+        "spectral", (), "weight", "the producer's weight reshaped (out, -1)", None, False, "bake",
+        ("constant weight after baking",),
+        "spectral norm on a producer's weight (power iteration in training only)",
+    ),
+    "weight_norm": NormKind(
+        "weight_norm", (), "weight", "the producer's weight (norm over all dims except `dim`)",
+        False, False, "bake", ("constant weight after baking",),
+        "weight norm on a producer's weight",
+    ),
+    "frn": NormKind(
+        "frn", (), "sample", "spatial axes, per sample and channel (mean of x^2) + TLU",
+        False, True, "no", ("Mul", "ReduceMean", "Add", "Sqrt", "Div", "Max"),
+        "Filter Response Norm + TLU",
+    ),
+    "powernorm": NormKind(
+        "powernorm", (), "batch", "N and spatial axes, per channel (quadratic mean, no centring)",
+        True, None, "yes", ("Mul", "Div", "Sqrt", "Add"),
+        "PowerNorm (running quadratic mean at eval)",
+    ),
+    "bgn": NormKind(
+        "bgn", (), "batch", "N and each group's channels and spatial axes",
+        True, None, "yes", ("Reshape", "BatchNormalization", "Mul", "Add"),
+        "Batch Group Norm (running statistics per group at eval)",
+    ),
+    "cbn": NormKind(
+        "cbn", (), "batch", "N and spatial axes, per channel; affine from a condition",
+        True, True, "partial", ("BatchNormalization", "Gather", "Gemm", "Mul", "Add"),
+        "Conditional BatchNorm: BN statistics foldable, conditional affine not",
+        composite=True,
+    ),
+    "sabn": NormKind(
+        "sabn", (), "batch", "N and spatial axes, per channel; per-branch affine",
+        True, True, "partial", ("BatchNormalization", "Gather", "Mul", "Add"),
+        "Sandwich BatchNorm: shared part foldable, per-branch affine only for a fixed branch",
+        composite=True,
+    ),
+    "custom": NormKind(
+        "custom", (), "unknown", "unknown (recognised by class name and parameter shapes)",
+        None, None, "no", ("primitive ops",),
+        "a norm of another library recognised by class name (e.g. LlamaRMSNorm, T5LayerNorm)",
+    ),
+    "unsupported_subclass": NormKind(
+        "unsupported_subclass", (), "unknown", "as its base, plus whatever the subclass adds",
+        None, None, "no", ("unknown",),
+        "a subclass of a known norm type: its forward may differ from the base, so it is "
+        "never treated as the base",
+    ),
+}
+
+KIND_NAMES: tuple[str, ...] = tuple(NORMS)
+
+# seed layers from normswap.layers: class name -> kind
+_SEED_NAMES = {
+    "FilterResponseNorm2d": "frn",
+    "PowerNorm2d": "powernorm",
+    "BatchGroupNorm2d": "bgn",
+    "ConditionalBatchNorm2d": "cbn",
+    "SandwichBatchNorm2d": "sabn",
+}
+
+_TYPE_MAP: dict[type, str] | None = None
+
+
+def _type_map() -> dict[type, str]:
+    """Exact type -> kind; seed layers are imported lazily (normswap.layers may be absent)."""
+    global _TYPE_MAP
+    if _TYPE_MAP is not None:
+        return _TYPE_MAP
+    m: dict[type, str] = {}
+    for kind in NORMS.values():
+        for t in kind.types:
+            m[t] = kind.name
+    complete = True
+    try:
+        from normswap import layers as _layers  # noqa: PLC0415
+    except Exception:  # pragma: no cover - layers not written yet
+        _layers = None
+        complete = False
+    for cls_name, kind in _SEED_NAMES.items():
+        t = getattr(_layers, cls_name, None) if _layers is not None else None
+        if isinstance(t, type):
+            m[t] = kind
+            if not NORMS[kind].types:
+                object.__setattr__(NORMS[kind], "types", (t,))
+        else:
+            complete = False
+    if complete:
+        _TYPE_MAP = m
+    return m
+
+
+_FROZEN_NAME = re.compile(r"(?i)frozen|batch_?norm|(^|[^a-z])bn")
+_CUSTOM_NAME = re.compile(r"(?i)norm")
+_NOT_NORM_NAME = re.compile(r"(?i)normali[sz]e$|^(pre|post)norm|norm(block|layerwrapper)$")
+
+
+def _real_type(module: nn.Module) -> type:
+    """The module's type; for torch.nn.utils.parametrize's generated classes, the original."""
+    t = type(module)
+    if getattr(module, "parametrizations", None) is not None and t.__name__.startswith("Parametrized"):
+        for b in t.__bases__:
+            if issubclass(b, nn.Module):
+                return b
+    return t
+
+
+def _is_frozen_bn(module: nn.Module) -> bool:
+    if next(module.parameters(recurse=False), None) is not None:
+        return False
+    if next(module.children(), None) is not None:
+        return False
+    bufs = dict(module.named_buffers(recurse=False))
+    need = ("weight", "bias", "running_mean", "running_var")
+    if not all(k in bufs and isinstance(bufs[k], torch.Tensor) for k in need):
+        return False
+    shapes = {tuple(bufs[k].shape) for k in need}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        return False
+    return bool(_FROZEN_NAME.search(type(module).__name__))
+
+
+def _is_custom_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    if not _CUSTOM_NAME.search(name) or _NOT_NORM_NAME.search(name):
+        return False
+    if next(module.children(), None) is not None:
+        return False  # wrappers like PreNorm(fn) hold modules; a norm is a leaf
+    # a weight-like parameter (or buffer) whose shape is a feature shape, or an eps attribute
+    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    weightish = [
+        t for n, t in tensors
+        if n in ("weight", "scale", "gamma", "g", "alpha", "bias", "beta", "offset")
+        and isinstance(t, torch.Tensor) and t.dim() >= 1
+    ]
+    has_eps = any(hasattr(module, a) for a in ("eps", "variance_epsilon", "epsilon"))
+    if not weightish and not has_eps:
+        return False
+    # all weight-like tensors share a shape (per-feature)
+    shapes = {tuple(t.shape) for t in weightish}
+    return len(shapes) <= 1
+
+
+def known_base(module: nn.Module) -> type | None:
+    """For a subclass of a known norm type, the known base it derives from (else None)."""
+    t = _real_type(module)
+    tm = _type_map()
+    if t in tm:
+        return None
+    for base in t.__mro__[1:]:
+        if base in tm:
+            return base
+    return None
+
+
+def classify(module: nn.Module) -> str | None:
+    """Kind name of a module-type norm, or None if the module is not a norm.
+
+    Exact-type match; a subclass of a known norm type is ``"unsupported_subclass"``.
+    """
+    t = _real_type(module)
+    tm = _type_map()
+    kind = tm.get(t)
+    if kind is not None:
+        return kind
+    for base in t.__mro__[1:]:
+        if base in tm:
+            return "unsupported_subclass"
+    # seed layers when normswap.layers could not be imported as a whole
+    if t.__name__ in _SEED_NAMES and t.__module__.startswith("normswap.layers"):
+        return _SEED_NAMES[t.__name__]
+    if t.__module__.startswith("torch.") and not t.__module__.startswith("torch.testing"):
+        return None  # torch's own classes match exactly or not at all (e.g. _SpectralNorm)
+    if _is_frozen_bn(module):
+        return "frozen_bn"
+    if _is_custom_norm(module):
+        return "custom"
+    return None
+
+
+def classify_type(cls: type) -> str | None:
+    """Kind of a module *class* by type alone: exact registry type, or
+    ``"unsupported_subclass"`` for a subclass of one; None otherwise (structure- and
+    name-based kinds need an instance, see :func:`classify`)."""
+    tm = _type_map()
+    if cls in tm:
+        return tm[cls]
+    if any(base in tm for base in getattr(cls, "__mro__", ())[1:]):
+        return "unsupported_subclass"
+    return None
+
+
+def looks_like_norm_name(class_name: str) -> bool:
+    """Does a class name look like a norm's (``*Norm*``, not ``Normalize``/``PreNorm``)?"""
+    return bool(_CUSTOM_NAME.search(class_name)) and not _NOT_NORM_NAME.search(class_name)
+
+
+def is_composite(kind: str | None) -> bool:
+    return kind is not None and kind in NORMS and NORMS[kind].composite
+
+
+def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """Yield (qualified name, module, kind) for every module-type norm in ``model``.
+
+    Submodules of a norm (e.g. the inner BatchNorm of a ConditionalBatchNorm2d or of an
+    unsupported subclass) are not reported separately.  A module registered under several
+    names is reported once, under its first name.
+    """
+    seen: set[int] = set()
+    skip_prefixes: list[str] = []
+    for name, mod in model.named_modules():
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        kind = classify(mod)
+        if kind is None:
+            continue
+        skip_prefixes.append(name + "." if name else "")
+        yield name, mod, kind
+
+
+# --------------------------------------------------------------------------- weight reparametrisations
+
+
+@dataclass(frozen=True)
+class WeightReparam:
+    """A spectral/weight norm on a module's parameter."""
+
+    param: str  # the reparametrised parameter's name, e.g. "weight"
+    kind: str  # "spectral" | "weight_norm"
+    api: str  # "hook" (torch.nn.utils.spectral_norm / weight_norm) or "parametrization"
+    details: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def weight_reparams(module: nn.Module) -> list[WeightReparam]:
+    """All spectral / weight norm reparametrisations sitting directly on ``module``."""
+    out: list[WeightReparam] = []
+    try:
+        from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySN
+    except Exception:  # pragma: no cover
+        _LegacySN = ()
+    try:
+        from torch.nn.utils.weight_norm import WeightNorm as _LegacyWN
+    except Exception:  # pragma: no cover
+        _LegacyWN = ()
+    for hook in list(getattr(module, "_forward_pre_hooks", {}).values()):
+        if _LegacySN and isinstance(hook, _LegacySN):
+            out.append(WeightReparam(hook.name, "spectral", "hook", {
+                "n_power_iterations": hook.n_power_iterations, "dim": hook.dim, "eps": hook.eps}))
+        elif _LegacyWN and isinstance(hook, _LegacyWN):
+            out.append(WeightReparam(hook.name, "weight_norm", "hook", {"dim": hook.dim}))
+    plist = getattr(module, "parametrizations", None)
+    if isinstance(plist, nn.ModuleDict):
+        for pname, chain in plist.items():
+            for p in chain:
+                cname = type(p).__name__
+                if cname == "_SpectralNorm":
+                    out.append(WeightReparam(pname, "spectral", "parametrization", {
+                        "n_power_iterations": getattr(p, "n_power_iterations", None),
+                        "dim": getattr(p, "dim", None), "eps": getattr(p, "eps", None)}))
+                elif cname == "_WeightNorm":
+                    out.append(WeightReparam(pname, "weight_norm", "parametrization",
+                                             {"dim": getattr(p, "dim", None)}))
+    return out
+
+
+def weight_reparam(module: nn.Module) -> str | None:
+    """'spectral' / 'weight_norm' when the module's weight is reparametrised, else None."""
+    r = weight_reparams(module)
+    return r[0].kind if r else None
+
+
+def iter_weight_reparams(model: nn.Module) -> Iterator[tuple[str, nn.Module, WeightReparam]]:
+    """Yield (site name like ``conv1.weight``, owner module, WeightReparam)."""
+    seen: set[int] = set()
+    for name, mod in model.named_modules():
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        for r in weight_reparams(mod):
+            yield (f"{name}.{r.param}" if name else r.param), mod, r
+
+
+# --------------------------------------------------------------------------- per-module facts
+
+
+def norm_eps(module: nn.Module) -> float | None:
+    """The eps a norm module uses (None when unknown / dtype-dependent)."""
+    for a in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(module, a, None)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            return float(v.detach().abs().item()) if a == "eps" and isinstance(v, nn.Parameter) else float(v.item())
+        if isinstance(v, (int, float)):
+            return float(v)
+    inner = getattr(module, "bn", None)
+    if isinstance(inner, nn.Module) and inner is not module:
+        return norm_eps(inner)
+    return None
+
+
+def norm_shape(module: nn.Module, kind: str | None = None) -> dict:
+    """Shape facts: num_features / num_groups / normalized_shape (whatever applies)."""
+    kind = kind or classify(module)
+    out: dict = {}
+    for a in ("num_features", "num_channels", "num_groups", "normalized_shape", "size",
+              "num_classes", "num_branches", "hidden_size"):
+        v = getattr(module, a, None)
+        if isinstance(v, (int, tuple, list)) and not isinstance(v, bool):
+            out[a] = list(v) if isinstance(v, (tuple, list)) else v
+    if kind in ("custom", "frozen_bn") and "num_features" not in out:
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 1:
+            out["weight_shape"] = list(w.shape)
+    if kind in ("cbn", "sabn") and "num_features" not in out:
+        inner = getattr(module, "bn", None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "num_features"):
+            out["num_features"] = inner.num_features
+    return out
+
+
+# --------------------------------------------------------------------------- functional norms
+
+
+def _functional_table() -> dict:
+    import torch.nn.functional as F
+
+    table: dict = {}
+    pairs = [
+        (getattr(F, "batch_norm", None), "bn"),
+        (getattr(torch, "batch_norm", None), "bn"),
+        (getattr(torch, "native_batch_norm", None), "bn"),
+        (getattr(F, "instance_norm", None), "in"),
+        (getattr(torch, "instance_norm", None), "in"),
+        (getattr(F, "layer_norm", None), "ln"),
+        (getattr(torch, "layer_norm", None), "ln"),
+        (getattr(torch, "native_layer_norm", None), "ln"),
+        (getattr(F, "group_norm", None), "gn"),
+        (getattr(torch, "group_norm", None), "gn"),
+        (getattr(torch, "native_group_norm", None), "gn"),
+        (getattr(F, "rms_norm", None), "rms"),
+        (getattr(torch, "rms_norm", None), "rms"),
+        (getattr(F, "local_response_norm", None), "lrn"),
+    ]
+    for fn, kind in pairs:
+        if fn is not None:
+            table[fn] = kind
+    return table
+
+
+FUNCTIONAL_NORMS: dict = _functional_table()
+
+
+def functional_kind(target) -> str | None:
+    """Kind of a functional norm call target (F.batch_norm, torch.layer_norm, ...), else None."""
+    try:
+        return FUNCTIONAL_NORMS.get(target)
+    except TypeError:  # unhashable target
+        return None
+
+
+# fill the seed kinds' ``types`` now when normswap.layers is importable (else on first use)
+try:
+    _type_map()
+except Exception:  # pragma: no cover
+    pass
