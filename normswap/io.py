@@ -145,7 +145,9 @@ def resolve_arch(arch: str, arch_kwargs: dict | None = None, imports: Iterable[s
             raise NormswapError(f"--arch {arch}: calling the factory failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, nn.Module):
         raise NormswapError(f"--arch {arch}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+    # Trained weights are loaded for inference: a factory builds its model in training mode,
+    # which would make every BatchNorm look like (and export as) a train-mode norm.
+    return model.eval()
 
 
 def _parse_arch_kwargs(arch_kwargs) -> dict:
@@ -397,6 +399,7 @@ def atomic_save(
     tmp = Path(tmp_name)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if force:
@@ -412,6 +415,12 @@ def atomic_save(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = False) -> Path:

@@ -1,0 +1,135 @@
+"""``normswap check MODEL OUT.onnx``."""
+
+from __future__ import annotations
+
+import click
+
+from normswap_cli.common import model_options, output_options, pass_settings, run_job
+
+EPILOG = """\b
+Examples:
+  normswap check model.pt --trust model.onnx --input-shape 4,3,32,32
+  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx --calib test.npz --json parity.json
+  normswap check model.pt --trust model.onnx --providers cuda --atol 1e-3
+
+\b
+Runs the model (eval) and onnxruntime on the same inputs at two batch sizes
+(the given one and 1; only the fixed size if the ONNX batch is static).  An
+output passes iff max|onnx - torch| <= atol + rtol * max|torch| (defaults
+atol 1e-4, rtol 1e-3).  A provider that is not installed or that silently fell
+back to CPU is reported "unavailable" and never as passed; it does not fail the
+check unless no requested provider ran (e.g. --providers cuda without a GPU).
+Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
+"""
+
+
+@click.command("check", epilog=EPILOG)
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.argument("onnx_path", metavar="OUT.onnx", type=click.Path(dir_okay=False))
+@click.option("--providers", default="cpu,cuda", show_default=True, help="onnxruntime providers to check (cpu, cuda).")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default 1e-4).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance, times max|torch output| (default 1e-3).")
+@click.option("--calib", default=None, metavar="DATA", help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).")
+@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Random inputs of this shape.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
+@model_options
+@output_options
+@pass_settings
+def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, trust, imports, arch, arch_kwargs, opts):
+    """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
+
+    def job():
+        from normswap.check import MAX_SAMPLES, check
+        from normswap.data import load_data, parse_shape
+        from normswap.errors import NormswapError
+        from normswap_cli.common import load
+
+        if calib and input_shape:
+            raise NormswapError("give either --input-shape or --calib, not both")
+        if repeats < 0:
+            raise NormswapError("--repeats must be >= 0")
+        shape = parse_shape(input_shape) if input_shape else None
+        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+        inputs = load_data(calib, limit=MAX_SAMPLES) if calib else None
+        return check(
+            loaded,
+            onnx_path,
+            inputs,
+            providers=providers,
+            atol=atol,
+            rtol=rtol,
+            input_shape=shape,
+            repeats=repeats,
+        )
+
+    run_job(job, render, opts)
+
+
+def _fmt(x, spec=".2e") -> str:
+    if x is None:
+        return "-"
+    return format(x, spec)
+
+
+_STATUS_STYLE = {"passed": "green", "failed": "red", "error": "red", "unavailable": "yellow"}
+
+
+def _short(provider: str | None) -> str:
+    if not provider:
+        return "-"
+    return provider.replace("ExecutionProvider", "")
+
+
+def render(report, console) -> None:
+    from rich import box
+    from rich.table import Table
+
+    p = Table(title=f"ONNX parity: {report.onnx_path}", title_justify="left", box=box.SIMPLE_HEAD)
+    for col, just in (("provider", "left"), ("ran", "left"), ("status", "left"), ("onnx ms", "right"),
+                      ("torch ms", "right"), ("torch on", "left")):
+        p.add_column(col, justify=just, no_wrap=True)
+    for r in report.providers:
+        style = _STATUS_STYLE.get(r.status)
+        p.add_row(
+            r.label,
+            _short(r.ran),
+            f"[{style}]{r.status}[/{style}]" if style else r.status,
+            _fmt(r.latency_ms, ".3f"),
+            _fmt(r.torch_latency_ms, ".3f"),
+            r.torch_device or "-",
+        )
+    console.print(p)
+    for r in report.providers:
+        if r.reason:
+            console.print(f"{r.label} {r.status}: {r.reason}", style=_STATUS_STYLE.get(r.status), markup=False)
+
+    t = Table(
+        title=f"per output: ok iff max abs <= tol = atol {report.atol:g} + rtol {report.rtol:g} * max|torch|",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("ep", "N", "output", "max abs", "max rel", "cosine", "top-1", "tol", "ok"):
+        t.add_column(
+            col,
+            justify="left" if col in ("ep", "output") else "right",
+            no_wrap=col != "output",
+            min_width=10 if col == "output" else None,
+        )
+    for r in report.providers:
+        for b in r.batches:
+            for o in b.outputs:
+                t.add_row(
+                    r.label,
+                    str(b.batch_size),
+                    o.name,
+                    _fmt(o.max_abs, ".1e"),
+                    _fmt(o.max_rel, ".1e"),
+                    _fmt(o.cosine, ".6f"),
+                    _fmt(o.top1_agreement, ".3f"),
+                    _fmt(o.tolerance, ".1e"),
+                    "[green]yes[/green]" if o.passed else "[red]NO[/red]",
+                )
+    if t.row_count:
+        console.print(t)
+    for n in report.notes:
+        console.print(f"note: {n}", style="yellow" if "static" in n or "no requested" in n else "dim", markup=False)
