@@ -332,18 +332,23 @@ def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
     unsupported subclass) are not reported separately.  A module registered under several
     names is reported once, under its first name.
     """
+    root_kind = classify(model)
+    if root_kind is not None:
+        yield "", model, root_kind
+        return
     seen: set[int] = set()
-    skip_prefixes: list[str] = []
+    norm_names: set[str] = set()  # linear time: look up each ancestor name, no prefix scan
     for name, mod in model.named_modules():
         if id(mod) in seen:
             continue
         seen.add(id(mod))
-        if any(name.startswith(p) for p in skip_prefixes):
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in norm_names for i in range(1, len(parts))):
             continue
         kind = classify(mod)
         if kind is None:
             continue
-        skip_prefixes.append(name + "." if name else "")
+        norm_names.add(name)
         yield name, mod, kind
 
 

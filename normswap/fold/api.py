@@ -1,0 +1,375 @@
+"""``plan()`` and ``fold()``: fold = plan + apply.
+
+``plan`` finds every norm site (module norms over all traced regions, functional
+``batch_norm`` calls, spectral/weight norms on producers' weights) and asks the rules in
+order; the first rule whose ``match`` succeeds folds the site, otherwise the site is
+skipped with the rules' reasons.  ``fold`` works on a deep copy (unless ``inplace``),
+optionally switches to eval and bakes spectral norms, plans, then applies the matches in
+order (each reads the layer's current weights, so folds into both sides of a layer compose).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+from typing import Any
+
+import torch
+from torch import nn
+
+from normswap.errors import NormswapError
+from normswap.graph import Region, functional_nodes, trace_regions
+from normswap.norms import iter_weight_reparams
+
+from .core import iter_norms_linear as iter_norms
+from .core import BN_LIKE, Ctx, Match, Site, build_ctx, describe_node, norm_problem
+from .report import FoldDecision, FoldReport
+from .rules import RULES, functional_bn
+
+__all__ = ["plan", "fold", "FoldDecision", "FoldReport"]
+
+_PRODUCER_RULES = {"conv_bn", "convtranspose_bn", "linear_bn"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_inputs(example_inputs) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _any_training(model: nn.Module) -> bool:
+    return any(m.training for m in model.modules())
+
+
+def _record_ranks(model: nn.Module, inputs: tuple) -> dict[int, set[int]]:
+    """Input rank of every module call on ``inputs`` (like ShapeProp, across untraceable parts)."""
+    run = deepcopy_model(model) if _any_training(model) else model
+    ids = {id(m): id(o) for m, o in zip(run.modules(), model.modules())}
+    ranks: dict[int, set[int]] = {}
+    handles = []
+
+    def hook(mod, args):
+        if args and isinstance(args[0], torch.Tensor):
+            ranks.setdefault(ids.get(id(mod), id(mod)), set()).add(args[0].dim())
+
+    for m in run.modules():
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run(*inputs)
+    except Exception as e:  # noqa: BLE001
+        raise NormswapError(f"the example inputs do not run through the model: {type(e).__name__}: {e}") from e
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def _sites(model: nn.Module, regions: list[Region], ctx: Ctx) -> list[Site]:
+    sites = [Site(name, kind, mod, list(ctx.calls_of(mod))) for name, mod, kind in iter_norms(model)]
+    for name, ref, kind in functional_nodes(regions):
+        sites.append(Site(name, kind, None, [], functional=ref))
+    return sites
+
+
+def _first_input(site: Site) -> str:
+    for ref in site.calls:
+        if ref.node.args:
+            return describe_node(ref.region, ref.node.args[0])
+    return "unknown"
+
+
+def _decide(site: Site, ctx: Ctx) -> tuple[FoldDecision, Any, Match | None]:
+    if site.functional is not None:
+        if site.kind != "bn":
+            return FoldDecision(site.name, f"functional_{site.kind}", reason=(
+                f"functional {site.kind} norm: only functional batch_norm is folded")), None, None
+        if not ctx.allow_training and ctx.model.training:
+            return FoldDecision(site.name, "functional_bn", reason=(
+                "the model is in training mode (pass eval=True / --eval)")), None, None
+        m = functional_bn.match(site, ctx)
+        if isinstance(m, Match):
+            return FoldDecision(site.name, "functional_bn", ", ".join(m.into), m.pattern), functional_bn, m
+        return FoldDecision(site.name, "functional_bn", reason=m), None, None
+    rules = [r for r in RULES if r.applies(site, ctx)]
+    reasons: list[str] = []
+    for rule in rules:
+        m = rule.match(site, ctx)
+        if isinstance(m, Match):
+            return FoldDecision(site.name, site.kind, ", ".join(m.into), m.pattern), rule, m
+        if m not in reasons:
+            reasons.append(m)
+    if not rules:
+        reason = norm_problem(site, ctx) or f"no fold rule for {site.kind}"
+    else:
+        common = None if site.kind in ("cbn", "sabn") else norm_problem(site, ctx)
+        if site.kind in ("cbn", "sabn"):
+            reason = (f"its conditional affine depends on a second input; its BatchNorm statistics "
+                      f"were not folded either: {reasons[0]}")
+        elif common:
+            reason = common
+        elif site.kind in BN_LIKE and not any(r.NAME in _PRODUCER_RULES for r in rules):
+            reason = (f"nothing foldable before it (its input is {_first_input(site)}); "
+                      f"after it: {reasons[-1]}")
+        elif len(reasons) > 1:
+            reason = f"{reasons[0]}; after it: {'; '.join(reasons[1:])}"
+        else:
+            reason = reasons[0]
+    return FoldDecision(site.name, site.kind, reason=reason), None, None
+
+
+def _reparam_decisions(model: nn.Module, bake: bool) -> list[FoldDecision]:
+    out = []
+    for site_name, mod, r in iter_weight_reparams(model):
+        owner = site_name.rsplit(".", 1)[0] if "." in site_name else ""
+        if r.kind == "spectral":
+            if not bake:
+                reason = "spectral norm: pass bake_spectral_norm=True / --bake-spectral-norm to bake W/sigma"
+            elif mod.training:
+                reason = "the module is in training mode (its spectral norm iterates): pass eval=True / --eval"
+            elif r.api == "parametrization" and len(mod.parametrizations[r.param]) != 1:
+                reason = "other parametrizations on the same weight"
+            else:
+                reason = None
+        else:
+            reason = f"{r.kind}: not baked (only spectral norm is)"
+        out.append(FoldDecision(site_name, r.kind, owner if reason is None else None,
+                                "bake_spectral_norm" if reason is None else None, reason))
+    return out
+
+
+def _plan(model, regions, ranks, allow_training):
+    ctx = build_ctx(model, regions, ranks, allow_training)
+    rows = [(site, *_decide(site, ctx)) for site in _sites(model, regions, ctx)]
+    return ctx, rows
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def plan(model: nn.Module, regions: list[Region] | None = None, *, example_inputs=None,
+         eval: bool = False, bake_spectral_norm: bool = False) -> list[FoldDecision]:
+    """What :func:`fold` would do with each norm site of ``model`` (not modified).
+
+    One :class:`FoldDecision` per module norm (``iter_norms`` order), per functional norm call
+    and per spectral/weight norm; ``reason is None`` means foldable.  ``regions`` (from
+    ``graph.trace_regions(model)``) saves a trace; ``example_inputs`` give input ranks
+    (needed for Linear -> BatchNorm1d); ``eval``/``bake_spectral_norm`` as in :func:`fold`.
+    """
+    from normswap.io import as_module
+
+    model = as_module(model, require_eager=True) if not isinstance(model, nn.Module) else model
+    reparams = _reparam_decisions(model if not eval else _evaled(model), bake_spectral_norm)
+    work = model
+    if bake_spectral_norm and any(d.reason is None for d in reparams):
+        work = _evaled(model) if eval else deepcopy_model(model)
+        _bake(work, None)
+        regions = None
+    elif eval and _any_training(model):
+        work = _evaled(model)
+        regions = None
+    ex = _as_inputs(example_inputs)
+    if regions is None:
+        regions = trace_regions(work)
+    ranks = _record_ranks(work, ex) if ex is not None else None
+    _, rows = _plan(work, regions, ranks, allow_training=False)
+    return [d for _, d, _, _ in rows] + reparams
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works with the legacy ``weight_norm`` / ``spectral_norm``
+    hooks (their computed ``weight`` attribute is a non-leaf tensor deepcopy refuses): the
+    computed attribute is detached for the copy (it is recomputed on every forward)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError:
+        pass
+    saved = []
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                saved.append((m, k, v))
+                setattr(m, k, v.detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, k, v in saved:
+            setattr(m, k, v)
+
+
+def _evaled(model: nn.Module) -> nn.Module:
+    m = deepcopy_model(model)
+    m.eval()
+    return m
+
+
+def _bake(work: nn.Module, report: FoldReport | None) -> None:
+    from torch.nn.utils import parametrize
+
+    for d in _reparam_decisions(work, True):
+        if d.reason is not None:
+            continue
+        owner, _, pname = d.norm.rpartition(".")
+        mod = work.get_submodule(owner) if owner else work
+        api = None
+        if getattr(mod, "parametrizations", None) is not None and pname in mod.parametrizations:
+            api = "parametrization"
+            mod.parametrizations[pname].eval()  # no power-iteration step while removing
+            # remove_parametrizations deletes the property from the module's class, which a
+            # deepcopy shares with the user's model: give this module a class of its own
+            cls = type(mod)
+            mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
+        else:
+            api = "hook"
+            torch.nn.utils.remove_spectral_norm(mod, pname)
+        if report is not None:
+            report.baked.append({"norm": d.norm, "into": d.into, "api": api})
+
+
+def _flat(out) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _install(ctx: Ctx, regions: list[Region], model: nn.Module) -> nn.Module:
+    """Put each rewritten region's GraphModule in place of its module (deepest first)."""
+    rewritten = sorted(ctx.extra.get("rewritten", {}).values(), key=lambda r: -len(r.path))
+    for region in rewritten:
+        gm = region.gm
+        for node in gm.graph.nodes:  # modules replaced in the model since tracing
+            if node.op != "call_module":
+                continue
+            target = str(node.target)
+            try:
+                cur = region.module.get_submodule(target)
+            except AttributeError:
+                continue
+            parent, _, leaf = target.rpartition(".")
+            holder = gm.get_submodule(parent) if parent else gm
+            if getattr(holder, leaf, None) is not cur:
+                setattr(holder, leaf, cur)
+        gm.recompile()
+        # GraphModule() makes the root and its path containers fresh modules (training=True)
+        originals = {id(m) for m in region.module.modules()}
+        for m in gm.modules():
+            if id(m) not in originals:
+                m.training = region.module.training
+        if region.path == "":
+            model = gm
+        else:
+            for name in ctx.names.get(id(region.module), [region.path]):
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, gm)
+    return model
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector while copying/tracing/rewriting a model: its
+    full collections scan every live object, which makes large models fold in superlinear time
+    (the memory is still freed by reference counting; cycles are collected afterwards)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def fold(model: nn.Module, example_inputs: Any = None, *, eval: bool = False,
+         bake_spectral_norm: bool = False, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
+    """Fold every norm that can be folded exactly; skip (with a reason) every other one.
+
+    Returns ``(folded_model, FoldReport)``.  The folded model keeps the user's module classes
+    and names: producers' weights/biases are replaced and a folded norm becomes ``nn.Identity``
+    (LayerNorm/RMSNorm/GroupNorm keep their class with an identity affine).  Only where a
+    functional ``batch_norm`` call was removed does a region become a ``GraphModule``.
+    ``model`` is not modified unless ``inplace=True``.  ``eval=True`` switches to eval mode
+    first (reported); otherwise a model in training mode folds nothing.
+    ``example_inputs`` give input ranks (Linear -> BatchNorm1d) and a verification run.
+    """
+    with _gc_paused():
+        return _fold(model, example_inputs, eval=eval, bake_spectral_norm=bake_spectral_norm, inplace=inplace)
+
+
+def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace):
+    from normswap.io import as_module
+
+    if not isinstance(model, nn.Module):
+        model = as_module(model, require_eager=True)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise NormswapError("cannot fold a TorchScript module: load the eager model instead")
+    report = FoldReport(inplace=inplace)
+    work = model if inplace else deepcopy_model(model)
+    if eval and _any_training(work):
+        work.eval()
+        report.switched_to_eval = True
+        report.notes.append("switched the model to eval mode before folding (eval=True)")
+    ex = _as_inputs(example_inputs)
+    ref_out = None
+    can_run = ex is not None and not _any_training(work)
+    if can_run:
+        with torch.no_grad():
+            try:
+                ref_out = _flat(work(*ex))
+            except Exception as e:  # noqa: BLE001
+                raise NormswapError(f"the example inputs do not run through the model: {type(e).__name__}: {e}") from e
+    reparams = _reparam_decisions(work, bake_spectral_norm)
+    if bake_spectral_norm:
+        _bake(work, report)
+    regions = trace_regions(work)
+    ranks = _record_ranks(work, ex) if ex is not None else None
+    ctx, rows = _plan(work, regions, ranks, allow_training=False)
+    for site, d, rule, m in rows:
+        if rule is None:
+            report.skipped.append({"norm": d.norm, "kind": d.kind, "reason": d.reason})
+            continue
+        rule.apply(site, ctx, m)
+        report.folded.append({"norm": d.norm, "kind": d.kind, "into": d.into, "pattern": d.pattern})
+    for d in reparams:
+        if d.reason is None:
+            report.folded.append({"norm": d.norm, "kind": d.kind, "into": d.into, "pattern": d.pattern})
+        else:
+            report.skipped.append({"norm": d.norm, "kind": d.kind, "reason": d.reason})
+    if ctx.extra.get("rewritten"):
+        work = _install(ctx, regions, work)
+        report.graph_rewritten = sorted(r.path for r in ctx.extra["rewritten"].values())
+        report.returns_graph_module = "" in report.graph_rewritten
+        where = ", ".join(repr(p or "<model>") for p in report.graph_rewritten)
+        report.notes.append(f"functional batch_norm calls were removed: {where} became torch.fx.GraphModule")
+    if ref_out is not None:
+        with torch.no_grad():
+            out = _flat(work(*ex))
+        err, scale = 0.0, 0.0
+        ok = len(out) == len(ref_out)
+        for a, b in zip(ref_out, out):
+            if a.shape != b.shape:
+                ok = False
+                continue
+            if a.is_floating_point():
+                a, b = a.double(), b.double()
+                fin = torch.isfinite(a)
+                if not torch.equal(fin, torch.isfinite(b)) or not torch.equal(a[~fin].nan_to_num(), b[~fin].nan_to_num()):
+                    ok = False  # NaN / Inf in different places
+                a, b = a[fin], b[fin]
+                err = max(err, float((a - b).abs().max()) if a.numel() else 0.0)
+                scale = max(scale, float(a.abs().max()) if a.numel() else 0.0)
+                tol = (1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2) * (1 + scale)
+                ok = ok and err <= tol
+            else:
+                ok = ok and bool((a == b).all())
+        report.verification = {"max_abs_error": err, "max_abs_output": scale, "ok": ok}
+        if not ok:
+            report.notes.append("the folded model's outputs differ from the original's on the example inputs")
+    return work, report

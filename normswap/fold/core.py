@@ -1,0 +1,414 @@
+"""Sites, context and the checks shared by the fold rules.
+
+A *site* is one norm: a norm module (all its call sites over all traced regions) or one
+functional norm call.  The context indexes the traced regions once: every module's call
+sites, every module's names (aliases), which modules own each parameter, and (with example
+inputs) the rank of each module's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from normswap.graph import NodeRef, Region, qualname, region_of
+from normswap.norms import known_base, weight_reparam
+
+from . import arith
+
+__all__ = [
+    "Site", "Ctx", "Match", "build_ctx", "node_module", "module_problem", "norm_problem",
+    "eval_affine", "BN_LIKE", "AFFINE_ONLY", "CONV_TYPES", "CONVT_TYPES", "LINEAR_TYPES",
+    "conv_input_exact", "find_producer", "find_consumers", "replace_with_identity",
+    "set_params", "describe_node",
+]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+LINEAR_TYPES = (nn.Linear,)
+_ALL_LAYERS = CONV_TYPES + CONVT_TYPES + LINEAR_TYPES
+
+#: norms whose eval closed form is a per-channel affine on dim 1
+BN_LIKE = ("bn", "frozen_bn", "in", "powernorm", "bgn")
+#: norms whose affine (only) can move into the following Linear / conv
+AFFINE_ONLY = ("ln", "rms", "gn")
+
+
+@dataclass
+class Site:
+    name: str
+    kind: str
+    module: nn.Module | None
+    calls: list[NodeRef] = field(default_factory=list)
+    functional: NodeRef | None = None  # the call_function node of a functional norm
+
+
+@dataclass
+class Match:
+    """A rule that applies: which modules absorb the norm, and how."""
+
+    into: list[str]
+    pattern: str
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Ctx:
+    model: nn.Module
+    regions: list[Region]
+    calls: dict[int, list[NodeRef]]
+    names: dict[int, list[str]]
+    param_owners: dict[int, list[int]]
+    ranks: dict[int, set[int]] | None
+    allow_training: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def name_of(self, m: nn.Module) -> str:
+        n = self.names.get(id(m))
+        return n[0] if n else f"<{type(m).__name__}>"
+
+    def calls_of(self, m: nn.Module) -> list[NodeRef]:
+        return self.calls.get(id(m), [])
+
+    def ranks_of(self, m: nn.Module) -> set[int] | None:
+        if self.ranks is None:
+            return None
+        return self.ranks.get(id(m)) or None
+
+
+def node_module(region: Region, node: Any) -> nn.Module | None:
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    try:
+        return region.module.get_submodule(str(node.target))
+    except Exception:
+        return None
+
+
+def describe_node(region: Region, node: Any) -> str:
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        m = node_module(region, node)
+        return f"'{qualname(region, str(node.target))}' ({type(m).__name__})"
+    if node.op == "placeholder":
+        where = f"region '{region.path}'" if region.path else "the model"
+        return f"an input of {where}"
+    if node.op == "get_attr":
+        return f"attribute '{qualname(region, str(node.target))}'"
+    if node.op == "output":
+        return "the graph output"
+    t = getattr(node.target, "__name__", None) or str(node.target)
+    return f"'{t}' ({node.op})"
+
+
+def build_ctx(model: nn.Module, regions: list[Region], ranks=None, allow_training=False) -> Ctx:
+    names: dict[int, list[str]] = {}
+    param_owners: dict[int, list[int]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        lst = names.setdefault(id(m), [])
+        if name not in lst:
+            lst.append(name)
+    seen: set[int] = set()
+    for m in model.modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for _, p in m.named_parameters(recurse=False):
+            owners = param_owners.setdefault(id(p), [])
+            if id(m) not in owners:
+                owners.append(id(m))
+    calls: dict[int, list[NodeRef]] = {}
+    for r in regions:
+        if r.gm is None:
+            continue
+        for n in r.gm.graph.nodes:
+            if n.op == "call_module":
+                m = node_module(r, n)
+                if m is not None:
+                    calls.setdefault(id(m), []).append(NodeRef(r, n))
+    ctx = Ctx(model, regions, calls, names, param_owners, ranks, allow_training)
+    ctx.extra["modules_by_id"] = {id(m): m for m in model.modules()}
+    return ctx
+
+
+# --------------------------------------------------------------------------- norm checks
+
+
+def _kind_reason(module: nn.Module, kind: str) -> str | None:
+    if kind == "unsupported_subclass":
+        base = known_base(module)
+        bname = base.__name__ if base is not None else "a known norm"
+        return (f"unsupported subclass {type(module).__name__} of {bname}: its forward may do more "
+                f"than normalise (exact types only)")
+    if kind == "custom":
+        return f"custom norm {type(module).__name__}: its forward is unknown"
+    if kind == "in" and not getattr(module, "track_running_stats", False):
+        return "InstanceNorm without running statistics: per-sample statistics are not a fixed affine"
+    if kind == "lrn":
+        return "LocalResponseNorm is not an affine"
+    if kind == "frn":
+        return "FilterResponseNorm: per-sample statistics and a TLU are not a fixed affine"
+    if kind in ("cbn", "sabn"):
+        return f"{type(module).__name__}: its affine depends on a second input (condition/branch)"
+    if kind not in BN_LIKE and kind not in AFFINE_ONLY:
+        return f"{kind}: not a foldable norm"
+    return None
+
+
+_AFFINE_CACHE_KEY = "_normswap_fold_affine"
+
+
+def eval_affine(module: nn.Module, kind: str, ctx: "Ctx | None" = None):
+    """(scale, shift) float64 of a BN-like norm at eval, or a reason string (cached per ctx)."""
+    if ctx is not None:
+        cache = ctx.extra.setdefault(_AFFINE_CACHE_KEY, {})
+        if id(module) not in cache:
+            cache[id(module)] = _eval_affine(module, kind)
+        return cache[id(module)]
+    return _eval_affine(module, kind)
+
+
+def _eval_affine(module: nn.Module, kind: str):
+    eps = getattr(module, "eps", 1e-5)
+    if isinstance(eps, torch.Tensor):
+        eps = float(eps.item())
+    if kind in ("bn", "in"):
+        if not getattr(module, "track_running_stats", True) or module.running_mean is None \
+                or module.running_var is None:
+            return ("track_running_stats=False: it normalises with batch statistics even in eval"
+                    if kind == "bn" else "InstanceNorm without running statistics")
+        if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
+            return "uninitialized lazy norm"
+        s, t = arith.bn_affine(module.running_mean, module.running_var, module.weight,
+                               module.bias, eps)
+        stats = (module.running_mean, module.running_var, module.weight, module.bias)
+    elif kind == "frozen_bn":
+        s, t = arith.bn_affine(module.running_mean, module.running_var, module.weight,
+                               module.bias, eps)
+        stats = (module.running_mean, module.running_var, module.weight, module.bias)
+    elif kind == "powernorm":
+        s, t = arith.powernorm_affine(module.running_phi, getattr(module, "weight", None),
+                                      getattr(module, "bias", None), eps)
+        stats = (module.running_phi, getattr(module, "weight", None), getattr(module, "bias", None))
+    elif kind == "bgn":
+        C, G = module.num_features, module.running_mean.numel()
+        if C % G:
+            return "channels not divisible by groups"
+        s, t = arith.bgn_affine(module.running_mean, module.running_var,
+                                getattr(module, "weight", None), getattr(module, "bias", None),
+                                eps, C)
+        stats = (module.running_mean, module.running_var)
+    else:
+        return f"{kind}: no eval-time affine"
+    if not arith.is_finite(*stats) or not arith.is_finite(s, t):
+        return "non-finite statistics (NaN/Inf in running stats or affine, or var + eps <= 0)"
+    return s, t
+
+
+def iter_norms_linear(model: nn.Module):
+    """``norms.iter_norms`` (kept as a name for the fold package's callers)."""
+    from normswap.norms import iter_norms
+
+    return iter_norms(model)
+
+
+def norm_problem(site: Site, ctx: Ctx) -> str | None:
+    """Reasons a norm module cannot be folded whatever its neighbours are."""
+    m, kind = site.module, site.kind
+    r = _kind_reason(m, kind)
+    if r:
+        return r
+    if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
+        return "the norm has hooks registered"
+    if not ctx.allow_training:
+        if ctx.model.training:
+            return "the model is in training mode (pass eval=True / --eval to fold its eval-mode behaviour)"
+        if m.training:
+            return "the norm is in training mode (pass eval=True / --eval)"
+    if kind in BN_LIKE:
+        a = eval_affine(m, kind, ctx)
+        if isinstance(a, str):
+            return a
+    else:
+        for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+            if isinstance(p, torch.Tensor) and not arith.is_finite(p):
+                return "non-finite affine parameters"
+    if not site.calls:
+        reg = region_of(ctx.regions, site.name)
+        # the innermost region around it that has no graph
+        bad = [rg for rg in ctx.regions if rg.gm is None and (rg.path == "" or site.name.startswith(rg.path + "."))]
+        if bad:
+            rg = max(bad, key=lambda x: len(x.path))
+            return (f"inside untraceable region '{rg.path or '<model>'}' ({rg.error}): its producer "
+                    f"cannot be proven")
+        if reg is not None and reg.gm is None:
+            return f"inside untraceable region '{reg.path}': its producer cannot be proven"
+        return "not called in the traced graph"
+    return None
+
+
+# --------------------------------------------------------------------------- layer checks
+
+
+def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
+    """Reasons the weights of layer ``m`` cannot be rewritten."""
+    name = ctx.name_of(m)
+    rp = weight_reparam(m)
+    if rp is not None:
+        hint = " (pass bake_spectral_norm=True / --bake-spectral-norm)" if rp == "spectral" else ""
+        return f"'{name}' has a reparametrised weight ({rp}), not a plain parameter{hint}"
+    if getattr(m, "parametrizations", None) is not None:
+        return f"'{name}' has parametrized weights, not plain parameters"
+    t = type(m)
+    if t not in types:
+        if "quant" in t.__module__ or hasattr(m, "weight_fake_quant") or hasattr(m, "qconfig") and m.qconfig is not None:
+            return f"'{name}' ({t.__name__}) is quantized: its weights are not plain parameters"
+        if isinstance(m, _ALL_LAYERS):
+            return f"'{name}' is an unsupported subclass {t.__name__} (exact layer types only)"
+        return f"'{name}' ({t.__name__}) is not a supported layer"
+    if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
+        return f"'{name}' has hooks registered, its weights may not be what runs"
+    w, b = m.weight, m.bias
+    for p in (w, b):
+        if p is None:
+            continue
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            return f"'{name}' is an uninitialized lazy module"
+        if type(p) is not nn.Parameter:
+            return f"'{name}' weights are not plain parameters ({type(p).__name__})"
+        if not p.is_floating_point():
+            return f"'{name}' weights are not floating point (quantized?)"
+        owners = ctx.param_owners.get(id(p), [])
+        if len(owners) > 1:
+            others = [ctx.name_of(ctx.extra["modules_by_id"][o]) for o in owners if o != id(m)]
+            return f"'{name}' shares (ties) its parameters with {', '.join(repr(o) for o in others)}"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return f"'{name}' has hooks registered"
+    return None
+
+
+def conv_input_exact(conv: nn.Module) -> str | None:
+    """Whether a per-channel affine on a conv's input commutes with its padding."""
+    if conv.padding_mode != "zeros":
+        return None  # replicate / reflect / circular pad with affine-transformed values
+    pad = conv.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return None
+        # 'same': total padding dilation*(k-1) per dim
+        if all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size)):
+            return None
+        return "zero padding ('same') would see un-normalised zeros"
+    if all(p == 0 for p in pad):
+        return None
+    return f"zero padding {tuple(pad)} would see un-normalised zeros"
+
+
+def _single_input(node: fx.Node, extra_ok: bool = False) -> fx.Node | None:
+    """The node's only input (with ``extra_ok``: its first positional input, provided the
+    other arguments do not use that same node)."""
+    if not node.args or (not extra_ok and (len(node.args) != 1 or node.kwargs)):
+        return None
+    a = node.args[0]
+    if not isinstance(a, fx.Node):
+        return None
+    if extra_ok and any(a in n.all_input_nodes or n is a for n in node.args[1:] if isinstance(n, fx.Node)):
+        return None
+    if extra_ok and any(v is a for v in node.kwargs.values()):
+        return None
+    return a
+
+
+def find_producer(site: Site, ctx: Ctx, types: tuple[type, ...], what: str, extra_args_ok: bool = False):
+    """The single layer module feeding every call of the norm, or a reason.
+
+    Requires: every call of the norm reads the output of a call of the same module of one of
+    ``types``; every call of that module feeds only a call of this norm.  ``extra_args_ok``:
+    the norm takes more arguments (a condition) after its input.
+    """
+    prod: nn.Module | None = None
+    for ref in site.calls:
+        inp = _single_input(ref.node, extra_args_ok)
+        if inp is None:
+            return "the norm is called with extra arguments"
+        if inp.op != "call_module":
+            return f"its input is {describe_node(ref.region, inp)}, not a {what}"
+        pm = node_module(ref.region, inp)
+        if not isinstance(pm, types):  # exact type checked by module_problem (precise reason)
+            return f"its input is {describe_node(ref.region, inp)}, not a {what}"
+        if prod is None:
+            prod = pm
+        elif pm is not prod:
+            return (f"the norm is called at several places with different producers "
+                    f"('{ctx.name_of(prod)}', '{ctx.name_of(pm)}')")
+    assert prod is not None
+    pname = ctx.name_of(prod)
+    own_inputs = {id(_single_input(r.node, extra_args_ok)) for r in site.calls}
+    for pref in ctx.calls_of(prod):
+        users = list(pref.node.users)
+        if len(users) != 1:
+            if id(pref.node) in own_inputs:
+                return (f"the output of '{pname}' is used by more than one consumer "
+                        f"({', '.join(describe_node(pref.region, u) for u in users)})")
+            return (f"'{pname}' is called at several places whose call sites differ "
+                    f"(one call's output has {len(users)} users)")
+        u = users[0]
+        if node_module(pref.region, u) is not site.module or _single_input(u, extra_args_ok) is not pref.node:
+            return (f"'{pname}' is called at several places whose call sites differ "
+                    f"(one call feeds {describe_node(pref.region, u)})")
+    return prod
+
+
+def find_consumers(site: Site, ctx: Ctx, types: tuple[type, ...], what: str):
+    """The layer modules reading the norm's output at every call (and only it), or a reason."""
+    consumers: list[nn.Module] = []
+    norm_nodes = {id(r.node) for r in site.calls}
+    for ref in site.calls:
+        users = list(ref.node.users)
+        if not users:
+            return "its output is unused"
+        for u in users:
+            um = node_module(ref.region, u)
+            if um is None or not isinstance(um, types):
+                return f"its output feeds {describe_node(ref.region, u)}, not a {what}"
+            if _single_input(u) is not ref.node:
+                return f"its output feeds {describe_node(ref.region, u)} in a non-input position"
+            if all(c is not um for c in consumers):
+                consumers.append(um)
+    for c in consumers:
+        for cref in ctx.calls_of(c):
+            inp = _single_input(cref.node)
+            if inp is None or id(inp) not in norm_nodes:
+                return (f"'{ctx.name_of(c)}' is called at several places whose call sites differ "
+                        f"(one call reads {describe_node(cref.region, inp)})")
+    return consumers
+
+
+# --------------------------------------------------------------------------- surgery
+
+
+def set_params(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Replace a layer's weight and bias (float64 values) in place, in the layer's dtype."""
+    w = layer.weight
+    with torch.no_grad():
+        w.copy_(arith.cast_like(weight, w))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(arith.cast_like(bias, w), requires_grad=w.requires_grad)
+        else:
+            layer.bias.copy_(arith.cast_like(bias, layer.bias))
+
+
+def replace_with_identity(ctx: Ctx, module: nn.Module) -> None:
+    """Put ``nn.Identity()`` in place of ``module`` under every name it has."""
+    ident = nn.Identity()
+    for name in ctx.names.get(id(module), []):
+        if not name:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = ctx.model.get_submodule(parent_name) if parent_name else ctx.model
+        setattr(parent, leaf, ident)
