@@ -1,0 +1,170 @@
+"""``normswap convert MODEL --to KIND``."""
+
+from __future__ import annotations
+
+import click
+
+from normswap_cli.common import model_options, output_options, pass_settings, run_job, write_options
+
+TARGET_CHOICES = ("gn", "in", "ln", "bn", "bgn", "frn", "affine", "rms")
+
+EPILOG = """\b
+Examples:
+  normswap convert samples/digits/digits_resnet_module.pt --trust --to gn --calib samples/digits/calib.npz
+  normswap convert weights.pt --arch samples.digits:digits_resnet --to in --calib calib.npz -o m.in.pt
+  normswap convert gn_model.pt --trust --to bn --calib calib.npz     # GN -> BN, then `normswap fold`
+  normswap convert vit.pt --trust --to rms --calib tokens.pt           # LayerNorm -> RMSNorm
+
+\b
+Targets: gn GroupNorm (--groups auto picks the divisor of C with the least
+calibration error), in InstanceNorm (affine), ln channel LayerNorm (GroupNorm
+with one group), bn BatchNorm with running statistics (foldable), bgn Batch
+Group Norm, frn FRN + TLU, affine frozen per-channel affine (exact for eval
+BatchNorm), rms RMSNorm (token models, from LayerNorm).  Default source: every
+BatchNorm (for --to bn every other conv norm, for --to rms every LayerNorm).
+
+\b
+Each replacement is fitted on the calibration inputs so that it reproduces the
+original norm's output (running statistics, then a per-channel least-squares
+gamma/beta).  --mode sequential (default) fits every layer on the inputs made by
+the already-converted layers before it (2 passes); fast fits all on the
+original activations (1 pass).  Without --calib the conversion is uncalibrated.
+Writes MODEL.<to>.pt and MODEL.<to>.onnx beside MODEL (unless -o/--onnx) and
+checks ONNX parity in onnxruntime (CPU, and CUDA when available).
+"""
+
+
+@click.command("convert", epilog=EPILOG)
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--to", "to", required=True, type=click.Choice(TARGET_CHOICES), help="Target norm kind.")
+@click.option("--from", "source", default=None, metavar="KIND[,KIND]", help="Norm kind(s) to replace (default: BatchNorm).")
+@click.option("--groups", default="auto", show_default=True, metavar="N|auto", help="GroupNorm / BGN group count.")
+@click.option("--calib", default=None, metavar="DATA", help="Calibration data (.npz/.npy/.pt/image folder, or 'random').")
+@click.option("--calib-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
+@click.option("--mode", type=click.Choice(("fast", "sequential")), default="sequential", show_default=True, help="Calibration mode.")
+@click.option("--distill-steps", type=int, default=0, show_default=True, metavar="N", help="Distillation steps against the original after calibration.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Converted model file (default MODEL.<to>.pt).")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="ONNX file (default MODEL.<to>.onnx, or OUT.onnx beside -o OUT).")
+@click.option("--no-onnx", is_flag=True, default=False, help="Do not export to ONNX (implies --no-check).")
+@click.option("--no-check", is_flag=True, default=False, help="Skip the onnxruntime parity check.")
+@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Input shape for export without --calib (or for --calib random).")
+@model_options
+@write_options
+@output_options
+@pass_settings
+def command(model_path, to, source, groups, calib, calib_samples, batch_size, mode, distill_steps, output, onnx_path,
+            no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts):
+    """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
+
+    def job():
+        from normswap.convert.pipeline import convert_file
+        from normswap.errors import NormswapError
+
+        g = groups
+        if str(g).lower() != "auto":
+            try:
+                g = int(g)
+            except ValueError:
+                raise NormswapError(f"--groups must be a positive integer or auto, got {groups!r}") from None
+        with _Progress(opts.quiet) as progress:
+            _, report = convert_file(
+                model_path, to, calib=calib, source=source, groups=g, mode=mode, distill_steps=distill_steps,
+                batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
+                export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
+                progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+        return report
+
+    run_job(job, render, opts)
+
+
+class _Progress:
+    """A rich progress bar for the calibration passes and the distillation loss."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            from normswap_cli.common import console
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
+                                console=console(stderr=True), transient=True)
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, stage: str, step: int, total: int, loss=None) -> None:
+        if self.bar is None:
+            return
+        if stage not in self.tasks:
+            label = {"calibrate": "calibrating (passes)", "distill": "distilling"}.get(stage, stage)
+            self.tasks[stage] = self.bar.add_task(label, total=total, loss="")
+        text = f"loss {loss:.4g}" if loss is not None else ""
+        self.bar.update(self.tasks[stage], completed=step, loss=text)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def render(report, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"convert -> {report.target} ({report.sites} sites, "
+                    f"{'calibrated, ' + report.mode if report.calibrated else 'uncalibrated'})",
+              title_justify="left")
+    for col, j in (("layer", "left"), ("from", "left"), ("to", "left"), ("C", "right"), ("groups", "right"),
+                   ("err naive", "right"), ("err fitted", "right"), ("method", "left")):
+        t.add_column(col, justify=j)
+    for layer in report.layers:
+        t.add_row(layer.name, layer.source_type, layer.target_type, str(layer.channels),
+                  "-" if layer.groups is None else str(layer.groups), _num(layer.err_naive), _num(layer.err_fitted),
+                  layer.method + (f" ({layer.note})" if layer.note else ""))
+    console.print(t)
+    f = report.fidelity
+    if f is not None:
+        s = Table(title="fidelity on the calibration data", show_header=False, title_justify="left")
+        s.add_column("what", style="bold")
+        s.add_column("value")
+        s.add_row("samples", f"{f.samples} ({report.calib_source})")
+        fc = report.fidelity_calibrated
+        if f.classifier:
+            if report.distill_steps and fc is not None:
+                s.add_row("top-1 agreement", f"{_pct(fc.top1_agreement)} calibrated -> {_pct(f.top1_agreement)} "
+                                             f"after {report.distill_steps} distillation steps")
+                s.add_row("KL(original || converted)", f"{_num(fc.kl)} -> {_num(f.kl)}")
+            else:
+                s.add_row("top-1 agreement", _pct(f.top1_agreement))
+                s.add_row("KL(original || converted)", _num(f.kl))
+        s.add_row("relative output error", _num(f.rel_output_error))
+        if f.accuracy_converted is not None:
+            s.add_row("accuracy", f"{_pct(f.accuracy_converted)} (original {_pct(f.accuracy_original)})")
+        if report.calib_ratio is not None:
+            s.add_row("calibration time", f"{report.calib_seconds:.2f} s = {report.calib_ratio:.1f}x one forward "
+                                          f"pass ({report.passes} pass{'es' if report.passes != 1 else ''})")
+        console.print(s)
+    if report.files:
+        for k, v in report.files.items():
+            console.print(f"wrote {k}: {v}", markup=False)
+    if report.parity is not None:
+        p = report.parity
+        provs = getattr(p, "providers", []) or []
+        bits = [f"{getattr(x, 'label', '?')}: {getattr(x, 'status', '?')}" for x in provs]
+        console.print(f"ONNX parity: {'ok' if report.passed else 'FAILED'}" + (f" ({', '.join(bits)})" if bits else ""),
+                      style="green" if report.passed else "red", markup=False)
+    for w in report.warnings:
+        console.print(f"warning: {w}", style="yellow", markup=False)

@@ -1,0 +1,107 @@
+"""The end-to-end `normswap convert MODEL --to KIND` job: load, convert, save, export, check.
+
+Kept apart from :func:`normswap.convert.convert` (pure model surgery) so that the library call
+never writes files.  The CLI command is a thin wrapper around :func:`convert_file`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ..errors import NormswapError
+
+__all__ = ["convert_file", "default_output_paths"]
+
+
+def default_output_paths(model_path: str | Path, to: str) -> tuple[Path, Path]:
+    """``model.pt --to gn`` -> (``model.gn.pt``, ``model.gn.onnx``) beside the input."""
+    p = Path(model_path)
+    suffix = p.suffix or ".pt"
+    return p.with_name(f"{p.stem}.{to}{suffix}"), p.with_name(f"{p.stem}.{to}.onnx")
+
+
+def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=None, groups="auto",
+                 mode: str = "sequential", distill_steps: int = 0, batch_size: int = 64,
+                 calib_samples: int | None = None, output: str | Path | None = None,
+                 onnx: str | Path | None = None, export_onnx: bool = True, check: bool = True,
+                 input_shape=None, force: bool = False, progress: Callable | None = None,
+                 arch=None, arch_kwargs=None, trust: bool = False, imports=(), providers=("cpu", "cuda")):
+    """Convert the model file ``model_path``; returns ``(converted_model, ConvertReport)``.
+
+    Writes the converted model (default ``<stem>.<to><suffix>`` beside the input, in the input's
+    format) and, unless ``export_onnx=False``, the ONNX file (default ``<stem>.<to>.onnx`` beside
+    the input, or the ``-o`` file with the suffix ``.onnx``), then
+    checks ONNX parity in onnxruntime (CPU, and CUDA when available) unless ``check=False``.
+    """
+    from ..data import example_inputs, guess_input_shape, load_data, parse_shape
+    from ..io import load_model, save_model
+    from .core import convert
+
+    loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+    from ..io import as_module
+    module = as_module(loaded, require_eager=True, job="convert")
+    shape = parse_shape(input_shape) if input_shape else None
+    out_default, onnx_default = default_output_paths(model_path, to)
+    out_path = Path(output) if output is not None else out_default
+    if onnx is not None:
+        onnx_path = Path(onnx)
+    elif output is not None:  # beside the converted model: out/m.pt -> out/m.onnx
+        onnx_path = out_path.with_suffix(".onnx")
+    else:
+        onnx_path = onnx_default
+    if export_onnx and out_path.resolve() == onnx_path.resolve():
+        raise NormswapError(f"the model and the ONNX file would both be {out_path}; use -o FILE.pt or --onnx FILE.onnx")
+    if out_path.resolve() == Path(model_path).resolve():
+        raise NormswapError(f"-o {out_path} would overwrite the input model; choose another name")
+    for p in [out_path] + ([onnx_path] if export_onnx else []):
+        if p.exists() and not force:
+            raise NormswapError(f"{p} exists; use --force to overwrite it or -o/--onnx to choose another name")
+
+    data = None
+    extra_warnings: list[str] = []
+    if calib is not None:
+        if isinstance(calib, str) and calib == "random":
+            if shape is None:
+                guess = guess_input_shape(module)
+                if guess is None:
+                    raise NormswapError("--calib random needs --input-shape N,C,H,W")
+                shape = guess
+            data = load_data("random", limit=calib_samples or 256, input_shape=shape)
+        else:
+            data = load_data(calib, limit=calib_samples, input_shape=shape)
+
+    converted, report = convert(module, to, data, source=source, groups=groups, mode=mode,
+                                distill_steps=distill_steps, batch_size=batch_size,
+                                calib_samples=calib_samples, progress=progress)
+    report.warnings[:0] = extra_warnings
+    report.warnings.extend(getattr(loaded, "notes", []) or [])
+
+    saved = save_model(converted, out_path, like=loaded, force=force, architecture_changed=True)
+    report.files["model"] = str(saved.get("path", out_path)) if isinstance(saved, dict) else str(out_path)
+    if isinstance(saved, dict):
+        report.warnings.extend(saved.get("notes", []))
+
+    if not export_onnx:
+        return converted, report
+    if data is not None:
+        ex = example_inputs(converted, data=data, batch=2)
+    else:
+        ex = example_inputs(converted, input_shape=shape)
+    from ..export import export
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rep_export = export(converted, onnx_path, ex, eval=True, force=True)
+    report.export = rep_export
+    report.files["onnx"] = str(getattr(rep_export, "path", onnx_path))
+    if check:
+        from ..check import MAX_SAMPLES
+        from ..check import check as check_parity
+
+        if data is not None:
+            inputs = data.inputs[:MAX_SAMPLES]
+        else:
+            inputs = ex[0] if len(ex) == 1 else ex
+        report.parity = check_parity(converted, onnx_path, inputs, providers=providers)
+    return converted, report

@@ -1,0 +1,171 @@
+"""ConvertReport: what `normswap convert` did and how faithful the converted model is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..report import Report, jsonable
+
+__all__ = ["LayerFit", "Fidelity", "ConvertReport"]
+
+
+@dataclass
+class LayerFit:
+    """One converted norm site."""
+
+    name: str
+    source_kind: str
+    source_type: str
+    target_type: str
+    channels: int
+    groups: int | None = None
+    #: "fitted" (least squares on calibration data), "exact" (closed form, e.g. eval BN -> affine),
+    #: "copied" (no data: source gamma/beta copied), "fresh" (no data and no affine to copy)
+    method: str = "fitted"
+    calibrated: bool = True
+    #: relative reconstruction error ||y_new - y_orig|| / ||y_orig|| over the calibration data.
+    #: err_naive: the naive fresh replacement (gamma=1, beta=0, default statistics, Opacus' group
+    #: count gcd(32, C)) on the original model's activations.  err_fitted: the fitted replacement on
+    #: the inputs it was fitted on (fast: the original activations; sequential: the converted
+    #: model's own inputs, against the original model's activation at that layer).  For frn the
+    #: fitted error ignores the TLU (whose tau only clips below the original's minimum: an upper
+    #: bound).
+    err_naive: float | None = None
+    err_fitted: float | None = None
+    #: auto groups: candidate group count -> relative error
+    group_errors: dict | None = None
+    note: str | None = None
+
+
+@dataclass
+class Fidelity:
+    """How the converted model's outputs compare with the original's on the calibration inputs."""
+
+    samples: int = 0
+    classifier: bool = False
+    top1_agreement: float | None = None  # classifiers
+    kl: float | None = None  # mean KL(original || converted), classifiers
+    rel_output_error: float | None = None  # ||out_new - out_orig|| / ||out_orig||
+    accuracy_original: float | None = None  # when the calibration data has labels
+    accuracy_converted: float | None = None
+
+
+@dataclass
+class ConvertReport(Report):
+    job = "convert"
+
+    target: str = "gn"
+    sources: list = field(default_factory=list)
+    mode: str = "sequential"
+    groups: Any = "auto"
+    calibrated: bool = False
+    calib_source: str | None = None
+    calib_samples: int = 0
+    calib_labels: bool = False
+    passes: int = 0
+    layers: list = field(default_factory=list)
+    #: fidelity after calibration (and before distillation)
+    fidelity_calibrated: Fidelity | None = None
+    #: final fidelity (after distillation when distill_steps > 0)
+    fidelity: Fidelity | None = None
+    distill_steps: int = 0
+    distill_loss: float | None = None
+    distill_seconds: float | None = None
+    calib_seconds: float | None = None
+    #: seconds of one plain forward pass over the calibration set (the converted model)
+    forward_seconds: float | None = None
+    distributed_world_size: int = 1
+    warnings: list = field(default_factory=list)
+    #: filled by the CLI pipeline
+    files: dict = field(default_factory=dict)
+    parity: Any = None
+    export: Any = None
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def sites(self) -> int:
+        return len(self.layers)
+
+    @property
+    def calib_ratio(self) -> float | None:
+        if self.calib_seconds is None or not self.forward_seconds:
+            return None
+        return self.calib_seconds / self.forward_seconds
+
+    @property
+    def passed(self) -> bool:
+        if self.parity is None:
+            return True
+        ok = getattr(self.parity, "passed", None)
+        if ok is None and isinstance(self.parity, dict):
+            ok = self.parity.get("passed", True)
+        return bool(True if ok is None else ok)
+
+    def to_dict(self) -> dict:
+        d = {
+            "job": self.job,
+            "target": self.target,
+            "sources": list(self.sources),
+            "sites": self.sites,
+            "mode": self.mode,
+            "groups": self.groups,
+            "calibrated": self.calibrated,
+            "calib_source": self.calib_source,
+            "calib_samples": self.calib_samples,
+            "calib_labels": self.calib_labels,
+            "passes": self.passes,
+            "layers": [jsonable(x) for x in self.layers],
+            "fidelity_calibrated": jsonable(self.fidelity_calibrated),
+            "fidelity": jsonable(self.fidelity),
+            "distill_steps": self.distill_steps,
+            "distill_loss": self.distill_loss,
+            "distill_seconds": self.distill_seconds,
+            "calib_seconds": self.calib_seconds,
+            "forward_seconds": self.forward_seconds,
+            "calib_ratio": self.calib_ratio,
+            "distributed_world_size": self.distributed_world_size,
+            "warnings": list(self.warnings),
+            "files": jsonable(self.files),
+            "export": _report_dict(self.export),
+            "parity": _report_dict(self.parity),
+            "passed": self.passed,
+        }
+        return d
+
+    def summary_text(self) -> str:
+        kinds = "/".join(self.sources) or "?"
+        parts = [f"{self.sites} {kinds}->{self.target} site{'s' if self.sites != 1 else ''}"]
+        if not self.calibrated:
+            parts.append("uncalibrated (no calibration data)")
+        else:
+            f = self.fidelity
+            txt = f"calibrated ({self.mode}, {self.calib_samples} samples"
+            if self.distill_steps:
+                txt += f", {self.distill_steps} distill steps"
+            txt += ")"
+            if f is not None:
+                if f.classifier and f.top1_agreement is not None:
+                    txt += f": top-1 agreement {100 * f.top1_agreement:.1f}%"
+                elif f.rel_output_error is not None:
+                    txt += f": rel. output error {f.rel_output_error:.3g}"
+                if f.accuracy_converted is not None and f.accuracy_original is not None:
+                    txt += f", accuracy {100 * f.accuracy_converted:.1f}% (original {100 * f.accuracy_original:.1f}%)"
+            parts.append(txt)
+        if self.files:
+            parts.append("wrote " + ", ".join(str(v) for v in self.files.values()))
+        if self.parity is not None:
+            parts.append("parity " + ("ok" if self.passed else "FAILED"))
+        return " | ".join(parts)
+
+
+def _report_dict(obj):
+    if obj is None:
+        return None
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        try:
+            return jsonable(to_dict())
+        except Exception:
+            pass
+    return jsonable(obj)

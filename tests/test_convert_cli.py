@@ -1,0 +1,114 @@
+"""``normswap convert`` on the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from normswap_cli.main import cli
+
+ARCH = "samples.digits:digits_resnet"
+DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
+
+
+@pytest.fixture()
+def sd_model(tmp_path):
+    from samples.digits import digits_resnet
+    from samples.models import randomize_norm_stats
+
+    torch.manual_seed(0)
+    m = randomize_norm_stats(digits_resnet()).eval()
+    p = tmp_path / "digits_sd.pt"
+    torch.save(m.state_dict(), p)
+    x = np.random.default_rng(0).normal(size=(24, 1, 32, 32)).astype(np.float32)
+    y = np.arange(24) % 10
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x, y=y)
+    return m, p, calib
+
+
+def test_cli_convert_state_dict_json(sd_model, tmp_path):
+    m, p, calib = sd_model
+    out, js = tmp_path / "out.pt", tmp_path / "convert.json"
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "-o", str(out),
+                                 "--no-onnx", "--json", str(js), "--mode", "fast", "--groups", "4"])
+    assert r.exit_code == 0, r.output
+    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (fast, 24 samples)" in r.output
+    d = json.loads(js.read_text())
+    assert d["sites"] == 11 and d["calibrated"] and d["calib_labels"] and d["files"]["model"] == str(out)
+    assert all(layer["groups"] == 4 and layer["err_fitted"] <= layer["err_naive"] for layer in d["layers"])
+    assert d["fidelity"]["accuracy_converted"] is not None
+    sd = torch.load(out, weights_only=True)
+    assert "stem.bn.running_mean" not in sd and sd["stem.bn.weight"].shape == (16,)
+    # existing output: refused without --force
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "-o", str(out), "--no-onnx"])
+    assert r.exit_code == 2 and "--force" in r.output
+
+
+def test_cli_convert_errors(sd_model, tmp_path):
+    m, p, calib = sd_model
+    base = ["convert", str(p), "--arch", ARCH, "--no-onnx", "-o", str(tmp_path / "x.pt")]
+    r = CliRunner().invoke(cli, base + ["--to", "rms"])
+    assert r.exit_code == 2 and "valid" in r.output
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((4, 3, 32, 32), np.float32))
+    r = CliRunner().invoke(cli, base + ["--to", "gn", "--calib", str(bad)])
+    assert r.exit_code == 2 and "(N, 1, H, W)" in r.output
+    r = CliRunner().invoke(cli, base + ["--to", "gn", "--groups", "x"])
+    assert r.exit_code == 2 and "--groups" in r.output
+
+
+def test_cli_convert_uncalibrated(sd_model, tmp_path):
+    m, p, calib = sd_model
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "in", "--no-onnx", "-o",
+                                 str(tmp_path / "u.pt")])
+    assert r.exit_code == 0, r.output
+    assert "uncalibrated" in r.output.splitlines()[-1]
+
+
+def _digits_model(tmp_path) -> Path:
+    src = DIGITS / "digits_resnet_module.pt"
+    if not src.exists() or not (DIGITS / "calib.npz").exists():
+        pytest.skip("digits artefacts missing")
+    model = tmp_path / "digits_resnet_module.pt"
+    shutil.copy(src, model)
+    return model
+
+
+def test_cli_digits_default_names_no_onnx(tmp_path):
+    model = _digits_model(tmp_path)
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(cli, ["convert", str(model), "--trust", "--to", "gn", "--calib", str(DIGITS / "calib.npz"),
+                                 "--json", str(js), "--no-onnx", "--mode", "fast"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "digits_resnet_module.gn.pt").exists()
+    assert not (tmp_path / "digits_resnet_module.gn.onnx").exists()
+    flat = " ".join(r.output.split())
+    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (fast, 256 samples)" in flat
+    d = json.loads(js.read_text())
+    assert d["fidelity"]["top1_agreement"] >= 0.95 and d["fidelity"]["accuracy_converted"] >= 0.95
+    loaded = torch.load(tmp_path / "digits_resnet_module.gn.pt", weights_only=False)
+    assert isinstance(loaded.stem.bn, torch.nn.GroupNorm)
+
+
+@pytest.mark.slow
+def test_cli_headline_digits(tmp_path):
+    """The README's first command on the bundled trained sample: convert, save, export, check (~40 s)."""
+    model = _digits_model(tmp_path)
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(cli, ["convert", str(model), "--trust", "--to", "gn", "--calib", str(DIGITS / "calib.npz"),
+                                 "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "digits_resnet_module.gn.pt").exists() and (tmp_path / "digits_resnet_module.gn.onnx").exists()
+    flat = " ".join(r.output.split())
+    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (sequential, 256 samples)" in flat
+    assert "parity ok" in flat
+    d = json.loads(js.read_text())
+    assert d["parity"]["passed"] and d["fidelity"]["top1_agreement"] >= 0.95
+    assert d["files"]["onnx"].endswith("digits_resnet_module.gn.onnx")
