@@ -105,6 +105,13 @@ def run_job(
     """
     from normswap.errors import NormswapError
 
+    if opts.json_path:  # fail before the (possibly long) job, not after it
+        try:
+            _check_json_path(opts.json_path)
+        except NormswapError as e:
+            if opts.debug:
+                raise
+            fail(str(e), EXIT_USAGE)
     try:
         report = job()
     except NormswapError as e:
@@ -122,7 +129,13 @@ def run_job(
         fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
     out = console()
     if not opts.quiet and render is not None:
-        render(report, out)
+        try:
+            render(report, out)
+        except Exception as e:  # a rendering bug must not hide the result behind a traceback
+            if opts.debug:
+                raise
+            click.echo(f"warning: could not render the report ({type(e).__name__}: {e}); "
+                       "rerun with --debug for the traceback", err=True)
     if opts.json_path:
         try:
             report.to_json(opts.json_path)
@@ -132,8 +145,43 @@ def run_job(
             out.print(f"report written to {opts.json_path}")
     line = report.summary_line()
     style = "bold green" if report else "bold red"
-    out.print(line, style=style, markup=False)
+    out.print(line, style=style, markup=False, soft_wrap=True)  # one line, whatever the terminal width
     sys.exit(EXIT_OK if report else EXIT_FAILED)
+
+
+#: the command parameters that name files (inputs or outputs) --json must never write over
+_FILE_PARAMS = frozenset({"model_path", "onnx_path", "calib", "data", "output", "onnx", "model"})
+
+
+def _check_json_path(json_path) -> None:
+    """--json FILE must be writable (an existing folder) and none of the command's files."""
+    import contextlib
+    import os
+    from pathlib import Path
+
+    from normswap.errors import NormswapError
+
+    path = Path(json_path)
+    if path.is_dir():
+        raise NormswapError(f"--json {path}: is a directory, expected a file path")
+    # never write the report over the command's own input (the model, the ONNX file, the data) or output
+    ctx = click.get_current_context(silent=True)
+    target = path.resolve()
+    while ctx is not None:
+        for name, value in ctx.params.items():
+            if name not in _FILE_PARAMS or not isinstance(value, (str, os.PathLike)) or not str(value):
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                if Path(value).resolve() == target:
+                    what = {"model_path": "the MODEL file", "model": "the MODEL file", "onnx_path": "the ONNX file",
+                            "onnx": "the ONNX file", "calib": "the --calib data", "data": "the --data file",
+                            "output": "the -o output"}[name]
+                    raise NormswapError(f"--json {path}: is also {what} of this command; choose another file")
+        ctx = ctx.parent
+    if not path.parent.is_dir():
+        raise NormswapError(f"--json {path}: output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise NormswapError(f"--json {path}: output folder {path.parent} is not writable")
 
 
 def print_notes(notes: list[str], out=None) -> None:

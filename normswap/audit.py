@@ -228,7 +228,8 @@ def _check_tensors(site: Site, stats: dict, params: dict, eps: float | None, kin
                 site.flag(
                     "tiny_var",
                     f"{name}[{imin}] = {vmin:.3g} vs median {med:.3g}: a fold scales that "
-                    f"channel by 1/sqrt(var+eps) = {scale:.4g}, {factor:.4g}x the median channel",
+                    f"channel by 1/sqrt(var+eps) = {scale:.4g}, {factor:.4g}x the median channel"
+                    + (" (eps unknown, taken as 0)" if eps is None else ""),
                 )
     mean = stats.get("running_mean")
     nbt = stats.get("num_batches_tracked")
@@ -613,6 +614,7 @@ def _audit_eager(model: nn.Module, example_inputs) -> AuditReport:
         seen, err = _observe(model, mod_sites, example_inputs)
         if err:
             rep.notes.append(err)
+            example_inputs = None  # inputs that do not run must not reach the fold planner either
         else:
             for s in sites:
                 rec = seen.get(s.name)
@@ -796,6 +798,70 @@ def _script_has(m, attr: str) -> bool:
         return False
 
 
+def _reparam_sites_from_names(names) -> list[Site]:
+    """Spectral / weight norm sites of a TorchScript module or torch.export program, found from
+    its parameter and buffer names (their graphs recompute the weight with plain ops)."""
+    names = list(names)
+    have = set(names)
+    found: list[Site] = []
+    for n in names:
+        site = None
+        if n.endswith("_orig") and f"{n[:-5]}_u" in have:  # legacy hook: weight_orig / weight_u / weight_v
+            site, kind, api = n[:-5], "spectral", "hook"
+        elif n.endswith("_g") and f"{n[:-2]}_v" in have:  # legacy hook: weight_g / weight_v
+            site, kind, api = n[:-2], "weight_norm", "hook"
+        elif ".parametrizations." in n and n.endswith(".original"):
+            base = n[: -len(".original")]
+            if any(h.startswith(base + ".") and h.endswith("._u") for h in have):
+                owner, _, p = base.rpartition(".parametrizations.")
+                site, kind, api = f"{owner}.{p}", "spectral", "parametrization"
+        elif ".parametrizations." in n and n.endswith(".original0") and n[:-1] + "1" in have:
+            owner, _, p = n[: -len(".original0")].rpartition(".parametrizations.")
+            site, kind, api = f"{owner}.{p}", "weight_norm", "parametrization"
+        if site is None:
+            continue
+        s = Site(name=site, kind=kind, module_type=f"({api}, from parameter names)")
+        s.region = site.rsplit(".", 1)[0] if "." in site else ""
+        s.graph = False
+        s.running_stats = kind == "spectral"
+        s.onnx_ops = list(NORMS[kind].onnx_ops)
+        s.notes.append(f"{kind} found from the names of the parameters; the graph recomputes the weight")
+        found.append(s)
+    return found
+
+
+# aten op -> index of its eps argument
+_SCRIPT_EPS_ARG = {"aten::batch_norm": 7, "aten::instance_norm": 7, "aten::group_norm": 4,
+                   "aten::layer_norm": 4, "aten::rms_norm": 3}
+
+
+def _script_norm_call(m) -> dict:
+    """Facts from the first norm op in a TorchScript module's own graph: ``eps`` and, for
+    batch_norm, ``batch_stats`` (True when it runs without running statistics)."""
+    out: dict = {}
+    try:
+        nodes = list(m.graph.nodes())
+    except Exception:
+        return out
+    for node in nodes:
+        idx = _SCRIPT_EPS_ARG.get(node.kind())
+        if idx is None:
+            continue
+        ins = list(node.inputs())
+        try:
+            if len(ins) > idx and ins[idx].node().kind() == "prim::Constant":
+                v = ins[idx].toIValue()
+                if v is not None:
+                    out["eps"] = float(v)
+            if node.kind() == "aten::batch_norm" and len(ins) > 4:
+                rm = ins[3].node()
+                out["batch_stats"] = rm.kind() == "prim::Constant" and ins[3].toIValue() is None
+        except Exception:
+            pass
+        break
+    return out
+
+
 def _audit_script(sm: torch.jit.ScriptModule) -> AuditReport:
     rep = AuditReport(model=getattr(sm, "original_name", type(sm).__name__), source="torchscript")
     rep.notes.append("TorchScript: audited from its own graph (best effort)")
@@ -868,6 +934,9 @@ def _audit_script(sm: torch.jit.ScriptModule) -> AuditReport:
                 break
             except Exception:
                 pass
+        call = _script_norm_call(m)  # traced modules keep no eps/track_running_stats attributes
+        if s.eps is None and call.get("eps") is not None:
+            s.eps = call["eps"]
         for a in ("affine", "elementwise_affine"):
             try:
                 s.affine = bool(getattr(m, a))
@@ -877,7 +946,10 @@ def _audit_script(sm: torch.jit.ScriptModule) -> AuditReport:
         try:
             s.running_stats = bool(m.track_running_stats)
         except Exception:
-            s.running_stats = kind == "bn"
+            if "batch_stats" in call:  # aten::batch_norm(..., running_mean=None, ...) in the graph
+                s.running_stats = not call["batch_stats"]
+            else:
+                s.running_stats = kind == "bn"
         rec = callinfo.get(path)
         if rec is not None:
             s.calls = rec["calls"]
@@ -931,9 +1003,16 @@ def _audit_script(sm: torch.jit.ScriptModule) -> AuditReport:
             s.onnx_ops = list(NORMS[kind].onnx_ops)
             s.notes.append("functional call (TorchScript)")
             sites.append(s)
+    seen_names = {s.name for s in sites}
+    names = [n for n, _ in sm.named_parameters()] + [n for n, _ in sm.named_buffers()]
+    sites.extend(r for r in _reparam_sites_from_names(names) if r.name not in seen_names)
     for s in sites:
         d = _internal_decision(sm, s)
         s.reason, s.foldable, s.fold_into = d.reason, d.reason is None, d.into
+        if s.module_type.endswith("from parameter names)"):
+            s.reason, s.foldable, s.fold_into = (
+                f"{s.kind} inside a compiled graph: bake it in the eager model (--bake-spectral-norm)"
+                if s.kind == "spectral" else f"{s.kind} inside a compiled graph: not baked", False, None)
     rep.sites = sites
     rep.regions = [{"path": "", "traced": True, "error": None, "untraceable_leaves": []}]
     return rep
@@ -1039,6 +1118,11 @@ def _audit_export(ep) -> AuditReport:
                     s.mode = "train" if tr else "eval"
                 eps_arg = args[7] if op == "batch_norm" and len(args) > 7 else (args[-1] if args else None)
                 s.eps = _f(eps_arg) if isinstance(eps_arg, float) else None
+            if not s.running_stats and s.mode == "train":
+                # without running statistics a BatchNorm uses batch statistics in train and eval alike,
+                # so training=True in the graph does not say the model was in training mode
+                s.mode = None
+                s.flag("no_running_stats", "track_running_stats=False: uses batch statistics at eval")
             if s.mode == "train":
                 s.flag("train_mode", "training mode: uses batch statistics; ONNX exporters export "
                        "inference BatchNorm")
@@ -1097,9 +1181,15 @@ def _audit_export(ep) -> AuditReport:
         _check_tensors(s, stats, params, s.eps, kind)
         sites.append(s)
     sites.extend(_ep_module_sites(ep, sites, state, ph_to_key))
+    seen_names = {s.name for s in sites}
+    sites.extend(r for r in _reparam_sites_from_names(state) if r.name not in seen_names)
     for s in sites:
         d = _internal_decision(None, s)
         s.reason, s.foldable, s.fold_into = d.reason, d.reason is None, d.into
+        if s.module_type.endswith("from parameter names)"):
+            s.reason, s.foldable, s.fold_into = (
+                f"{s.kind} inside a compiled graph: bake it in the eager model (--bake-spectral-norm)"
+                if s.kind == "spectral" else f"{s.kind} inside a compiled graph: not baked", False, None)
     rep.sites = sites
     rep.regions = [{"path": "", "traced": True, "error": None, "untraceable_leaves": []}]
     return rep

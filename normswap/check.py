@@ -216,11 +216,16 @@ def compare_arrays(name: str, ref, got, atol: float, rtol: float) -> OutputParit
     g = got.astype(np.float64)
     fin_r, fin_g = np.isfinite(r), np.isfinite(g)
     reason = None
-    nonfinite_ok = bool(np.array_equal(fin_r, fin_g)) and bool(
-        np.array_equal(r[~fin_r], g[~fin_g]) or np.all(np.isnan(r[~fin_r]) & np.isnan(g[~fin_g]))
-    )
+    nonfinite_ok = bool(np.array_equal(fin_r, fin_g))
+    if nonfinite_ok:  # same places; each one the same value (NaN matches NaN, +Inf matches +Inf)
+        nr_, ng_ = r[~fin_r], g[~fin_g]
+        nonfinite_ok = bool(np.all((nr_ == ng_) | (np.isnan(nr_) & np.isnan(ng_))))
     if not nonfinite_ok:
         reason = "NaN/Inf at different places"
+    elif r.size and not fin_r.any():
+        # nothing was compared: an all-NaN/Inf output "matching" says nothing about parity
+        nonfinite_ok = False
+        reason = "no finite values to compare: the PyTorch output is all NaN/Inf"
     mask = fin_r & fin_g
     rf, gf = r[mask], g[mask]
     if rf.size:
@@ -237,12 +242,15 @@ def compare_arrays(name: str, ref, got, atol: float, rtol: float) -> OutputParit
             cosine = 0.0
         else:
             cosine = float(np.dot(rf.ravel(), gf.ravel()) / (nr * ng))
+    elif r.size:  # no finite element on either side: nothing was measured
+        max_abs = mean_abs = max_rel = cosine = float("nan")
+        ref_max = 0.0
     else:
         max_abs = mean_abs = max_rel = ref_max = 0.0
         cosine = 1.0
     tol = atol + rtol * ref_max
     top1 = None
-    if ref.ndim == 2 and ref.shape[1] > 1 and ref.shape[0] > 0 and np.issubdtype(ref.dtype, np.floating):
+    if rf.size and ref.ndim == 2 and ref.shape[1] > 1 and ref.shape[0] > 0 and np.issubdtype(ref.dtype, np.floating):
         top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(g, axis=1)))
     passed = nonfinite_ok and max_abs <= tol
     if reason is None and not passed:
@@ -635,8 +643,8 @@ def check(
 
     atol = DEFAULT_ATOL if atol is None else float(atol)
     rtol = DEFAULT_RTOL if rtol is None else float(rtol)
-    if atol < 0 or rtol < 0:
-        raise NormswapError("atol and rtol must be >= 0")
+    if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):  # also refuses NaN
+        raise NormswapError(f"atol and rtol must be finite numbers >= 0 (got atol {atol:g}, rtol {rtol:g})")
     specs = parse_providers(providers)
     model = _as_module(model)
     path, meta = _onnx_meta(onnx_path)
@@ -653,7 +661,8 @@ def check(
     if inputs is None:
         batch = input_shape[0] if input_shape is not None else (first_dim if static_batch else 2)
         tensors = _synth_inputs(meta, input_shape, batch)
-        notes.append("random inputs (seed 0) shaped like the ONNX inputs")
+        notes.append(f"random inputs (seed 0) of shape {tuple(input_shape)}" if input_shape is not None
+                     else "random inputs (seed 0) shaped like the ONNX inputs")
     else:
         tensors = _as_tensors(inputs)
     _validate(meta, tensors)

@@ -202,6 +202,8 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
             return _finish(obj, None, str(path), limit, input_shape)
         if isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
             return _finish(obj[0], obj[1], str(path), limit, input_shape)
+        if isinstance(obj, (tuple, list)) and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
+            return _finish(obj[0], None, str(path), limit, input_shape)  # (x,): saved example inputs
         if isinstance(obj, dict):
             x = _pick(obj, X_NAMES)
             if isinstance(x, torch.Tensor):
@@ -254,8 +256,16 @@ def _is_npz(path: Path) -> bool:
 
 def guess_input_shape(model) -> tuple[int, ...] | None:
     """Guess an input shape from the first parameterised layer (conv → N,C,32,32 …; linear → N,F)."""
+    import torch
     import torch.nn as nn
 
+    if isinstance(model, torch.export.ExportedProgram):
+        try:
+            model = model.module()
+        except Exception:
+            return None
+    if not hasattr(model, "modules"):
+        return None
     for m in model.modules():
         if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
             return (2, m.in_channels, 32)
@@ -278,6 +288,10 @@ def example_inputs(model=None, *, input_shape=None, data: Dataset | None = None,
 
     if data is not None:
         return (data.inputs[:batch],)
+    if input_shape is None and isinstance(model, torch.export.ExportedProgram):
+        args, kwargs = getattr(model, "example_inputs", None) or ((), {})
+        if args and not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            return tuple(args)  # the inputs the program was captured with
     if input_shape is None and model is not None:
         input_shape = guess_input_shape(model)
     if input_shape is None:

@@ -481,6 +481,7 @@ def export(
     import torch
 
     t0 = time.perf_counter()
+    source_path = getattr(model, "path", None)  # a LoadedModel's file: never overwritten, even with force
     program_in = _as_module(model, keep_program=True)
     is_program = isinstance(program_in, torch.export.ExportedProgram)
     model = program_in.module() if is_program else program_in
@@ -490,6 +491,8 @@ def export(
         raise NormswapError(f"output path {path} is a directory; give a file name like model.onnx")
     if not path.parent.exists():
         raise NormswapError(f"output folder {path.parent} does not exist")
+    if source_path is not None and path.exists() and Path(source_path).exists() and path.resolve() == Path(source_path).resolve():
+        raise NormswapError(f"{path}: refusing to overwrite the input model file; choose another output with -o")
     if path.exists() and not force:
         raise NormswapError(f"{path} exists; pass force=True (--force) to overwrite it")
 

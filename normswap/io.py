@@ -84,6 +84,9 @@ def _sniff(path: Path) -> str:
             return "torchscript"
         if any(n.endswith("data.pkl") for n in names):
             return "torch_zip"
+        if any(n.endswith(("/byteorder", "/version", "/.format_version")) for n in names):
+            # torch.save writes these first: a save that failed part-way leaves an archive without data.pkl
+            raise NormswapError(f"{path}: incomplete PyTorch archive (no data.pkl inside; was the save interrupted?)")
         raise NormswapError(f"{path}: a zip archive but not a PyTorch file (no data.pkl inside)")
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
@@ -394,7 +397,10 @@ def atomic_save(
     """
     path = Path(path)
     _check_output(path, force, protect)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise NormswapError(f"{path}: cannot write in {path.parent} ({e.strerror or e})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -411,6 +417,8 @@ def atomic_save(
                 raise NormswapError(f"{path}: already exists; pass --force (force=True) to overwrite it") from None
             except OSError:
                 os.replace(tmp, path)
+    except OSError as e:  # disk full, permissions, a vanished folder...: one line, nothing left behind
+        raise NormswapError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

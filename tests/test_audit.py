@@ -346,3 +346,49 @@ def test_unused_norm_is_reported_not_as_untraced():
     s = rep.site("spare")
     assert s.graph and s.calls == 0 and "no_graph" not in s.flags
     assert rep.untraced == []
+
+
+# --------------------------------------------------------------------------- QA regressions
+
+
+def test_traced_torchscript_eps_and_running_stats_from_graph():
+    """A traced module keeps no eps / track_running_stats attributes: they come from its graph."""
+    for name in ("tiny_var", "untrained_stats"):
+        model, x = ALL_SAMPLES[name]()
+        eager = {s.name: s for s in audit(model, x).sites}
+        script = {s.name: s for s in audit(torch.jit.trace(model, x)).sites}
+        for n, s in eager.items():
+            t = script[n]
+            assert t.eps == pytest.approx(s.eps), n
+            assert t.running_stats == s.running_stats, n
+            assert sorted(t.flags) == sorted(s.flags), n
+            if not s.foldable and "track_running_stats" in (s.reason or ""):
+                assert not t.foldable, n
+    # the tiny-variance warning quotes the real fold scale (eps 1e-3), not 1/sqrt(1e-14)
+    model, x = ALL_SAMPLES["tiny_var"]()
+    w = [s for s in audit(torch.jit.trace(model, x)).sites if "tiny_var" in s.flags][0].warnings[0]
+    assert "= 31.62" in w
+
+
+def test_example_inputs_that_do_not_run_do_not_reach_the_planner():
+    model, _ = ALL_SAMPLES["resnet_style"]()
+    rep = audit(model, torch.randn(1, 5, 8, 8))  # wrong channel count
+    assert any(n.startswith("forward on example inputs failed") for n in rep.notes)
+    assert "fold.plan failed" not in rep.fold_planner
+    assert rep.summary()["foldable"] == audit(model).summary()["foldable"]
+
+
+def test_export_program_bn_without_running_stats_is_not_called_train_mode():
+    model, x = ALL_SAMPLES["untrained_stats"]()  # eval model; bn2 has track_running_stats=False
+    site = {s.name: s for s in audit(torch.export.export(model, x)).sites}["bn2"]
+    assert site.mode != "train" and "train_mode" not in site.flags
+    assert "no_running_stats" in site.flags and not site.foldable
+
+
+@pytest.mark.parametrize("name", ["gan_discriminator", "weight_norm_net"])
+def test_spectral_and_weight_norm_found_in_torchscript_and_export(name):
+    model, x = ALL_SAMPLES[name]()
+    want = {n: k for n, k in EXPECTED[name].items()}
+    for compiled in (torch.jit.trace(model, x, check_trace=False), torch.export.export(model, x)):
+        sites = {s.name: s.kind for s in audit(compiled).sites}
+        assert sites == want, type(compiled).__name__

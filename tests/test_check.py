@@ -249,3 +249,45 @@ def test_cli_check_exit_codes_and_json(exported, tmp_path):
     if not CUDA_INSTALLED:
         res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--providers", "cuda", "--repeats", "1"])
         assert res.exit_code == 1 and "no requested provider" in res.output
+
+
+def test_compare_arrays_nonfinite_qa():
+    both = np.array([[np.nan, np.inf, 1.0]], dtype=np.float32)
+    assert compare_arrays("y", both, both.copy(), 1e-4, 1e-3).passed  # NaN and +Inf at the same places
+    flipped = np.array([[np.nan, -np.inf, 1.0]], dtype=np.float32)
+    assert not compare_arrays("y", both, flipped, 1e-4, 1e-3).passed
+    allnan = np.full((2, 3), np.nan, dtype=np.float32)
+    r = compare_arrays("y", allnan, allnan.copy(), 1e-4, 1e-3)
+    assert not r.passed and "no finite values" in r.reason and np.isnan(r.max_abs)
+
+
+def test_nan_tolerance_refused(exported):
+    model, path = exported
+    for bad in (dict(atol=float("nan")), dict(rtol=float("nan")), dict(atol=float("inf"))):
+        with pytest.raises(NormswapError, match="atol and rtol"):
+            check(model, path, _x(), providers="cpu", **bad, **FAST)
+
+
+def test_cli_check_calib_random_with_input_shape(exported, tmp_path):
+    runner, cli = _cli()
+    model, path = exported
+    mpath = tmp_path / "m.pt"
+    torch.save(model, mpath)
+    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--calib", "random", "--input-shape", "3,3,8,8",
+                              "--providers", "cpu", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_check_image_folder_with_input_shape(exported, tmp_path):
+    PIL = pytest.importorskip("PIL.Image")
+    runner, cli = _cli()
+    model, path = exported
+    mpath = tmp_path / "m.pt"
+    torch.save(model, mpath)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        PIL.fromarray((np.random.default_rng(i).random((12, 10, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / f"{i}.png")
+    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--calib", str(tmp_path / "imgs"),
+                              "--input-shape", "1,3,8,8", "--providers", "cpu", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "PASSED | normswap check" in res.output and "batch 3, 1" in res.output

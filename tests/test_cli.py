@@ -111,3 +111,72 @@ def test_help_does_not_import_torch():
     code = "import sys; from normswap_cli.main import cli; cli.main(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# --------------------------------------------------------------------------- QA regressions
+
+
+@pytest.mark.parametrize("args", [["bogus"], ["audit", "--bogus", "x"], ["check", "a"], ["audit", "{d}"]])
+def test_usage_errors_are_one_line_exit_2(files, args):
+    result = CliRunner().invoke(cli, [a.format(d=files) for a in args])
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err and "--help" in err and "Usage:" not in err
+
+
+def test_json_never_overwrites_the_input_model(files):
+    before = (files / "whole.pt").read_bytes()
+    for args in (["audit", str(files / "whole.pt"), "--trust", "--json", str(files / "whole.pt")],
+                 ["--json", str(files / "whole.pt"), "audit", str(files / "whole.pt"), "--trust"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "the MODEL file" in result.stderr
+    assert (files / "whole.pt").read_bytes() == before
+    # an option value that is not a file (--providers cpu) does not block --json cpu
+    assert "also" not in CliRunner().invoke(cli, ["check", str(files / "whole.pt"), "x.onnx", "--trust", "--json", "cpu"]).stderr
+
+
+def test_json_into_missing_or_unwritable_folder_fails_before_the_job(files):
+    result = CliRunner().invoke(cli, ["audit", str(files / "whole.pt"), "--trust", "--json", str(files / "no" / "a.json")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    assert "norm sites" not in result.output and "Traceback" not in result.output
+    # a folder where no file can be created: one line, exit 2, no traceback
+    result = CliRunner().invoke(cli, ["audit", str(files / "whole.pt"), "--trust", "--json", "/proc/normswap-qa.json"])
+    assert result.exit_code == 2 and result.stderr.strip().startswith("error:") and "\n" not in result.stderr.strip()
+
+
+def test_audit_wrong_input_shape_is_bad_input(files):
+    result = CliRunner().invoke(cli, ["audit", str(files / "whole.pt"), "--trust", "--input-shape", "1,3,8,8"])
+    assert result.exit_code == 2 and "--input-shape 1,3,8,8" in result.stderr and "\n" not in result.stderr.strip()
+    assert run("audit", str(files / "whole.pt"), "--trust", "--input-shape", "1,1,8,8").exit_code == 0
+
+
+def test_audit_table_hides_empty_columns_at_80_columns(files):
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].num_batches_tracked.fill_(10)
+    torch.save(m, files / "trained.pt")
+    result = CliRunner().invoke(cli, ["audit", str(files / "trained.pt"), "--trust"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert "flags" not in result.output  # no site has a flag
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_render_bug_still_ends_with_the_summary_line(files, monkeypatch):
+    import normswap_cli.commands.audit as audit_cmd
+
+    def broken(report, console):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(audit_cmd, "render", broken)
+    result = CliRunner().invoke(cli, ["audit", str(files / "whole.pt"), "--trust"])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert result.stdout.strip().splitlines()[-1].startswith("PASSED | normswap audit")
+    assert "could not render" in result.stderr
+
+
+def test_summary_line_is_one_line_on_a_narrow_terminal(files):
+    result = CliRunner(env={"COLUMNS": "40"}).invoke(cli, ["audit", str(files / "whole.pt"), "--trust"])
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("PASSED | normswap audit") and "foldable" in last

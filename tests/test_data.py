@@ -101,3 +101,13 @@ def test_example_inputs():
     assert example_inputs(data=ds, batch=4)[0].shape == (4, 5)
     with pytest.raises(NormswapError, match="--input-shape"):
         example_inputs(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_one_tuple_pt_and_exported_program_example_inputs(tmp_path):
+    x = torch.randn(3, 2, 4, 4)
+    torch.save((x,), tmp_path / "x.pt")  # example inputs saved as a tuple
+    assert torch.equal(load_data(tmp_path / "x.pt").inputs, x)
+    m = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    ep = torch.export.export(m, (torch.randn(2, 2, 5, 5),))
+    assert guess_input_shape(ep) in (None, (2, 2, 32, 32))  # no AttributeError on a program
+    assert example_inputs(ep)[0].shape == (2, 2, 5, 5)  # the program's own example inputs

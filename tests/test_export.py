@@ -353,3 +353,31 @@ def test_torchscript_module_and_exported_program(tmp_path):
     assert any("static batch" in w for w in rep.warnings)
     parity = check(program, tmp_path / "ep.onnx", x, **FAST)
     assert parity and parity.batch_sizes == [3]
+
+
+# --------------------------------------------------------------------------- QA regressions
+
+
+def test_export_never_overwrites_the_input_model_even_with_force(tmp_path):
+    from normswap.io import load_model
+
+    src = tmp_path / "m.pt"
+    torch.save(randomize(Net(nn.BatchNorm2d(8))), src)
+    before = src.read_bytes()
+    loaded = load_model(src, trust=True)
+    with pytest.raises(NormswapError, match="input model"):
+        export(loaded, src, _x(), force=True)
+    assert src.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+
+
+def test_cli_export_of_a_torch_export_program_without_input_shape(tmp_path):
+    from click.testing import CliRunner
+
+    from normswap_cli.main import cli
+
+    model = randomize(Net(nn.BatchNorm2d(8)))
+    torch.export.save(torch.export.export(model, (_x(),)), tmp_path / "m.pt2")
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "m.pt2"), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "PASSED | normswap export" in res.output

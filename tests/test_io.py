@@ -315,3 +315,28 @@ def test_loaded_model_to_dict(work):
     torch.save(model.state_dict(), d / "m.pt")
     info = load_model(d / "m.pt", arch="umodels:make", arch_kwargs={"c": 4}).to_dict()
     assert info["format"] == "state_dict" and info["arch"] == "umodels:make" and info["type"] == "Net"
+
+
+def test_atomic_save_unwritable_folder_is_one_line_error(tmp_path):
+    # /proc accepts no new files, even for root: the OSError must become a NormswapError
+    with pytest.raises(NormswapError, match="cannot write"):
+        atomic_save("/proc/normswap-qa.bin", lambda tmp: tmp.write_bytes(b"x"))
+
+    def fails(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(NormswapError, match="No space left"):
+        atomic_save(tmp_path / "out.bin", fails)
+    assert os.listdir(tmp_path) == []
+
+
+def test_incomplete_torch_archive_is_named_as_such(tmp_path):
+    import zipfile
+
+    p = tmp_path / "half.pt"
+    with zipfile.ZipFile(p, "w") as z:  # what a torch.save that failed part-way leaves
+        z.writestr("half/version", "3\n")
+        z.writestr("half/byteorder", "little")
+    with pytest.raises(NormswapError, match="incomplete PyTorch archive"):
+        load_model(p)

@@ -48,7 +48,18 @@ def command(model_path, input_shape, trust, imports, arch, arch_kwargs, opts):
             if isinstance(loaded.module, torch.nn.Module) and not isinstance(loaded.module, torch.jit.ScriptModule):
                 g = torch.Generator().manual_seed(0)
                 inputs = (torch.randn(shape, generator=g),)
-        return audit(loaded, inputs)
+        report = audit(loaded, inputs)
+        if input_shape and inputs is None:
+            what = {"torchscript": "a TorchScript", "export": "a torch.export"}.get(loaded.format, "this")
+            report.notes.append(f"--input-shape ignored: {what} model is audited from its graph without running it")
+        if inputs is not None:
+            failed = [n for n in report.notes if n.startswith("forward on example inputs failed")]
+            if failed:
+                from normswap.errors import NormswapError
+
+                raise NormswapError(f"--input-shape {input_shape}: the model does not run on inputs of this shape "
+                                    f"({failed[0].split(': ', 1)[1]})")
+        return report
 
     run_job(job, render, opts)
 
@@ -80,9 +91,12 @@ def render(report, console) -> None:
     if not report.sites:
         console.print("no normalization layers found", markup=False)
     else:
-        table = Table(title=f"norm sites of {report.model}", show_lines=False, header_style="bold")
-        for col in ("site", "kind", "type", "mode", "shape", "eps", "producer", "fold", "flags"):
-            table.add_column(col, overflow="fold", no_wrap=col in ("kind", "mode", "fold", "eps"))
+        from rich import box
+
+        table = Table(title=f"norm sites of {report.model}", show_lines=False, header_style="bold",
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        cols = ("site", "kind", "type", "mode", "shape", "eps", "producer", "fold", "flags")
+        rows = []
         for s in report.sites:
             prod = s.producer or {}
             if prod.get("name") or prod.get("op"):
@@ -97,8 +111,14 @@ def render(report, console) -> None:
             if "no_graph" in s.flags:
                 flags.append((", " if len(flags) else "") + "no graph", style="dim")
             mode = Text(s.mode or "", style="red" if s.mode == "train" else "")
-            table.add_row(Text(name), s.kind, Text(s.module_type), mode, _fmt_shape(s.shape),
-                          _fmt_eps(s.eps), Text(ptxt), fold, flags)
+            rows.append((Text(name), s.kind, Text(s.module_type), mode, _fmt_shape(s.shape),
+                         _fmt_eps(s.eps), Text(ptxt), fold, flags))
+        # columns that are empty on every row only take width from the others (80-column terminals)
+        keep = [i for i, col in enumerate(cols) if col in ("site", "kind", "fold") or any(str(r[i]) for r in rows)]
+        for i in keep:
+            table.add_column(cols[i], overflow="fold", no_wrap=cols[i] in ("kind", "mode", "fold", "eps"))
+        for r in rows:
+            table.add_row(*(r[i] for i in keep))
         console.print(table)
     summ = report.summary()
     kinds = ", ".join(f"{k} {v}" for k, v in summ["kinds"].items()) or "none"

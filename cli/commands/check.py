@@ -30,7 +30,7 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default 1e-4).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance, times max|torch output| (default 1e-3).")
 @click.option("--calib", default=None, metavar="DATA", help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).")
-@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Random inputs of this shape.")
+@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Random inputs of this shape (with --calib: the size to read an image folder at).")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
 @model_options
 @output_options
@@ -44,13 +44,14 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
         from normswap.errors import NormswapError
         from normswap_cli.common import load
 
-        if calib and input_shape:
-            raise NormswapError("give either --input-shape or --calib, not both")
         if repeats < 0:
             raise NormswapError("--repeats must be >= 0")
         shape = parse_shape(input_shape) if input_shape else None
         loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-        inputs = load_data(calib, limit=MAX_SAMPLES) if calib else None
+        inputs = None
+        if calib:  # --input-shape then says how to read the data (image folder, 'random') and checks it
+            limit = shape[0] if calib == "random" and shape else MAX_SAMPLES
+            inputs, shape = load_data(calib, limit=limit, input_shape=shape), None
         return check(
             loaded,
             onnx_path,
@@ -131,5 +132,10 @@ def render(report, console) -> None:
                 )
     if t.row_count:
         console.print(t)
+    for r in report.providers:
+        for b in r.batches:
+            for o in b.outputs:
+                if not o.passed and o.reason:
+                    console.print(f"{r.label} N={b.batch_size} {o.name}: {o.reason}", style="red", markup=False)
     for n in report.notes:
         console.print(f"note: {n}", style="yellow" if "static" in n or "no requested" in n else "dim", markup=False)

@@ -24,12 +24,12 @@ atomically; an existing file is kept unless --force.
 
 def _example_inputs(module, input_shape, calib):
     from normswap.data import example_inputs, load_data, parse_shape
-    from normswap.errors import NormswapError
 
-    if input_shape and calib:
-        raise NormswapError("give either --input-shape or --calib, not both")
+    # with --calib, --input-shape says how to read the data (an image folder's size, 'random')
+    # and is checked against it
     shape = parse_shape(input_shape) if input_shape else None
-    data = load_data(calib, limit=8, input_shape=shape) if calib else None
+    data = load_data(calib, limit=8 if calib != "random" else (shape[0] if shape else None),
+                     input_shape=shape) if calib else None
     return example_inputs(module, input_shape=shape, data=data, batch=2)
 
 
@@ -37,7 +37,7 @@ def _example_inputs(module, input_shape, calib):
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
-@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Shape of the example input (random data).")
+@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Shape of the example input (random data; with --calib, the size to read an image folder at).")
 @click.option("--calib", default=None, metavar="DATA", help="Take the example input from DATA (.npz/.npy/.pt/folder).")
 @click.option("--static-batch", is_flag=True, default=False, help="Fix the batch dimension instead of making it dynamic.")
 @click.option("--keep-norms", is_flag=True, default=False, help="Keep BatchNormalization nodes (do not fold them into Conv/Gemm).")
