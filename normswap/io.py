@@ -49,6 +49,7 @@ class LoadedModel:
     arch: str | None = None
     arch_kwargs: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    imports: tuple = ()
 
     def to_dict(self) -> dict:
         return {
@@ -168,9 +169,14 @@ def _parse_arch_kwargs(arch_kwargs) -> dict:
 
 
 def _unwrap_state_dict(obj: Any) -> dict | None:
-    """A state dict, or a checkpoint dict holding one under a usual key."""
+    """A state dict, or a checkpoint dict holding one under a usual key (a normswap recipe
+    entry, if any, is left in ``obj`` and skipped here)."""
     import torch
 
+    from normswap.recipe import RECIPE_KEY
+
+    if isinstance(obj, dict) and RECIPE_KEY in obj:
+        obj = {k: v for k, v in obj.items() if k != RECIPE_KEY}
     if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
@@ -202,6 +208,27 @@ def _load_state_dict_into(model, sd: dict, path: Path, arch: str, notes: list[st
         notes.append(f"missing keys (left at the factory's initial values): {', '.join(result.missing_keys)}")
     if result.unexpected_keys:
         notes.append(f"unexpected keys (ignored): {', '.join(result.unexpected_keys)}")
+
+
+def _safetensors_recipe(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    from normswap.recipe import RECIPE_KEY
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get(RECIPE_KEY)
+
+
+def _apply_saved_recipe(model, text: Any, path: Path, notes: list[str]) -> None:
+    """Rebuild the saved architecture (see normswap.recipe) before the tensors are loaded."""
+    if text is None:
+        return
+    from normswap.recipe import apply_recipe, loads
+
+    if not isinstance(text, str):
+        raise NormswapError(f"{path}: the normswap recipe entry is not text")
+    n = apply_recipe(model, loads(text))
+    notes.append(f"rebuilt the saved architecture from the normswap recipe in the file ({n} changes to the factory's model)")
 
 
 def _refuse_pickle(path: Path) -> NormswapError:
@@ -301,8 +328,9 @@ def load_model(
                 f"{path}: holds only weights (safetensors, {len(sd)} tensors); pass --arch pkg.module:factory to build the model"
             )
         model = resolve_arch(arch, kwargs, imports)
+        _apply_saved_recipe(model, _safetensors_recipe(path), path, notes)
         _load_state_dict_into(model, sd, path, arch, notes)
-        return LoadedModel(model, "safetensors", path, arch, kwargs, notes)
+        return LoadedModel(model, "safetensors", path, arch, kwargs, notes, imports)
 
     # torch.save archives (zip or legacy): weights-only first, never unpickle code unless trusted
     try:
@@ -327,8 +355,11 @@ def load_model(
             f"{path}: is a state dict ({len(sd)} tensors) without the architecture; pass --arch pkg.module:factory"
         )
     model = resolve_arch(arch, kwargs, imports)
+    from normswap.recipe import RECIPE_KEY
+
+    _apply_saved_recipe(model, obj.get(RECIPE_KEY) if isinstance(obj, dict) else None, path, notes)
     _load_state_dict_into(model, sd, path, arch, notes)
-    return LoadedModel(model, "state_dict", path, arch, kwargs, notes)
+    return LoadedModel(model, "state_dict", path, arch, kwargs, notes, imports)
 
 
 def pickle_errors():
@@ -446,8 +477,10 @@ def save_model(
 ) -> dict:
     """Save ``model`` atomically in ``format`` (default: the format of ``like``, else pickle).
 
-    Returns a dict describing what was written (path, format, notes); the
-    notes say how to rebuild a state dict whose architecture changed.
+    Returns a dict describing what was written (path, format, notes).  A state
+    dict / safetensors file of a model whose architecture differs from ``like``'s
+    ``--arch`` factory carries a recipe (see :mod:`normswap.recipe`) so that
+    ``load_model(path, arch=...)`` rebuilds it exactly.
     """
     import torch
 
@@ -459,23 +492,45 @@ def save_model(
         raise NormswapError(f"unknown save format {fmt!r}; choose pickle, state_dict or safetensors")
     protect = [like.path] if like is not None and like.path is not None else []
     notes: list[str] = []
+    recipe_text = None
+    if fmt != "pickle":
+        from normswap.recipe import dumps, make_recipe
+
+        if like is not None and like.arch:
+            reference = resolve_arch(like.arch, like.arch_kwargs, like.imports)
+            changes = make_recipe(module, reference)
+            if changes:
+                recipe_text = dumps(changes)
+                notes.append(
+                    f"the architecture differs from {like.arch} in {len(changes)} places; the file carries a "
+                    f"normswap recipe, so normswap.load_model(path, arch={like.arch!r}) (or --arch) rebuilds it "
+                    "exactly; a plain load_state_dict() into the factory's model does not"
+                )
+        elif architecture_changed:
+            notes.append(
+                f"the architecture changed and no --arch factory is known to describe it against: this {fmt} "
+                "holds only tensors; save with format='pickle' to keep the architecture"
+            )
     if fmt == "pickle":
         writer = lambda tmp: torch.save(module, str(tmp))  # noqa: E731
     elif fmt == "state_dict":
-        writer = lambda tmp: torch.save(module.state_dict(), str(tmp))  # noqa: E731
+
+        def writer(tmp):
+            sd = module.state_dict()
+            if recipe_text is not None:
+                from normswap.recipe import RECIPE_KEY
+
+                sd[RECIPE_KEY] = recipe_text
+            torch.save(sd, str(tmp))
+
     else:
         from safetensors.torch import save_file
 
         def writer(tmp):
-            sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-            save_file(sd, str(tmp))
+            from normswap.recipe import RECIPE_KEY
 
-    if fmt != "pickle" and architecture_changed:
-        arch = like.arch if like is not None and like.arch else "pkg.module:factory"
-        notes.append(
-            f"the architecture changed, so {arch} alone no longer matches this {fmt}: rebuild it by applying "
-            "the same normswap job to the factory's model (uncalibrated is fine) and then load_state_dict(), "
-            "or save with format='pickle'"
-        )
+            sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            save_file(sd, str(tmp), metadata={RECIPE_KEY: recipe_text} if recipe_text else None)
+
     out = atomic_save(path, writer, force=force, protect=protect)
     return {"path": str(out), "format": fmt, "notes": notes}

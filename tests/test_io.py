@@ -272,8 +272,8 @@ def test_save_keeps_format_and_never_overwrites_input(work):
     with pytest.raises(NormswapError, match="overwrite the input"):
         save_model(loaded.module, d / "m.pt", like=loaded, force=True)
     assert (d / "m.pt").read_bytes() == before
-    info = save_model(loaded.module, d / "out.pt", like=loaded, architecture_changed=True)
-    assert info["format"] == "state_dict" and "rebuild" in info["notes"][0]
+    info = save_model(loaded.module, d / "out.pt", like=loaded)
+    assert info["format"] == "state_dict" and info["notes"] == []  # same architecture: no recipe
     assert isinstance(torch.load(d / "out.pt", weights_only=True), dict)
 
 
@@ -340,3 +340,46 @@ def test_incomplete_torch_archive_is_named_as_such(tmp_path):
         z.writestr("half/byteorder", "little")
     with pytest.raises(NormswapError, match="incomplete PyTorch archive"):
         load_model(p)
+
+
+# ------------------------------------------------------------------ recipes (changed architectures)
+
+
+@pytest.mark.parametrize("fmt, name", [("state_dict", "changed.pt"), ("safetensors", "changed.safetensors")])
+def test_changed_architecture_roundtrips_through_a_state_dict(work, fmt, name):
+    """A state dict cannot say GroupNorm(2, 4) vs GroupNorm(4, 4), nor that a conv gained a bias:
+    the recipe saved beside the tensors rebuilds exactly that architecture."""
+    d, model = work
+    torch.save(model.state_dict(), d / "m.pt")
+    loaded = load_model(d / "m.pt", arch="umodels:make")
+    changed = loaded.module
+    changed.bn = nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        changed.bn.weight.uniform_(0.5, 2)
+        changed.bn.bias.uniform_(-1, 1)
+    changed.conv.bias = None  # a conv without bias in the file ...
+    changed.conv.bias = nn.Parameter(torch.randn(4))  # ... that gained one (as a fold does)
+    info = save_model(changed, d / name, like=loaded, format=fmt)
+    assert "recipe" in info["notes"][0]
+    back = load_model(d / name, arch="umodels:make")
+    assert isinstance(back.module.bn, nn.GroupNorm) and back.module.bn.num_groups == 2
+    assert any("recipe" in n for n in back.notes) and not any("keys" in n for n in back.notes)
+    assert _same(back.module, changed)
+
+
+def test_recipe_only_builds_allowlisted_types(work):
+    from normswap.recipe import apply_recipe, build_module, make_recipe, module_spec
+
+    d, model = work
+    with pytest.raises(NormswapError, match="unknown module type"):
+        build_module({"type": "os.system", "args": {}})
+
+    class Odd(nn.Module):
+        pass
+
+    other = umodels_net = type(model)()
+    umodels_net.bn = Odd()
+    with pytest.raises(NormswapError, match="cannot be described"):
+        make_recipe(other, type(model)())
+    with pytest.raises(NormswapError, match="no module 'nothere'"):
+        apply_recipe(type(model)(), [{"name": "nothere.x", **module_spec(nn.Identity())}])

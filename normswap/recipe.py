@@ -1,0 +1,155 @@
+"""Architecture recipes: how a saved state dict differs from its ``--arch`` factory's model.
+
+A state dict holds tensors, not constructor arguments: after ``convert`` (BatchNorm →
+GroupNorm(G, C)) or ``fold`` (BatchNorm → Identity, a new conv bias) the factory's model no
+longer matches, and ``load_state_dict`` into it either fails or — worse — loads with a few
+"unexpected keys" ignored and computes something else (a dropped fold bias, a GroupNorm with
+another group count: the weights have the same shape whatever G is).
+
+So when normswap saves a state dict of a changed model, it stores a *recipe* beside the
+tensors: for every module whose type differs from the factory's, its type and constructor
+arguments, and for same-type modules the parameters that were added (a conv bias created by a
+fold).  ``load_model(path, arch=...)`` applies the recipe to the factory's model before
+loading the tensors.  Only an allowlist of module types can be built from a recipe — a
+recipe never imports or calls arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from normswap.errors import NormswapError
+
+RECIPE_KEY = "_normswap_recipe"  # key in a torch.save state dict; metadata key in safetensors
+VERSION = 1
+
+
+def _builders() -> dict[str, tuple[type, Any]]:
+    """type name -> (class, function returning the constructor kwargs of a module)."""
+    import torch.nn as nn
+
+    from normswap.convert.kinds import ChannelAffine
+    from normswap.layers import BatchGroupNorm2d, FilterResponseNorm2d, PowerNorm2d
+
+    def bn_like(m):
+        return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+                "track_running_stats": m.track_running_stats}
+
+    def conv(m):
+        return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+                "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
+                "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None,
+                "padding_mode": m.padding_mode}
+
+    def convt(m):
+        d = conv(m)
+        d["output_padding"] = list(m.output_padding)
+        return d
+
+    table: dict[str, tuple[type, Any]] = {
+        "Identity": (nn.Identity, lambda m: {}),
+        "GroupNorm": (nn.GroupNorm, lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels,
+                                               "eps": m.eps, "affine": m.affine}),
+        "LayerNorm": (nn.LayerNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                                               "elementwise_affine": m.elementwise_affine,
+                                               "bias": getattr(m, "bias", None) is not None}),
+        "RMSNorm": (nn.RMSNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                                           "elementwise_affine": m.elementwise_affine}),
+        "Linear": (nn.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features,
+                                         "bias": m.bias is not None}),
+        "FilterResponseNorm2d": (FilterResponseNorm2d, lambda m: {"num_features": m.num_features,
+                                                                  "eps": float(m.eps.detach().reshape(-1)[0]),
+                                                                  "learnable_eps": m.learnable_eps}),
+        "BatchGroupNorm2d": (BatchGroupNorm2d, lambda m: {"num_features": m.num_features, "num_groups": m.num_groups,
+                                                          "eps": m.eps, "momentum": m.momentum, "affine": m.affine}),
+        "PowerNorm2d": (PowerNorm2d, lambda m: {"num_features": m.num_features, "eps": m.eps,
+                                                "momentum": m.momentum, "affine": m.affine}),
+        "ChannelAffine": (ChannelAffine, lambda m: {"num_features": m.num_features}),
+    }
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+        table[cls.__name__] = (cls, bn_like)
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        table[cls.__name__] = (cls, conv)
+    for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        table[cls.__name__] = (cls, convt)
+    return table
+
+
+def module_spec(module) -> dict:
+    """``{"type": name, "args": {...}}`` for an allowlisted module type (exact type)."""
+    for name, (cls, args) in _builders().items():
+        if type(module) is cls:
+            return {"type": name, "args": args(module)}
+    raise NormswapError(
+        f"a {type(module).__module__}.{type(module).__name__} cannot be described in a state dict recipe; "
+        "save the model as a pickled module instead"
+    )
+
+
+def build_module(spec: dict):
+    table = _builders()
+    try:
+        cls, _ = table[spec["type"]]
+        return cls(**spec.get("args", {}))
+    except KeyError:
+        raise NormswapError(f"recipe names an unknown module type {spec.get('type')!r}") from None
+    except (TypeError, ValueError) as e:
+        raise NormswapError(f"recipe for a {spec.get('type')}: bad arguments ({e})") from None
+
+
+def make_recipe(saved, reference) -> list[dict]:
+    """The changes that turn ``reference`` (the factory's model) into ``saved``'s architecture."""
+    ref = dict(reference.named_modules())
+    entries: list[dict] = []
+    replaced: set[str] = set()
+    for name, m in saved.named_modules():
+        if not name or any(name.startswith(p + ".") for p in replaced):
+            continue
+        r = ref.get(name)
+        if r is None or type(r) is not type(m):
+            entries.append({"name": name, **module_spec(m)})
+            replaced.add(name)
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if getattr(r, pname, None) is None:
+                entries.append({"name": name, "add_param": pname, "shape": list(p.shape)})
+    return entries
+
+
+def apply_recipe(model, entries: list[dict]) -> int:
+    """Apply recipe entries to ``model`` in place; returns the number of changes."""
+    import torch
+    import torch.nn as nn
+
+    for e in entries:
+        name = e.get("name", "")
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            raise NormswapError(f"recipe: the model has no module {parent_name!r}; wrong --arch?") from None
+        if "add_param" in e:
+            target = getattr(parent, leaf, None)
+            if not isinstance(target, nn.Module):
+                raise NormswapError(f"recipe: the model has no module {name!r}; wrong --arch?")
+            setattr(target, e["add_param"], nn.Parameter(torch.zeros(e["shape"])))
+        else:
+            if not hasattr(parent, leaf):
+                raise NormswapError(f"recipe: the model has no module {name!r}; wrong --arch?")
+            setattr(parent, leaf, build_module(e))
+    return len(entries)
+
+
+def dumps(entries: list[dict]) -> str:
+    return json.dumps({"version": VERSION, "changes": entries})
+
+
+def loads(text: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("changes"), list):
+            raise ValueError("unsupported recipe")
+        return data["changes"]
+    except (ValueError, TypeError) as e:
+        raise NormswapError(f"the file's normswap recipe is unreadable ({e})") from None
