@@ -1006,16 +1006,7 @@ def _audit_script(sm: torch.jit.ScriptModule) -> AuditReport:
     seen_names = {s.name for s in sites}
     names = [n for n, _ in sm.named_parameters()] + [n for n, _ in sm.named_buffers()]
     sites.extend(r for r in _reparam_sites_from_names(names) if r.name not in seen_names)
-    for s in sites:
-        d = _internal_decision(sm, s)
-        s.reason, s.foldable, s.fold_into = d.reason, d.reason is None, d.into
-        if s.module_type.endswith("from parameter names)"):
-            s.reason, s.foldable, s.fold_into = (
-                f"{s.kind} inside a compiled graph: bake it in the eager model (--bake-spectral-norm)"
-                if s.kind == "spectral" else f"{s.kind} inside a compiled graph: not baked", False, None)
-    rep.sites = sites
-    rep.regions = [{"path": "", "traced": True, "error": None, "untraceable_leaves": []}]
-    return rep
+    return _finish_compiled(rep, sites, sm)
 
 
 # --------------------------------------------------------------------------- torch.export
@@ -1183,8 +1174,13 @@ def _audit_export(ep) -> AuditReport:
     sites.extend(_ep_module_sites(ep, sites, state, ph_to_key))
     seen_names = {s.name for s in sites}
     sites.extend(r for r in _reparam_sites_from_names(state) if r.name not in seen_names)
+    return _finish_compiled(rep, sites, None)
+
+
+def _finish_compiled(rep, sites: list, module) -> "AuditReport":
+    """Fold decisions for the sites of a compiled graph (TorchScript / torch.export)."""
     for s in sites:
-        d = _internal_decision(None, s)
+        d = _internal_decision(module, s)
         s.reason, s.foldable, s.fold_into = d.reason, d.reason is None, d.into
         if s.module_type.endswith("from parameter names)"):
             s.reason, s.foldable, s.fold_into = (
