@@ -137,7 +137,7 @@ def apply_recipe(model, entries: list[dict]) -> int:
         else:
             if not hasattr(parent, leaf):
                 raise NormswapError(f"recipe: the model has no module {name!r}; wrong --arch?")
-            setattr(parent, leaf, build_module(e))
+            setattr(parent, leaf, build_module(e).train(model.training))  # keep the model's mode
     return len(entries)
 
 

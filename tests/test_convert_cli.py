@@ -112,3 +112,40 @@ def test_cli_headline_digits(tmp_path):
     d = json.loads(js.read_text())
     assert d["parity"]["passed"] and d["fidelity"]["top1_agreement"] >= 0.95
     assert d["files"]["onnx"].endswith("digits_resnet_module.gn.onnx")
+
+
+# --- QA regressions: nothing partial left behind when a later step fails ---------------------
+
+
+def test_cli_convert_onnx_in_missing_folder_refused_before_work(sd_model, tmp_path):
+    _, p, calib = sd_model
+    out = tmp_path / "out.pt"
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "-o", str(out),
+                                 "--onnx", str(tmp_path / "nodir" / "m.onnx")])
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_cli_convert_failed_export_leaves_no_model(sd_model, tmp_path, monkeypatch):
+    import sys
+
+    from normswap.errors import NormswapError
+    from normswap.export import export  # noqa: F401 (loads the module)
+
+    def boom(*a, **k):
+        raise NormswapError("export failed (simulated)")
+
+    monkeypatch.setattr(sys.modules["normswap.export"], "export", boom)
+    _, p, calib = sd_model
+    out = tmp_path / "out.pt"
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "-o", str(out)])
+    assert r.exit_code == 2 and "simulated" in r.output
+    assert not out.exists() and not out.with_suffix(".onnx").exists()
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_cli_convert_calib_samples_zero_clear_error(sd_model, tmp_path):
+    _, p, calib = sd_model
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib),
+                                 "--calib-samples", "0", "-o", str(tmp_path / "o.pt"), "--no-onnx"])
+    assert r.exit_code == 2 and "--calib-samples" in r.output

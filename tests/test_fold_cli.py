@@ -67,3 +67,58 @@ def test_cli_fold_onnx(sd_model, tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node}
     assert "BatchNormalization" not in ops
+
+
+# --- QA regressions: nothing partial left behind when a later step fails ---------------------
+
+
+def _fold_args(p, *more):
+    return ["fold", str(p), "--arch", "samples.digits:digits_resnet", *more]
+
+
+def test_cli_fold_onnx_in_missing_folder_writes_nothing(sd_model, tmp_path):
+    _, p = sd_model
+    out = tmp_path / "out.pt"
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(out), "--input-shape", "1,1,32,32",
+                                           "--onnx", str(tmp_path / "nodir" / "m.onnx")))
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_cli_fold_model_and_onnx_same_path_refused(sd_model, tmp_path):
+    _, p = sd_model
+    out = tmp_path / "out.pt"
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(out), "--input-shape", "1,1,32,32", "--onnx", str(out)))
+    assert r.exit_code == 2 and "would both be" in r.output
+    assert not out.exists()
+
+
+def test_cli_fold_output_is_input_refused_first(sd_model):
+    _, p = sd_model
+    before = p.read_bytes()
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(p)))
+    assert r.exit_code == 2 and "is the input model" in r.output
+    assert p.read_bytes() == before
+
+
+def test_cli_fold_failed_export_leaves_no_model(sd_model, tmp_path, monkeypatch):
+    import sys
+
+    from normswap.errors import NormswapError
+    from normswap.export import export  # noqa: F401 (loads the module)
+
+    def boom(*a, **k):
+        raise NormswapError("export failed (simulated)")
+
+    monkeypatch.setattr(sys.modules["normswap.export"], "export", boom)
+    _, p = sd_model
+    out, onnx = tmp_path / "out.pt", tmp_path / "out.onnx"
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(out), "--input-shape", "1,1,32,32", "--onnx", str(onnx)))
+    assert r.exit_code == 2 and "simulated" in r.output
+    assert not out.exists() and not onnx.exists()
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no staged file left
+    # with --force over an existing output: the old file stays as it was
+    out.write_bytes(b"old")
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(out), "--input-shape", "1,1,32,32", "--onnx", str(onnx),
+                                           "--force"))
+    assert r.exit_code == 2 and out.read_bytes() == b"old"

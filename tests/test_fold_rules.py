@@ -744,3 +744,108 @@ def test_composite_bn_skip_reason():
     _, rep = fold(rand_stats(M()))
     r = only_reason(rep, "cbn")
     assert "conditional affine" in r and "not a Conv/ConvTranspose" in r
+
+
+# --- QA regressions: uses of a layer / norm that the traced call sites do not show ---------
+
+
+def _fold_no_inputs_equal(model, x):
+    """Fold without example inputs (no verification run) and compare outputs."""
+    with torch.no_grad():
+        y = model(x)
+    f, rep = fold(model)
+    with torch.no_grad():
+        yf = f(x)
+    assert (yf - y).abs().max() <= 1e-5 * (1 + y.abs().max()), rep.to_dict()
+    return rep
+
+
+def test_layer_weight_read_directly_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.c(x)) + F.conv2d(x, self.c.weight)
+
+    rep = _fold_no_inputs_equal(rand_stats(M()), torch.randn(2, 3, 4, 4))
+    assert "'c': its weight is also read directly" in only_reason(rep, "bn")
+
+
+def test_norm_affine_into_linear_whose_weight_is_read_directly_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.ln(x)) + F.linear(x, self.fc.weight)
+
+    rep = _fold_no_inputs_equal(rand_stats(M()), torch.randn(2, 4))
+    assert "also read directly" in only_reason(rep, "ln")
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, mod):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: FX cannot trace this forward
+            return self.mod(x)
+        return 2 * self.mod(x)
+
+
+def test_conv_also_called_in_untraceable_region_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.u = _Untraceable(self.c)
+
+        def forward(self, x):
+            return self.bn(self.c(x)) + self.u(x)
+
+    rep = _fold_no_inputs_equal(rand_stats(M()), torch.randn(2, 3, 4, 4) + 1)
+    assert "untraceable region 'u'" in only_reason(rep, "bn")
+
+
+def test_norm_also_called_in_untraceable_region_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.u = _Untraceable(self.bn)
+
+        def forward(self, x):
+            return self.bn(self.c(x)) + self.u(x)
+
+    rep = _fold_no_inputs_equal(rand_stats(M()), torch.randn(2, 3, 4, 4) + 1)
+    assert "untraceable region 'u'" in only_reason(rep, "bn")
+
+
+@pytest.mark.parametrize("conv, norm, x", [
+    (nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4), torch.randn(4, 4)),        # unbatched (C, L), L == C
+    (nn.Conv2d(2, 5, 1), nn.BatchNorm1d(5), torch.randn(2, 5, 3)),     # unbatched (C, H, W), H == C
+])
+def test_unbatched_conv_without_example_inputs_refused(conv, norm, x):
+    rep = _fold_no_inputs_equal(rand_stats(nn.Sequential(conv, norm)), x)
+    assert "input rank unknown" in only_reason(rep, "1")
+
+
+def test_batched_conv2d_bn2d_without_example_inputs_still_folds():
+    rep = _fold_no_inputs_equal(rand_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))),
+                                torch.randn(2, 3, 6, 6))
+    assert [f["norm"] for f in rep.folded] == ["1"]
+
+
+def test_bn_into_unbatched_conv_refused():
+    # BatchNorm1d sees (C, L) = (4, 4) as (N, C): its dim 1 is not the conv's channel axis
+    m = rand_stats(nn.Sequential(nn.BatchNorm1d(4), nn.Conv1d(4, 3, 1)))
+    _, rep = check_equal(m, torch.randn(4, 4))
+    assert "unbatched" in only_reason(rep, "0")

@@ -47,6 +47,7 @@ def test_fold_state_dict_reloads_exactly(tmp_path, calib):
     original = load_model(DIGITS / "digits_resnet.pt", arch="samples.digits:digits_resnet").module
     back = load_model(out, arch="samples.digits:digits_resnet")
     assert isinstance(back.module.stem.bn, torch.nn.Identity) and back.module.stem.conv.bias is not None
+    assert not any(m.training for m in back.module.modules())  # rebuilt modules keep the eval mode
     assert not any("keys" in n for n in back.notes), back.notes
     with torch.no_grad():
         y, yf = original(calib), back.module(calib)

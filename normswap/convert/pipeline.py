@@ -56,9 +56,17 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     if out_path.resolve() == Path(model_path).resolve():
         raise NormswapError(f"-o {out_path} would overwrite the input model; choose another name")
     for p in [out_path] + ([onnx_path] if export_onnx else []):
+        if p.resolve() == Path(model_path).resolve():
+            raise NormswapError(f"{p} would overwrite the input model; choose another name")
+        if p.is_dir():
+            raise NormswapError(f"{p} is a directory, expected a file path")
+        if not p.parent.is_dir():  # checked before the (long) conversion, not after it
+            raise NormswapError(f"{p}: output folder {p.parent} does not exist")
         if p.exists() and not force:
             raise NormswapError(f"{p} exists; use --force to overwrite it or -o/--onnx to choose another name")
 
+    if calib_samples is not None and calib_samples < 1:
+        raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
     data = None
     extra_warnings: list[str] = []
     if calib is not None:
@@ -78,21 +86,27 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     report.warnings[:0] = extra_warnings
     report.warnings.extend(getattr(loaded, "notes", []) or [])
 
-    saved = save_model(converted, out_path, like=loaded, force=force, architecture_changed=True)
-    report.files["model"] = str(saved.get("path", out_path)) if isinstance(saved, dict) else str(out_path)
+    from ..fold.pipeline import staged_output
+
+    # the model is staged beside OUT and renamed into place only once the ONNX export
+    # succeeded: a failed export leaves neither file behind (an existing OUT stays as it was)
+    with staged_output(out_path, force=force) as tmp:
+        saved = save_model(converted, tmp, like=loaded, force=True, architecture_changed=True)
+        if export_onnx:
+            if data is not None:
+                ex = example_inputs(converted, data=data, batch=2)
+            else:
+                ex = example_inputs(converted, input_shape=shape)
+            from ..export import export
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                rep_export = export(converted, onnx_path, ex, eval=True, force=True)
+    report.files["model"] = str(out_path)
     if isinstance(saved, dict):
         report.warnings.extend(saved.get("notes", []))
 
     if not export_onnx:
         return converted, report
-    if data is not None:
-        ex = example_inputs(converted, data=data, batch=2)
-    else:
-        ex = example_inputs(converted, input_shape=shape)
-    from ..export import export
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        rep_export = export(converted, onnx_path, ex, eval=True, force=True)
     report.export = rep_export
     report.files["onnx"] = str(getattr(rep_export, "path", onnx_path))
     if check:

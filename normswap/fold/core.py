@@ -24,7 +24,7 @@ __all__ = [
     "Site", "Ctx", "Match", "build_ctx", "node_module", "module_problem", "norm_problem",
     "eval_affine", "BN_LIKE", "AFFINE_ONLY", "CONV_TYPES", "CONVT_TYPES", "LINEAR_TYPES",
     "conv_input_exact", "find_producer", "find_consumers", "replace_with_identity",
-    "set_params", "describe_node",
+    "set_params", "describe_node", "direct_use_problem", "conv_rank_problem", "RANK_UNKNOWN",
 ]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -133,7 +133,52 @@ def build_ctx(model: nn.Module, regions: list[Region], ranks=None, allow_trainin
                     calls.setdefault(id(m), []).append(NodeRef(r, n))
     ctx = Ctx(model, regions, calls, names, param_owners, ranks, allow_training)
     ctx.extra["modules_by_id"] = {id(m): m for m in model.modules()}
+    ctx.extra["attr_uses"] = _attr_uses(regions)
+    ctx.extra["untraced_parents"] = {r.path for r in regions if r.gm is None}
     return ctx
+
+
+def _attr_uses(regions: list[Region]) -> dict[int, str]:
+    """Tensors read directly by a ``get_attr`` node (e.g. ``F.linear(x, self.fc.weight)``):
+    id -> qualified name.  A region's own parameters read by its own forward (a leaf layer
+    traced alone) are not counted."""
+    out: dict[int, str] = {}
+    for r in regions:
+        if r.gm is None:
+            continue
+        for n in r.gm.graph.nodes:
+            if n.op != "get_attr":
+                continue
+            target = str(n.target)
+            if "." not in target:
+                continue  # the region module's own attribute (its own forward)
+            obj = r.module
+            try:
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            if isinstance(obj, torch.Tensor):
+                out.setdefault(id(obj), qualname(r, target))
+    return out
+
+
+def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str) -> str | None:
+    """Why the calls/tensors of ``m`` seen in the traced graphs may not be all of its uses:
+    one of its parameters/buffers is read directly elsewhere (``get_attr``), or it is a
+    direct child (under one of its names) of a module whose forward could not be traced."""
+    uses = ctx.extra.get("attr_uses", {})
+    for k, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+        if t is not None and id(t) in uses:
+            return (f"{what} '{ctx.name_of(m)}': its {k} is also read directly ('{uses[id(t)]}'), "
+                    f"so changing it would change that other use")
+    bad = ctx.extra.get("untraced_parents", set())
+    for name in ctx.names.get(id(m), []):
+        parent = name.rpartition(".")[0]
+        if name and parent in bad:
+            return (f"{what} '{ctx.name_of(m)}' is also reachable as '{name}' in untraceable region "
+                    f"'{parent or '<model>'}': its calls there cannot be seen")
+    return None
 
 
 # --------------------------------------------------------------------------- norm checks
@@ -225,6 +270,10 @@ def norm_problem(site: Site, ctx: Ctx) -> str | None:
         return r
     if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
         return "the norm has hooks registered"
+    if site.calls:
+        r = direct_use_problem(m, ctx, "the norm")
+        if r:
+            return r
     if not ctx.allow_training:
         if ctx.model.training:
             return "the model is in training mode (pass eval=True / --eval to fold its eval-mode behaviour)"
@@ -289,6 +338,41 @@ def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
             return f"'{name}' shares (ties) its parameters with {', '.join(repr(o) for o in others)}"
     if m._forward_hooks or m._forward_pre_hooks:
         return f"'{name}' has hooks registered"
+    return direct_use_problem(m, ctx, "layer")
+
+
+RANK_UNKNOWN = "input rank unknown: pass example inputs"
+
+
+def _batched_ranks(norm: nn.Module | None) -> set[int] | None:
+    """Input ranks at which ``norm`` takes dim 1 as its channel axis (None: any / unknown)."""
+    if norm is None:
+        return None
+    if isinstance(norm, nn.BatchNorm1d):
+        return {2, 3}
+    if isinstance(norm, nn.InstanceNorm1d):
+        return {3}  # a 2-D input is unbatched (C, L): channels on dim 0
+    name = type(norm).__name__
+    if name.endswith("2d"):
+        return {4}
+    if name.endswith("3d"):
+        return {5}
+    return None
+
+
+def conv_rank_problem(conv: nn.Module, norm: nn.Module | None, ctx: "Ctx", what: str = "called on") -> str | None:
+    """Whether the norm's dim 1 is ``conv``'s channel axis: a conv called on unbatched input
+    (rank k+1) has its channels on dim 0, which a norm taking rank k+1 input as batched would
+    not normalise per conv channel.  Unknown ranks are refused when that is possible."""
+    k = len(conv.kernel_size)
+    ranks = ctx.ranks_of(conv)
+    if ranks:
+        if any(r < k + 2 for r in ranks):
+            return f"'{ctx.name_of(conv)}' is {what} unbatched input: the norm's dim 1 is not its channel axis"
+        return None
+    batched = _batched_ranks(norm)
+    if batched is None or (k + 1) in batched:
+        return RANK_UNKNOWN
     return None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .. import arith
 from ..core import (BN_LIKE, CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site,
-                    conv_input_exact, eval_affine, find_consumers, module_problem, norm_problem,
+                    conv_input_exact, conv_rank_problem, eval_affine, find_consumers, module_problem, norm_problem,
                     replace_with_identity, set_params)
 
 NAME = "bn_next"
@@ -62,7 +62,7 @@ def consumer_exact(site: Site, ctx: Ctx, layer, channels: int, channel_axis_last
     r = conv_input_exact(layer)
     if r:
         return f"folding into '{name}': {r}"
-    return None
+    return conv_rank_problem(layer, site.module, ctx, "called on")
 
 
 def applies(site: Site, ctx: Ctx) -> bool:

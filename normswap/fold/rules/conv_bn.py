@@ -4,7 +4,7 @@ with or without conv bias): scale the conv's output channels, shift its bias."""
 from __future__ import annotations
 
 from .. import arith
-from ..core import BN_LIKE, CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site
+from ..core import BN_LIKE, conv_rank_problem, CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site
 from ._producer import apply_after, producer_match
 
 NAME = "conv_bn"
@@ -12,9 +12,9 @@ _LAYER_TYPES = (*CONV_TYPES, *CONVT_TYPES, *LINEAR_TYPES)
 
 
 def _extra(site: Site, ctx: Ctx, conv, channels: int) -> str | None:
-    ranks = ctx.ranks_of(conv)
-    if ranks and any(r < len(conv.kernel_size) + 2 for r in ranks):
-        return f"'{ctx.name_of(conv)}' is called on unbatched input: the norm's dim 1 is not its channel axis"
+    r = conv_rank_problem(conv, site.module, ctx)
+    if r:
+        return r
     if channels != conv.out_channels and channels != 1:
         return f"channel mismatch: the norm has {channels} channels, '{ctx.name_of(conv)}' outputs {conv.out_channels}"
     return None

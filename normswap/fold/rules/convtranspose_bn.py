@@ -7,7 +7,7 @@ dim 1 by the whole vector, wrong for groups > 1)."""
 from __future__ import annotations
 
 from .. import arith
-from ..core import BN_LIKE, CONVT_TYPES, Ctx, Match, Site
+from ..core import BN_LIKE, conv_rank_problem, CONVT_TYPES, Ctx, Match, Site
 from ._producer import apply_after, producer_match
 from .conv_bn import _first_input_type
 
@@ -15,9 +15,9 @@ NAME = "convtranspose_bn"
 
 
 def _extra(site: Site, ctx: Ctx, convt, channels: int) -> str | None:
-    ranks = ctx.ranks_of(convt)
-    if ranks and any(r < len(convt.kernel_size) + 2 for r in ranks):
-        return f"'{ctx.name_of(convt)}' is called on unbatched input: the norm's dim 1 is not its channel axis"
+    r = conv_rank_problem(convt, site.module, ctx)
+    if r:
+        return r
     if channels != convt.out_channels and channels != 1:
         return f"channel mismatch: the norm has {channels} channels, '{ctx.name_of(convt)}' outputs {convt.out_channels}"
     return None
