@@ -427,3 +427,65 @@ def test_top_level_api_and_json(tmp_path):
     d = json.loads(path.read_text())
     assert d["job"] == "convert" and d["sites"] == 3 and d["passed"] and d["calib_ratio"] > 0
     assert rep.summary_line().startswith("PASSED | normswap convert | 3 bn->gn sites | calibrated (fast, 48 samples)")
+
+
+def test_training_mode_model_is_reported():
+    # QA regression: a model given in training mode is converted/calibrated on its eval-mode
+    # behaviour; the report must say so (it used to be silent)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    x = torch.randn(8, 1, 8, 8)
+    out, rep = convert(m, "gn", x)
+    assert out.training and any("training mode" in w for w in rep.warnings)
+    _, rep = convert(m.eval(), "gn", x)
+    assert not any("training mode" in w for w in rep.warnings)
+
+
+def test_nonfinite_original_outputs_not_counted_as_agreement():
+    # QA regression: with NaN running statistics the original outputs NaN; argmax of NaN rows
+    # made "top-1 agreement 100%" (PASSED, no warning)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    with torch.no_grad():
+        m[1].running_var[2] = float("nan")
+    x = torch.randn(8, 1, 8, 8)
+    out, rep = convert(m, "gn", x, distill_steps=2)
+    assert rep.fidelity.samples == 0 and rep.fidelity.top1_agreement is None
+    assert any("not finite" in w for w in rep.warnings)
+    assert "top-1 agreement" not in rep.summary_line()
+    assert all(torch.isfinite(p).all() for p in out.parameters())
+
+
+def test_labels_outside_classes_give_no_accuracy():
+    # QA regression: labels 100..109 for a 5-class model gave "accuracy 0.0% (original 0.0%)"
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
+    x = torch.randn(10, 1, 8, 8)
+    _, rep = convert(m, "gn", [(x, torch.arange(10) + 100)])
+    assert rep.fidelity.accuracy_original is None and rep.fidelity.accuracy_converted is None
+    assert any("outside the model's output classes" in w for w in rep.warnings)
+    _, rep = convert(m, "gn", [(x, torch.arange(10) % 5)])
+    assert rep.fidelity.accuracy_original is not None
+
+
+def test_model_reading_norm_attributes_is_a_clear_error():
+    # QA regression: a forward that reads bn.running_mean raised a raw AttributeError about
+    # '_CalibSite' (exit 3 on the command line)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.c(x)) + self.bn.running_mean.view(1, -1, 1, 1)
+
+    with pytest.raises(NormswapError, match="reads 'running_mean' of a norm layer directly"):
+        convert(M().eval(), "gn", torch.randn(4, 1, 8, 8))
+
+
+def test_groups_for_a_target_without_groups_is_reported():
+    # QA regression: --groups 4 --to in/ln/affine was silently ignored
+    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    _, rep = convert(m, "in", x, groups=4)
+    assert any("applies only to the gn and bgn targets" in w for w in rep.warnings)
+    _, rep = convert(m, "gn", x, groups=4)
+    assert not any("applies only" in w for w in rep.warnings)

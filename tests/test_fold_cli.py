@@ -122,3 +122,54 @@ def test_cli_fold_failed_export_leaves_no_model(sd_model, tmp_path, monkeypatch)
     r = CliRunner().invoke(cli, _fold_args(p, "-o", str(out), "--input-shape", "1,1,32,32", "--onnx", str(onnx),
                                            "--force"))
     assert r.exit_code == 2 and out.read_bytes() == b"old"
+
+
+def test_cli_fold_json_has_passed(sd_model, tmp_path):
+    _, p = sd_model
+    js = tmp_path / "fold.json"
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(tmp_path / "o.pt"), "--input-shape", "1,1,32,32",
+                                           "--json", str(js)))
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["passed"] is True
+
+
+def test_cli_fold_data_random_needs_input_shape(sd_model, tmp_path):
+    _, p = sd_model
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(tmp_path / "o.pt"), "--data", "random"))
+    assert r.exit_code == 2 and "--data random needs --input-shape" in r.output
+
+
+def test_cli_fold_shows_load_notes(sd_model, tmp_path):
+    # QA regression: keys the state-dict load ignored were not reported by fold (convert did)
+    m, _ = sd_model
+    sd = m.state_dict()
+    sd["extra.weight"] = torch.zeros(3)
+    p = tmp_path / "extra.pt"
+    torch.save(sd, p)
+    js = tmp_path / "f.json"
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(tmp_path / "o.pt"), "--json", str(js)))
+    assert r.exit_code == 0, r.output
+    assert any("extra.weight" in n for n in json.loads(js.read_text())["notes"])
+
+
+class _Noisy(torch.nn.Module):
+    """Not a deterministic function of its input: no fold can be verified on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + torch.randn(1)
+
+
+def test_fold_that_fails_its_output_check_writes_nothing(tmp_path):
+    from normswap.fold.pipeline import fold_file
+
+    torch.save(_Noisy().eval(), tmp_path / "noisy.pt")
+    out = tmp_path / "noisy.folded.pt"
+    report = fold_file(str(tmp_path / "noisy.pt"), output=str(out), trust=True, input_shape="2,1,8,8")
+    assert not report and not out.exists()
+    assert any("nothing written" in n for n in report.notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noisy.pt"]

@@ -849,3 +849,70 @@ def test_bn_into_unbatched_conv_refused():
     m = rand_stats(nn.Sequential(nn.BatchNorm1d(4), nn.Conv1d(4, 3, 1)))
     _, rep = check_equal(m, torch.randn(4, 4))
     assert "unbatched" in only_reason(rep, "0")
+
+
+def test_norm_affine_with_tied_weight_refused():
+    # QA regression: the folded norm's weight is reset to ones; a second LayerNorm holding the
+    # same Parameter changed with it (silently, without example inputs)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.LayerNorm(4)
+            self.b = nn.LayerNorm(4)
+            self.b.weight = self.a.weight
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.a(x)) + self.b(x)[:, :3]
+
+    rep = _fold_no_inputs_equal(rand_stats(M()), torch.randn(2, 4))
+    assert "shared (tied) with 'b'" in only_reason(rep, "a")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fold_verification_tolerance(dtype):
+    # QA regression: the verification tolerance for half precision was the float32 one (the
+    # dtype was read after casting to float64), so an exact fp16 fold was reported FAILED
+    m = rand_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).to(dtype)
+    _, rep = fold(m, torch.randn(2, 3, 8, 8).to(dtype))
+    assert rep.folded and rep.verification["ok"] and rep.passed
+
+
+def test_layer_called_directly_by_untraceable_ancestor_refused():
+    # QA regression: the untraceable root calls a grandchild (block[0]) besides the traced block
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.block(x) + self.block[0](x)
+            return self.block(x)
+
+    m, x = rand_stats(M()), torch.randn(2, 3, 4, 4) + 1
+    rep = _fold_no_inputs_equal(m, x)  # static: anything under an untraceable region is unproven
+    assert "untraceable region '<model>'" in only_reason(rep, "block.1")
+    _, rep = check_equal(m, x)  # with example inputs: the call counts show the hidden call
+    assert "ran 2 times on the example inputs" in only_reason(rep, "block.1")
+
+
+def test_functional_bn_after_unbatched_conv_without_inputs_refused():
+    # QA regression: F.batch_norm takes dim 1 as channels at any rank; Conv1d on unbatched (C, L)
+    # input with L == C was folded per conv channel (silently wrong without example inputs)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 1)
+            self.register_buffer("rm", torch.randn(4))
+            self.register_buffer("rv", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.rm, self.rv, training=False)
+
+    rep = _fold_no_inputs_equal(M().eval(), torch.randn(4, 4))
+    assert "input rank unknown" in rep.skipped[0]["reason"]
+    _, rep = check_equal(M().eval(), torch.randn(4, 4))  # with inputs: proven unbatched
+    assert "unbatched" in rep.skipped[0]["reason"]
+    _, rep = check_equal(M().eval(), torch.randn(2, 4, 4))  # batched: folds
+    assert rep.folded and rep.folded[0]["pattern"] == "functional_bn"

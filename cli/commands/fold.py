@@ -21,10 +21,12 @@ Linear / unpadded conv; the affine of LayerNorm/RMSNorm/GroupNorm into the
 following Linear layers; functional F.batch_norm on buffers (the model then
 becomes a torch.fx GraphModule, reported); --bake-spectral-norm bakes W/sigma.
 Every other site is skipped with its reason, never folded approximately.
---input-shape / --data give example inputs: input ranks (Linear -> BatchNorm1d
-needs them) and a check that the folded model's outputs match.  A model in
-training mode folds nothing unless --eval.  Output keeps MODEL's format
-(default MODEL.folded.<ext>); folded norms become nn.Identity.
+--input-shape / --data give example inputs: input ranks (Linear -> BatchNorm1d,
+Conv1d -> BatchNorm1d and functional batch_norm need them), call counts (layers
+also reachable from code FX cannot trace need them) and a check that the folded
+model's outputs match.  A model in training mode folds nothing unless
+--eval.  Output keeps MODEL's format (default MODEL.folded.<ext>); folded
+norms become nn.Identity.
 """
 
 

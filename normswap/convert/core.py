@@ -624,6 +624,9 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     _, world = _dist_info()
     report = ConvertReport(target=to, sources=list(sources), mode=mode, groups=groups,
                            distill_steps=distill_steps, distributed_world_size=world)
+    if groups != "auto" and to not in ("gn", "bgn"):
+        report.warnings.append(f"groups={groups} (--groups) applies only to the gn and bgn targets; "
+                               f"ignored for {to}")
 
     was_training = module.training
     _detach_nonleaf_attrs(module)
@@ -698,6 +701,15 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
                         s.wrapper.recorded.clear()
             except NormswapError:
                 raise
+            except AttributeError as e:
+                attr = getattr(e, "name", None)
+                if "_CalibSite" not in str(e) or not attr:
+                    raise
+                which = [s.name for s in sites if hasattr(s.orig, attr)] or [s.name for s in sites]
+                raise NormswapError(
+                    f"the model's forward reads '{attr}' of a norm layer directly instead of only calling it "
+                    f"({', '.join(which[:5])}{' …' if len(which) > 5 else ''}): such a layer cannot be "
+                    f"replaced; exclude its kind with --from or change the model") from None
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise NormswapError(
@@ -782,6 +794,15 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
         report.forward_seconds = fwd
         report.fidelity_calibrated = fid
         report.fidelity = fid
+        if getattr(fid, "_labels_out_of_range", 0):
+            report.warnings.append(
+                f"{fid._labels_out_of_range} calibration labels are outside the model's output classes: "
+                f"no accuracy reported (are they the labels of this model?)")
+        if getattr(fid, "_nonfinite", 0):
+            report.warnings.append(
+                f"the original model's output is not finite (NaN/Inf) for {fid._nonfinite} of "
+                f"{fid._nonfinite + fid.samples} calibration samples: fidelity is measured on the other "
+                f"{fid.samples} only" + (" (none left: no fidelity numbers)" if not fid.samples else ""))
         if distill_steps > 0:
             before = {k: v.detach().clone() for k, v in work.state_dict().items()}
             with _eval_mode(module):
@@ -791,7 +812,8 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
                 report.distill_loss, report.distill_seconds = loss, secs
                 fid2, _ = _fidelity(work, module, data, batch_size, to_dev, cache)
             key = (lambda f: f.kl) if fid.classifier else (lambda f: f.rel_output_error)
-            if key(fid2) > key(fid):
+            k1, k2 = key(fid), key(fid2)
+            if k1 is None or k2 is None or not math.isfinite(k2) or k2 > k1:
                 work.load_state_dict(before)
                 report.warnings.append("distillation did not improve the fit on the calibration data "
                                        "(KL / output error); kept the calibrated parameters")
@@ -807,6 +829,9 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
             target_type=type(s.wrapper.new).__name__, channels=s.channels, groups=s.groups,
             method=s.method, calibrated=s.calibrated, err_naive=s.err_naive, err_fitted=s.err_fitted,
             group_errors=s.group_errors, note=s.note))
+    if was_training:
+        report.warnings.append("the model was in training mode: its eval-mode behaviour (running statistics) "
+                               "was converted and calibrated; the converted model is returned in training mode")
     work.train(was_training)
     for s in sites:
         s.wrapper = None  # drop references to the originals
@@ -870,6 +895,8 @@ def _default_ndim(site: _Site) -> int:
 def _fidelity(work: nn.Module, original: nn.Module, data: _Calib, batch_size: int, to_dev, cache):
     n = agree = kl = sse = ssy = 0.0
     correct_o = correct_c = 0.0
+    bad = 0.0  # samples whose original output is not finite: no meaningful comparison
+    oob = 0.0  # labels outside the model's classes
     classifier = None
     fwd = 0.0
     for i, (x, y) in enumerate(data.batches(batch_size)):
@@ -880,6 +907,11 @@ def _fidelity(work: nn.Module, original: nn.Module, data: _Calib, batch_size: in
         ref = cache[i].to(out.device).float() if cache is not None else _first_tensor(original(xb)).float()
         if classifier is None:
             classifier = _is_classifier(ref)
+        fin = torch.isfinite(ref.reshape(ref.shape[0], -1)).all(1) if ref.dim() else torch.isfinite(ref).reshape(1)
+        if not bool(fin.all()):
+            bad += float((~fin).sum())
+            out, ref = out[fin], ref[fin]
+            y = y[fin.to(y.device)] if y is not None else None
         n += out.shape[0]
         sse += float(((out - ref) ** 2).sum())
         ssy += float((ref ** 2).sum())
@@ -889,14 +921,18 @@ def _fidelity(work: nn.Module, original: nn.Module, data: _Calib, batch_size: in
             kl += float((lp.exp() * (lp - lq)).sum())
             if y is not None:
                 yb = y.to(out.device).reshape(-1)
+                oob += float(((yb < 0) | (yb >= ref.shape[1])).sum())
                 correct_o += float((ref.argmax(1) == yb).sum())
                 correct_c += float((out.argmax(1) == yb).sum())
-    n, agree, kl, sse, ssy, correct_o, correct_c = _allreduce_floats([n, agree, kl, sse, ssy, correct_o, correct_c])
-    fid = Fidelity(samples=int(n), classifier=bool(classifier), rel_output_error=_rel(sse, ssy))
-    if classifier:
+    n, agree, kl, sse, ssy, correct_o, correct_c, bad, oob = _allreduce_floats(
+        [n, agree, kl, sse, ssy, correct_o, correct_c, bad, oob])
+    fid = Fidelity(samples=int(n), classifier=bool(classifier), rel_output_error=_rel(sse, ssy) if n else None)
+    fid._nonfinite = int(bad)  # not a field: the caller turns it into a warning
+    if classifier and n:
         fid.top1_agreement = agree / max(n, 1)
         fid.kl = kl / max(n, 1)
-        if data.labels is not None:
+        fid._labels_out_of_range = int(oob)
+        if data.labels is not None and not oob:
             fid.accuracy_original = correct_o / max(n, 1)
             fid.accuracy_converted = correct_c / max(n, 1)
     return fid, fwd

@@ -140,7 +140,8 @@ class ConvertReport(Report):
             parts.append("uncalibrated (no calibration data)")
         else:
             f = self.fidelity
-            txt = f"calibrated ({self.mode}, {self.calib_samples} samples"
+            on = " on random inputs" if self.calib_source == "random" else ""
+            txt = f"calibrated{on} ({self.mode}, {self.calib_samples} samples"
             if self.distill_steps:
                 txt += f", {self.distill_steps} distill steps"
             txt += ")"

@@ -163,7 +163,7 @@ def _attr_uses(regions: list[Region]) -> dict[int, str]:
     return out
 
 
-def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str) -> str | None:
+def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str, calls: "list[NodeRef] | None" = None) -> str | None:
     """Why the calls/tensors of ``m`` seen in the traced graphs may not be all of its uses:
     one of its parameters/buffers is read directly elsewhere (``get_attr``), or it is a
     direct child (under one of its names) of a module whose forward could not be traced."""
@@ -172,12 +172,25 @@ def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str) -> str | None:
         if t is not None and id(t) in uses:
             return (f"{what} '{ctx.name_of(m)}': its {k} is also read directly ('{uses[id(t)]}'), "
                     f"so changing it would change that other use")
+    runtime = ctx.extra.get("runtime_calls")
+    if runtime is not None:
+        # every call seen in a traced graph runs once per call of that graph's module
+        refs = ctx.calls_of(m) if calls is None else calls
+        expected = sum(runtime.get(id(ref.region.module), 0) for ref in refs)
+        actual = runtime.get(id(m), 0)
+        if actual > expected:
+            return (f"{what} '{ctx.name_of(m)}' ran {actual} times on the example inputs but the traced "
+                    f"graphs account for {expected}: it is also called from code that could not be traced")
+        return None
     bad = ctx.extra.get("untraced_parents", set())
     for name in ctx.names.get(id(m), []):
-        parent = name.rpartition(".")[0]
-        if name and parent in bad:
-            return (f"{what} '{ctx.name_of(m)}' is also reachable as '{name}' in untraceable region "
-                    f"'{parent or '<model>'}': its calls there cannot be seen")
+        if not name:
+            continue
+        for path in sorted(bad, key=len, reverse=True):
+            if path == "" or name.startswith(path + "."):
+                return (f"{what} '{ctx.name_of(m)}' is reachable as '{name}' from untraceable region "
+                        f"'{path or '<model>'}', whose code may call it directly: its calls cannot all be "
+                        f"seen (pass example inputs to count them)")
     return None
 
 
@@ -271,7 +284,7 @@ def norm_problem(site: Site, ctx: Ctx) -> str | None:
     if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
         return "the norm has hooks registered"
     if site.calls:
-        r = direct_use_problem(m, ctx, "the norm")
+        r = direct_use_problem(m, ctx, "the norm", site.calls)
         if r:
             return r
     if not ctx.allow_training:

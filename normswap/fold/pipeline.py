@@ -86,8 +86,6 @@ class staged_output:
 def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, input_shape=None, data=None,
               onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=()):
     """Load MODEL, fold it, save it (and export it to ONNX); returns the FoldReport."""
-    from pathlib import Path
-
     import torch
 
     from normswap.errors import NormswapError
@@ -104,6 +102,8 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
         from normswap.data import example_inputs, load_data, parse_shape
 
         shape = parse_shape(input_shape) if input_shape else None
+        if isinstance(data, str) and data == "random" and shape is None:
+            raise NormswapError("--data random needs --input-shape N,C,H,W to know what to generate")
         ds = load_data(data, limit=8, input_shape=shape) if data is not None else None
         inputs = example_inputs(module, input_shape=shape, data=ds)
     elif onnx_path:
@@ -111,11 +111,17 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
     # (a model rebuilt from a state dict with --arch is already in eval mode: see normswap.io)
     folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm)
     report.model = str(model_path)
+    report.notes[:0] = list(getattr(loaded, "notes", None) or [])  # e.g. keys a state dict load ignored
     changed = bool(report.folded)
     fmt = None
     if isinstance(folded, torch.fx.GraphModule) and loaded.format in ("state_dict", "safetensors"):
         fmt = "pickle"
         report.notes.append("the folded model is a GraphModule: saved as a pickled module (load with --trust)")
+    if report.verification is not None and not report.verification.get("ok"):
+        # never hand over a model known to compute something else: write nothing, report FAILED
+        report.notes.append(f"nothing written: the folded model's outputs differ from the original's on the "
+                            f"example inputs (max |diff| {report.verification['max_abs_error']:.3g})")
+        return report
     # the model is staged beside OUT and renamed into place only once the ONNX export (if any)
     # succeeded: a failed export leaves neither a model nor an ONNX file behind
     with staged_output(out_path, force=force) as tmp:

@@ -97,6 +97,7 @@ class FoldReport(Report):
             "output": self.output,
             "export": self.export,
             "summary": self.summary(),
+            "passed": self.passed,
         })
 
     def summary_text(self) -> str:

@@ -13,7 +13,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import arith
-from ..core import CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site, describe_node, module_problem, node_module, set_params
+from ..core import (CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site, conv_rank_problem, describe_node,
+                    module_problem, node_module, set_params)
 
 NAME = "functional_bn"
 _SIG = inspect.signature(F.batch_norm)
@@ -92,6 +93,10 @@ def match(site: Site, ctx: Ctx):
         return r
     if s.numel() != prod.out_channels:
         return f"channel mismatch: {s.numel()} vs {prod.out_channels}"
+    # batch_norm takes dim 1 as channels at any rank: a conv on unbatched input has them on dim 0
+    r = conv_rank_problem(prod, None, ctx)
+    if r:
+        return r
     return Match([pname], NAME, {"producer": prod, "s": s, "t": t, "input": x})
 
 

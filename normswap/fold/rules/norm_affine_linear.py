@@ -53,6 +53,13 @@ def match(site: Site, ctx: Ctx):
     if isinstance(a, str):
         return a
     s, _ = a
+    for pname in ("weight", "bias"):  # they are reset to the identity: no one else may hold them
+        p = getattr(site.module, pname, None)
+        owners = ctx.param_owners.get(id(p), []) if isinstance(p, torch.Tensor) else []
+        others = [ctx.name_of(ctx.extra["modules_by_id"][o]) for o in owners if o != id(site.module)]
+        if others:
+            return (f"its {pname} is shared (tied) with {', '.join(repr(o) for o in others)}: resetting it "
+                    f"to the identity would change that module")
     cons = find_consumers(site, ctx, CONV_TYPES + CONVT_TYPES + LINEAR_TYPES, "Linear/conv")
     if isinstance(cons, str):
         return cons
