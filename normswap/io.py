@@ -534,3 +534,78 @@ def save_model(
 
     out = atomic_save(path, writer, force=force, protect=protect)
     return {"path": str(out), "format": fmt, "notes": notes}
+
+
+# --------------------------------------------------------------------------- multi-file jobs
+
+
+def check_outputs(model_path, out_path, onnx_path=None, *, force=False) -> None:
+    """Refuse, before any work, outputs that would fail later (so nothing partial is written):
+    the input itself, the model and ONNX file on the same path, a missing folder, an existing
+    file without ``force``."""
+    from pathlib import Path
+
+    from normswap.errors import NormswapError
+
+    src = Path(model_path).resolve()
+    outs = [("-o", Path(out_path))] + ([("--onnx", Path(onnx_path))] if onnx_path is not None else [])
+    for opt, p in outs:
+        if p.resolve() == src:
+            raise NormswapError(f"{opt} {p} is the input model; choose another name")
+    if onnx_path is not None and Path(out_path).resolve() == Path(onnx_path).resolve():
+        raise NormswapError(f"the model and the ONNX file would both be {out_path}; use -o FILE.pt and --onnx FILE.onnx")
+    for opt, p in outs:
+        if p.is_dir():
+            raise NormswapError(f"{opt} {p} is a directory, expected a file path")
+        if not p.parent.is_dir():
+            raise NormswapError(f"{opt} {p}: output folder {p.parent} does not exist")
+        if p.exists() and not force:
+            raise NormswapError(f"{p} exists; pass --force to overwrite it")
+
+
+class staged_output:
+    """``with staged_output(out) as tmp:`` write the model to ``tmp`` (a hidden file beside
+    ``out`` with the same suffix) and do the later steps (ONNX export); only when the block
+    succeeds is ``tmp`` renamed to ``out``, otherwise it is removed: a failed export leaves
+    no model file behind (and an existing ``out`` untouched)."""
+
+    def __init__(self, out_path, force: bool = False) -> None:
+        from pathlib import Path
+
+        self.out = Path(out_path)
+        self.force = force
+        self.tmp = None
+
+    def __enter__(self):
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from normswap.errors import NormswapError
+
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=f".staged{self.out.suffix}",
+                                        dir=self.out.parent)
+        except OSError as e:
+            raise NormswapError(f"{self.out}: cannot write in {self.out.parent} ({e.strerror or e})") from None
+        os.close(fd)
+        os.unlink(name)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        import os
+
+        from normswap.errors import NormswapError
+
+        try:
+            if exc_type is None and self.tmp.exists():
+                if self.out.exists() and not self.force:
+                    raise NormswapError(f"{self.out} exists; pass --force to overwrite it")
+                try:
+                    os.replace(self.tmp, self.out)
+                except OSError as e:
+                    raise NormswapError(f"{self.out}: cannot write ({e.strerror or e})") from None
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return False

@@ -36,7 +36,7 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     checks ONNX parity in onnxruntime (CPU, and CUDA when available) unless ``check=False``.
     """
     from ..data import example_inputs, guess_input_shape, load_data, parse_shape
-    from ..io import load_model, save_model
+    from ..io import check_outputs, load_model, save_model, staged_output
     from .core import convert
 
     loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
@@ -51,20 +51,7 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
         onnx_path = out_path.with_suffix(".onnx")
     else:
         onnx_path = onnx_default
-    if export_onnx and out_path.resolve() == onnx_path.resolve():
-        raise NormswapError(f"the model and the ONNX file would both be {out_path}; use -o FILE.pt or --onnx FILE.onnx")
-    if out_path.resolve() == Path(model_path).resolve():
-        raise NormswapError(f"-o {out_path} would overwrite the input model; choose another name")
-    for p in [out_path] + ([onnx_path] if export_onnx else []):
-        if p.resolve() == Path(model_path).resolve():
-            raise NormswapError(f"{p} would overwrite the input model; choose another name")
-        if p.is_dir():
-            raise NormswapError(f"{p} is a directory, expected a file path")
-        if not p.parent.is_dir():  # checked before the (long) conversion, not after it
-            raise NormswapError(f"{p}: output folder {p.parent} does not exist")
-        if p.exists() and not force:
-            raise NormswapError(f"{p} exists; use --force to overwrite it or -o/--onnx to choose another name")
-
+    check_outputs(model_path, out_path, onnx_path if export_onnx else None, force=force)
     if calib_samples is not None and calib_samples < 1:
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
     data = None
@@ -86,7 +73,6 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     report.warnings[:0] = extra_warnings
     report.warnings.extend(getattr(loaded, "notes", []) or [])
 
-    from ..fold.pipeline import staged_output
 
     # the model is staged beside OUT and renamed into place only once the ONNX export
     # succeeded: a failed export leaves neither file behind (an existing OUT stays as it was)
