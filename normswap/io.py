@@ -414,6 +414,41 @@ def _check_output(path: Path, force: bool, protect: Iterable[Path] = ()) -> None
         raise NormswapError(f"{path.parent}: output folder does not exist")
 
 
+@contextlib.contextmanager
+def staged_output(path: str | os.PathLike, *, force: bool = False):
+    """``with staged_output(out) as tmp:`` write ``tmp`` (a hidden file beside ``out`` with the
+    same suffix) and do any later steps (an ONNX export); only when the block succeeds is
+    ``tmp`` renamed to ``out`` (no-clobber unless ``force``), otherwise it is removed: nothing
+    partial is left behind and an existing ``out`` stays untouched.  OS errors (disk full,
+    permissions, a vanished folder) become one-line ``NormswapError``s."""
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as e:
+        raise NormswapError(f"{path}: cannot write in {path.parent} ({e.strerror or e})") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:  # no-clobber even against a racing writer
+                os.link(tmp, path)
+            except FileExistsError:
+                raise NormswapError(f"{path}: already exists; pass --force (force=True) to overwrite it") from None
+            except OSError:
+                os.replace(tmp, path)
+    except OSError as e:
+        raise NormswapError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def atomic_save(
     path: str | os.PathLike,
     writer: Callable[[Path], Any],
@@ -428,31 +463,8 @@ def atomic_save(
     """
     path = Path(path)
     _check_output(path, force, protect)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise NormswapError(f"{path}: cannot write in {path.parent} ({e.strerror or e})") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with staged_output(path, force=force) as tmp:
         writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:  # no-clobber even against a racing writer
-                os.link(tmp, path)
-            except FileExistsError:
-                raise NormswapError(f"{path}: already exists; pass --force (force=True) to overwrite it") from None
-            except OSError:
-                os.replace(tmp, path)
-    except OSError as e:  # disk full, permissions, a vanished folder...: one line, nothing left behind
-        raise NormswapError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return path
 
 
@@ -561,51 +573,3 @@ def check_outputs(model_path, out_path, onnx_path=None, *, force=False) -> None:
             raise NormswapError(f"{opt} {p}: output folder {p.parent} does not exist")
         if p.exists() and not force:
             raise NormswapError(f"{p} exists; pass --force to overwrite it")
-
-
-class staged_output:
-    """``with staged_output(out) as tmp:`` write the model to ``tmp`` (a hidden file beside
-    ``out`` with the same suffix) and do the later steps (ONNX export); only when the block
-    succeeds is ``tmp`` renamed to ``out``, otherwise it is removed: a failed export leaves
-    no model file behind (and an existing ``out`` untouched)."""
-
-    def __init__(self, out_path, force: bool = False) -> None:
-        from pathlib import Path
-
-        self.out = Path(out_path)
-        self.force = force
-        self.tmp = None
-
-    def __enter__(self):
-        import os
-        import tempfile
-        from pathlib import Path
-
-        from normswap.errors import NormswapError
-
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.out.stem}.", suffix=f".staged{self.out.suffix}",
-                                        dir=self.out.parent)
-        except OSError as e:
-            raise NormswapError(f"{self.out}: cannot write in {self.out.parent} ({e.strerror or e})") from None
-        os.close(fd)
-        os.unlink(name)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        import os
-
-        from normswap.errors import NormswapError
-
-        try:
-            if exc_type is None and self.tmp.exists():
-                if self.out.exists() and not self.force:
-                    raise NormswapError(f"{self.out} exists; pass --force to overwrite it")
-                try:
-                    os.replace(self.tmp, self.out)
-                except OSError as e:
-                    raise NormswapError(f"{self.out}: cannot write ({e.strerror or e})") from None
-        finally:
-            self.tmp.unlink(missing_ok=True)
-        return False
