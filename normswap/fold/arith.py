@@ -112,12 +112,9 @@ def fold_affine_after_conv_transpose(weight: Tensor, bias: Tensor | None, s: Ten
 
 def fold_affine_after_linear(weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
                              ) -> tuple[Tensor, Tensor]:
-    """``s * linear(x) + t`` as one linear (``s``, ``t`` over the output features)."""
-    w = f64(weight)
-    out = w.shape[0]
-    s, t = _bcast(s, out), _bcast(t, out)
-    b = f64(bias) if bias is not None else torch.zeros(out, dtype=torch.float64, device=w.device)
-    return w * s[:, None], b * s + t
+    """``s * linear(x) + t`` as one linear (``s``, ``t`` over the output features): the weight
+    ``(out, in)`` scales like a conv's ``(out, in, *k)`` along dim 0."""
+    return fold_affine_after_conv(weight, bias, s, t)
 
 
 # --------------------------------------------------------------------------- affine before a layer
