@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from torch import nn
 __all__ = [
     "NormKind",
     "NORMS",
+    "register",
+    "register_type",
+    "kind_of",
     "KIND_NAMES",
     "classify",
     "classify_type",
@@ -45,12 +48,30 @@ __all__ = [
 ]
 
 
+def _getf(module: nn.Module, *names: str):
+    for n in names:
+        v = getattr(module, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def _tensor_ok(t) -> bool:
+    return isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedTensorMixin) \
+        and t.numel() > 0
+
+
 @dataclass(frozen=True)
 class NormKind:
-    """Static facts about one kind of norm."""
+    """Static facts about one kind of norm, and the per-module questions every job asks.
+
+    Jobs never re-derive a per-kind fact: audit, fold, convert, export and check ask the
+    kind (``NORMS[kind].eps(module)``, ``.eval_affine(module)``, ...).  Adding a kind is one
+    :func:`register` call (the seed layers in :mod:`normswap.layers` register themselves).
+    """
 
     name: str
-    #: exact module types this kind matches (filled lazily for seed layers)
+    #: exact module types this kind matches (seed layers add theirs with :func:`register_type`)
     types: tuple[type, ...]
     #: "batch" (statistics over the batch), "sample" (per-sample statistics),
     #: "weight" (a reparametrisation of a producer's weight), "none" or "unknown"
@@ -69,6 +90,153 @@ class NormKind:
     description: str = ""
     #: True for norms built out of other modules (their children are not separate sites)
     composite: bool = False
+    #: fold family: "bn_like" (eval = per-channel affine on dim 1, folds into the producing or
+    #: consuming conv/linear), "affine_only" (only gamma/beta move into the next linear), or None
+    fold_family: str | None = None
+    #: why a norm of this kind is never folded (None: ask :meth:`fold_refusal`)
+    no_fold_reason: str | None = None
+    #: convert layout: "conv" (per channel on dim 1 of (N, C, *)), "token" (last dim), or None
+    layout: str | None = None
+    #: running-statistic buffer names (on the module, or on its ``bn`` child when composite)
+    running_stat_names: tuple[str, ...] = ()
+    #: eval-time affine: ``fn(module, eps) -> (scale, shift)`` float64 (built on fold.arith)
+    eval_affine_fn: Callable | None = field(default=None, compare=False, hash=False)
+    #: its training forward differs from its eval forward (statistics of the batch, power
+    #: iteration, ...): True, False, or None = when :meth:`uses_running_stats` says so
+    mode_sensitive: bool | None = False
+
+    # ----------------------------------------------------------------- per-module questions
+
+    def stat_module(self, module: nn.Module) -> nn.Module:
+        """The module holding the statistics (a composite norm's inner ``bn``)."""
+        if self.composite:
+            inner = getattr(module, "bn", None)
+            if isinstance(inner, nn.Module) and inner is not module:
+                return inner
+        return module
+
+    def eps(self, module: nn.Module) -> float | None:
+        """The eps the module uses (None when unknown / dtype-dependent)."""
+        return norm_eps(module)
+
+    def has_affine(self, module: nn.Module) -> bool | None:
+        for a in ("affine", "elementwise_affine"):
+            v = getattr(module, a, None)
+            if isinstance(v, bool):
+                return v
+        if self.affine is not None:
+            return self.affine
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            return True
+        return False if self.name != "custom" else None
+
+    def uses_running_stats(self, module: nn.Module) -> bool | None:
+        """Does the module normalise with running statistics at eval?"""
+        src = self.stat_module(module)
+        v = getattr(src, "track_running_stats", None)
+        if isinstance(v, bool):
+            if v and self.running_stat_names:
+                return all(getattr(src, n, None) is not None for n in self.running_stat_names[:1])
+            return v
+        if self.running_stats is not None:
+            return self.running_stats
+        return bool(self.running_stat_tensors(module)) or None
+
+    def running_stat_tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Running statistics (mean / var / phi / num_batches_tracked) the module holds."""
+        src = self.stat_module(module)
+        names = self.running_stat_names or ("running_mean", "running_var", "running_phi")
+        out = {}
+        for n in tuple(names) + ("num_batches_tracked",):
+            t = getattr(src, n, None)
+            if _tensor_ok(t):
+                out[n] = t
+        return out
+
+    def is_mode_sensitive(self, module: nn.Module | None = None) -> bool:
+        """Does a training-mode forward differ from the eval one (so the mode matters)?"""
+        if self.mode_sensitive is None:
+            return bool(module is not None and self.uses_running_stats(module))
+        return bool(self.mode_sensitive)
+
+    def batch_stats_in_training(self, module: nn.Module) -> bool:
+        """In training mode, does it normalise with (and update) batch statistics?  A module in
+        training mode for which this is True exports wrongly (exporters emit the eval form)."""
+        if self.stats == "batch":
+            return True
+        if self.name == "spectral":
+            return True
+        return bool(self.mode_sensitive is None and self.uses_running_stats(module))
+
+    def eval_affine(self, module: nn.Module):
+        """``(scale, shift)`` float64 of the eval-time per-channel affine, or a reason string."""
+        if self.eval_affine_fn is None:
+            return f"{self.name}: no eval-time affine"
+        if self.mode_sensitive is None or self.name == "bn":
+            if not self.uses_running_stats(module):
+                return ("track_running_stats=False: it normalises with batch statistics even in eval"
+                        if self.name == "bn" else "InstanceNorm without running statistics")
+        stats = self.running_stat_tensors(module)
+        for n in self.running_stat_names:
+            if isinstance(getattr(self.stat_module(module), n, None), nn.parameter.UninitializedBuffer):
+                return "uninitialized lazy norm"
+            if n not in stats:
+                return f"missing running statistic {n}"
+        eps = self.eps(module)
+        out = self.eval_affine_fn(module, 1e-5 if eps is None else eps)
+        if isinstance(out, str):
+            return out
+        from normswap.fold import arith  # noqa: PLC0415 - pure tensor functions
+
+        s, t = out
+        w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+        tensors = [stats.get(n) for n in self.running_stat_names] + [
+            x for x in (w, b) if isinstance(x, torch.Tensor)]
+        if not arith.is_finite(*tensors) or not arith.is_finite(s, t):
+            return "non-finite statistics (NaN/Inf in running stats or affine, or var + eps <= 0)"
+        return s, t
+
+    def fold_refusal(self, module: nn.Module | None = None, *, type_name: str | None = None,
+                     base_name: str | None = None, running_stats: bool | None = None) -> str | None:
+        """Why a norm of this kind is never folded whatever its neighbours are; None = it may be.
+
+        Eager callers pass the module; compiled-graph readers (TorchScript, ``.pt2``), which have
+        no eager module, pass what they know: the type name, the known base's name (for an
+        unsupported subclass) and whether running statistics are used at eval.
+        """
+        if module is not None:
+            type_name = type_name or _type_name(module)
+            if base_name is None and self.name == "unsupported_subclass":
+                base = known_base(module)
+                base_name = base.__name__ if base is not None else None
+            if running_stats is None:
+                running_stats = self.uses_running_stats(module)
+        tname = type_name or self.name
+        if self.name == "unsupported_subclass":
+            return (f"unsupported subclass {tname} of {base_name or 'a known norm'}: its forward may "
+                    f"do more than normalise (exact types only)")
+        if self.name == "custom":
+            return f"custom norm {tname}: its forward is unknown"
+        if self.no_fold_reason:
+            return self.no_fold_reason.format(type=tname, kind=self.name)
+        if self.fold_family == "bn_like" and self.mode_sensitive is None and running_stats is False:
+            return "InstanceNorm without running statistics: per-sample statistics are not a fixed affine"
+        if self.fold_family is None:
+            return f"{self.name}: not a foldable norm"
+        return None
+
+    def convert_layout(self, module: nn.Module) -> str | None:
+        """"conv" / "token" when convert can replace the module, else None."""
+        if self.layout == "token":
+            shape = getattr(module, "normalized_shape", None)
+            return "token" if shape is not None and len(tuple(shape)) == 1 else None
+        return self.layout
+
+
+def _type_name(module: nn.Module) -> str:
+    t = _real_type(module)
+    return t.__name__
 
 
 def _t(*names: str) -> tuple[type, ...]:
@@ -80,140 +248,121 @@ def _t(*names: str) -> tuple[type, ...]:
     return tuple(out)
 
 
-NORMS: dict[str, NormKind] = {
-    "bn": NormKind(
-        "bn",
-        _t("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
-           "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"),
-        "batch", "N and all spatial axes, per channel (dim 1)", None, None, "yes",
-        ("BatchNormalization",),
-        "BatchNorm: running statistics at eval (unless track_running_stats=False)",
-    ),
-    "frozen_bn": NormKind(
-        "frozen_bn", (), "none", "fixed statistics (buffers only)", True, True, "yes",
-        ("Mul", "Add"),
-        "frozen BatchNorm (torchvision/detectron2 FrozenBatchNorm2d): weight, bias, "
-        "running_mean, running_var all buffers",
-    ),
-    "in": NormKind(
-        "in",
-        _t("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-           "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d"),
-        "sample", "spatial axes, per sample and channel", None, None, "running_stats",
-        ("InstanceNormalization",),
-        "InstanceNorm: per-sample statistics unless track_running_stats=True",
-    ),
-    "ln": NormKind(
-        "ln", _t("LayerNorm"), "sample", "the last len(normalized_shape) dims, per sample",
-        False, None, "affine_only", ("LayerNormalization",),
-        "LayerNorm",
-    ),
-    "gn": NormKind(
-        "gn", _t("GroupNorm"), "sample", "each group's channels and spatial axes, per sample",
-        False, None, "affine_only",
-        ("Reshape", "InstanceNormalization", "Mul", "Add"),
-        "GroupNorm (GroupNormalization at opset 21)",
-    ),
-    "rms": NormKind(
-        "rms", _t("RMSNorm"), "sample", "the last len(normalized_shape) dims, per sample (no mean)",
-        False, None, "affine_only",
-        ("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"),
-        "RMSNorm (RMSNormalization at opset 23)",
-    ),
-    "lrn": NormKind(
-        "lrn", _t("LocalResponseNorm"), "sample", "neighbouring channels, per position",
-        False, False, "no", ("LRN",), "LocalResponseNorm",
-    ),
-    "spectral": NormKind(
-        "spectral", (), "weight", "the producer's weight reshaped (out, -1)", None, False, "bake",
-        ("constant weight after baking",),
-        "spectral norm on a producer's weight (power iteration in training only)",
-    ),
-    "weight_norm": NormKind(
-        "weight_norm", (), "weight", "the producer's weight (norm over all dims except `dim`)",
-        False, False, "bake", ("constant weight after baking",),
-        "weight norm on a producer's weight",
-    ),
-    "frn": NormKind(
-        "frn", (), "sample", "spatial axes, per sample and channel (mean of x^2) + TLU",
-        False, True, "no", ("Mul", "ReduceMean", "Add", "Sqrt", "Div", "Max"),
-        "Filter Response Norm + TLU",
-    ),
-    "powernorm": NormKind(
-        "powernorm", (), "batch", "N and spatial axes, per channel (quadratic mean, no centring)",
-        True, None, "yes", ("Mul", "Div", "Sqrt", "Add"),
-        "PowerNorm (running quadratic mean at eval)",
-    ),
-    "bgn": NormKind(
-        "bgn", (), "batch", "N and each group's channels and spatial axes",
-        True, None, "yes", ("Reshape", "BatchNormalization", "Mul", "Add"),
-        "Batch Group Norm (running statistics per group at eval)",
-    ),
-    "cbn": NormKind(
-        "cbn", (), "batch", "N and spatial axes, per channel; affine from a condition",
-        True, True, "partial", ("BatchNormalization", "Gather", "Gemm", "Mul", "Add"),
-        "Conditional BatchNorm: BN statistics foldable, conditional affine not",
-        composite=True,
-    ),
-    "sabn": NormKind(
-        "sabn", (), "batch", "N and spatial axes, per channel; per-branch affine",
-        True, True, "partial", ("BatchNormalization", "Gather", "Mul", "Add"),
-        "Sandwich BatchNorm: shared part foldable, per-branch affine only for a fixed branch",
-        composite=True,
-    ),
-    "custom": NormKind(
-        "custom", (), "unknown", "unknown (recognised by class name and parameter shapes)",
-        None, None, "no", ("primitive ops",),
-        "a norm of another library recognised by class name (e.g. LlamaRMSNorm, T5LayerNorm)",
-    ),
-    "unsupported_subclass": NormKind(
-        "unsupported_subclass", (), "unknown", "as its base, plus whatever the subclass adds",
-        None, None, "no", ("unknown",),
-        "a subclass of a known norm type: its forward may differ from the base, so it is "
-        "never treated as the base",
-    ),
-}
+def _bn_eval(m: nn.Module, eps: float):
+    from normswap.fold import arith  # noqa: PLC0415
 
-KIND_NAMES: tuple[str, ...] = tuple(NORMS)
+    return arith.bn_affine(m.running_mean, m.running_var, getattr(m, "weight", None),
+                           getattr(m, "bias", None), eps)
 
-# seed layers from normswap.layers: class name -> kind
-_SEED_NAMES = {
-    "FilterResponseNorm2d": "frn",
-    "PowerNorm2d": "powernorm",
-    "BatchGroupNorm2d": "bgn",
-    "ConditionalBatchNorm2d": "cbn",
-    "SandwichBatchNorm2d": "sabn",
-}
+
+NORMS: dict[str, NormKind] = {}
+
+
+def register(kind: NormKind) -> NormKind:
+    """Add (or replace) a kind in the registry; returns it.  Clears the type cache."""
+    global _TYPE_MAP
+    NORMS[kind.name] = kind
+    _TYPE_MAP = None
+    return kind
+
+
+def register_type(kind_name: str, cls: type) -> None:
+    """Make ``cls`` (exactly, not its subclasses) a module type of kind ``kind_name``."""
+    global _TYPE_MAP
+    k = NORMS[kind_name]
+    if cls not in k.types:
+        object.__setattr__(k, "types", k.types + (cls,))
+    _TYPE_MAP = None
+
+
+register(NormKind(
+    "bn",
+    _t("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+       "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"),
+    "batch", "N and all spatial axes, per channel (dim 1)", None, None, "yes",
+    ("BatchNormalization",),
+    "BatchNorm: running statistics at eval (unless track_running_stats=False)",
+    fold_family="bn_like", layout="conv", running_stat_names=("running_mean", "running_var"),
+    eval_affine_fn=_bn_eval, mode_sensitive=True,
+))
+register(NormKind(
+    "frozen_bn", (), "none", "fixed statistics (buffers only)", True, True, "yes",
+    ("Mul", "Add"),
+    "frozen BatchNorm (torchvision/detectron2 FrozenBatchNorm2d): weight, bias, "
+    "running_mean, running_var all buffers",
+    fold_family="bn_like", layout="conv", running_stat_names=("running_mean", "running_var"),
+    eval_affine_fn=_bn_eval, mode_sensitive=False,
+))
+register(NormKind(
+    "in",
+    _t("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+       "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d"),
+    "sample", "spatial axes, per sample and channel", None, None, "running_stats",
+    ("InstanceNormalization",),
+    "InstanceNorm: per-sample statistics unless track_running_stats=True",
+    fold_family="bn_like", layout="conv", running_stat_names=("running_mean", "running_var"),
+    eval_affine_fn=_bn_eval, mode_sensitive=None,
+))
+register(NormKind(
+    "ln", _t("LayerNorm"), "sample", "the last len(normalized_shape) dims, per sample",
+    False, None, "affine_only", ("LayerNormalization",),
+    "LayerNorm", fold_family="affine_only", layout="token",
+))
+register(NormKind(
+    "gn", _t("GroupNorm"), "sample", "each group's channels and spatial axes, per sample",
+    False, None, "affine_only",
+    ("Reshape", "InstanceNormalization", "Mul", "Add"),
+    "GroupNorm (GroupNormalization at opset 21)", fold_family="affine_only", layout="conv",
+))
+register(NormKind(
+    "rms", _t("RMSNorm"), "sample", "the last len(normalized_shape) dims, per sample (no mean)",
+    False, None, "affine_only",
+    ("Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"),
+    "RMSNorm (RMSNormalization at opset 23)", fold_family="affine_only", layout="token",
+))
+register(NormKind(
+    "lrn", _t("LocalResponseNorm"), "sample", "neighbouring channels, per position",
+    False, False, "no", ("LRN",), "LocalResponseNorm",
+    no_fold_reason="LocalResponseNorm is not an affine",
+))
+register(NormKind(
+    "spectral", (), "weight", "the producer's weight reshaped (out, -1)", None, False, "bake",
+    ("constant weight after baking",),
+    "spectral norm on a producer's weight (power iteration in training only)",
+    mode_sensitive=True,
+))
+register(NormKind(
+    "weight_norm", (), "weight", "the producer's weight (norm over all dims except `dim`)",
+    False, False, "bake", ("constant weight after baking",),
+    "weight norm on a producer's weight",
+))
+register(NormKind(
+    "custom", (), "unknown", "unknown (recognised by class name and parameter shapes)",
+    None, None, "no", ("primitive ops",),
+    "a norm of another library recognised by class name (e.g. LlamaRMSNorm, T5LayerNorm)",
+    mode_sensitive=True,
+))
+register(NormKind(
+    "unsupported_subclass", (), "unknown", "as its base, plus whatever the subclass adds",
+    None, None, "no", ("unknown",),
+    "a subclass of a known norm type: its forward may differ from the base, so it is "
+    "never treated as the base",
+    mode_sensitive=True,
+))
 
 _TYPE_MAP: dict[type, str] | None = None
 
 
 def _type_map() -> dict[type, str]:
-    """Exact type -> kind; seed layers are imported lazily (normswap.layers may be absent)."""
+    """Exact type -> kind, over every registered kind."""
     global _TYPE_MAP
-    if _TYPE_MAP is not None:
-        return _TYPE_MAP
-    m: dict[type, str] = {}
-    for kind in NORMS.values():
-        for t in kind.types:
-            m[t] = kind.name
-    complete = True
-    try:
-        from normswap import layers as _layers  # noqa: PLC0415
-    except Exception:  # pragma: no cover - layers not written yet
-        _layers = None
-        complete = False
-    for cls_name, kind in _SEED_NAMES.items():
-        t = getattr(_layers, cls_name, None) if _layers is not None else None
-        if isinstance(t, type):
-            m[t] = kind
-            if not NORMS[kind].types:
-                object.__setattr__(NORMS[kind], "types", (t,))
-        else:
-            complete = False
-    if complete:
+    if _TYPE_MAP is None:
+        m: dict[type, str] = {}
+        for kind in NORMS.values():
+            for t in kind.types:
+                m[t] = kind.name
         _TYPE_MAP = m
-    return m
+    return _TYPE_MAP
 
 
 _FROZEN_NAME = re.compile(r"(?i)frozen|batch_?norm|(^|[^a-z])bn")
@@ -292,9 +441,6 @@ def classify(module: nn.Module) -> str | None:
     for base in t.__mro__[1:]:
         if base in tm:
             return "unsupported_subclass"
-    # seed layers when normswap.layers could not be imported as a whole
-    if t.__name__ in _SEED_NAMES and t.__module__.startswith("normswap.layers"):
-        return _SEED_NAMES[t.__name__]
     if t.__module__.startswith("torch.") and not t.__module__.startswith("torch.testing"):
         return None  # torch's own classes match exactly or not at all (e.g. _SpectralNorm)
     if _is_frozen_bn(module):
@@ -323,6 +469,14 @@ def looks_like_norm_name(class_name: str) -> bool:
 
 def is_composite(kind: str | None) -> bool:
     return kind is not None and kind in NORMS and NORMS[kind].composite
+
+
+def kind_of(name: str) -> NormKind:
+    """The registered kind ``name`` (KeyError names the known ones)."""
+    try:
+        return NORMS[name]
+    except KeyError:
+        raise KeyError(f"unknown norm kind {name!r}; known: {', '.join(NORMS)}") from None
 
 
 def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -491,8 +645,11 @@ def functional_kind(target) -> str | None:
         return None
 
 
-# fill the seed kinds' ``types`` now when normswap.layers is importable (else on first use)
-try:
-    _type_map()
-except Exception:  # pragma: no cover
-    pass
+def __getattr__(name: str):
+    if name == "KIND_NAMES":  # kind names in registry order, always current
+        return tuple(NORMS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# the seed layers register their kinds (frn, powernorm, bgn, cbn, sabn) on import
+from normswap import layers as _layers  # noqa: E402,F401
