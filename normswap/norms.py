@@ -41,6 +41,7 @@ __all__ = [
     "weight_reparams",
     "iter_weight_reparams",
     "WeightReparam",
+    "is_weight_std_conv",
     "norm_eps",
     "norm_shape",
     "FUNCTIONAL_NORMS",
@@ -104,6 +105,12 @@ class NormKind:
     #: its training forward differs from its eval forward (statistics of the batch, power
     #: iteration, ...): True, False, or None = when :meth:`uses_running_stats` says so
     mode_sensitive: bool | None = False
+    #: for another library's class (timm's BatchNormAct2d, LayerNorm2d, ...): a predicate that
+    #: recognises an instance by its structure (class name, base, attributes, children); it is
+    #: asked before a subclass of a known type is called ``unsupported_subclass``
+    recognise: Callable | None = field(default=None, compare=False, hash=False)
+    #: children a structurally recognised norm applies after normalising (e.g. ("drop", "act"))
+    post_ops: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------- per-module questions
 
@@ -337,6 +344,13 @@ register(NormKind(
     "weight norm on a producer's weight",
 ))
 register(NormKind(
+    "weight_std", (), "weight",
+    "the producer's weight, per output channel (mean and biased variance over in/groups x k x k)",
+    False, False, "bake", ("constant weight after baking",),
+    "weight standardization (timm StdConv2d, ScaledStdConv2d in BiT / NFNets): the conv weight is "
+    "standardised in forward; constant at eval, so it can be baked",
+))
+register(NormKind(
     "custom", (), "unknown", "unknown (recognised by class name and parameter shapes)",
     None, None, "no", ("primitive ops",),
     "a norm of another library recognised by class name (e.g. LlamaRMSNorm, T5LayerNorm)",
@@ -438,6 +452,13 @@ def classify(module: nn.Module) -> str | None:
     kind = tm.get(t)
     if kind is not None:
         return kind
+    for k in NORMS.values():
+        if k.recognise is not None:
+            try:
+                if k.recognise(module):
+                    return k.name
+            except Exception:  # noqa: BLE001 - a recogniser never breaks classification
+                pass
     for base in t.__mro__[1:]:
         if base in tm:
             return "unsupported_subclass"
@@ -514,9 +535,24 @@ class WeightReparam:
     """A spectral/weight norm on a module's parameter."""
 
     param: str  # the reparametrised parameter's name, e.g. "weight"
-    kind: str  # "spectral" | "weight_norm"
-    api: str  # "hook" (torch.nn.utils.spectral_norm / weight_norm) or "parametrization"
+    kind: str  # "spectral" | "weight_norm" | "weight_std"
+    api: str  # "hook" (torch.nn.utils.spectral_norm / weight_norm), "parametrization", or "forward"
     details: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+#: timm's weight-standardised convs (BiT, NFNet): ``forward`` standardises ``self.weight`` per
+#: output channel with ``F.batch_norm(w.reshape(1, out, -1), None, None, training=True, ...)``
+_WEIGHT_STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+
+
+def _is_weight_std_conv(module: nn.Module) -> bool:
+    return (type(module).__name__ in _WEIGHT_STD_CONVS and isinstance(module, nn.Conv2d)
+            and isinstance(getattr(module, "eps", None), float))
+
+
+def is_weight_std_conv(module: nn.Module) -> bool:
+    """Is ``module`` a weight-standardised conv (timm StdConv2d / ScaledStdConv2d ...)?"""
+    return _is_weight_std_conv(module)
 
 
 def weight_reparams(module: nn.Module) -> list[WeightReparam]:
@@ -536,6 +572,10 @@ def weight_reparams(module: nn.Module) -> list[WeightReparam]:
                 "n_power_iterations": hook.n_power_iterations, "dim": hook.dim, "eps": hook.eps}))
         elif _LegacyWN and isinstance(hook, _LegacyWN):
             out.append(WeightReparam(hook.name, "weight_norm", "hook", {"dim": hook.dim}))
+    if _is_weight_std_conv(module):
+        out.append(WeightReparam("weight", "weight_std", "forward", {
+            "eps": getattr(module, "eps", None), "scaled": hasattr(module, "gain"),
+            "class": type(module).__name__}))
     plist = getattr(module, "parametrizations", None)
     if isinstance(plist, nn.ModuleDict):
         for pname, chain in plist.items():
@@ -651,5 +691,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# the seed layers register their kinds (frn, powernorm, bgn, cbn, sabn) on import
+# the seed layers register their kinds (frn, powernorm, bgn, cbn, sabn) on import, and so do
+# the norms of other libraries recognised by structure (timm, torchvision, Hugging Face)
 from normswap import layers as _layers  # noqa: E402,F401
+from normswap import library_norms as _library_norms  # noqa: E402,F401

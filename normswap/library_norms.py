@@ -1,0 +1,136 @@
+"""Norms of other libraries, recognised by their structure (never as their base class).
+
+timm's ``BatchNormAct2d`` *is* a ``BatchNorm2d`` subclass, but its forward also applies
+``self.drop`` and ``self.act``; treating it as its base (what ``SyncBatchNorm.
+convert_sync_batchnorm`` does) silently drops the activation.  Each kind here has a
+recogniser that checks the class name, the base, the attributes and the children the
+library's forward uses; anything else that subclasses a known norm stays
+``unsupported_subclass``.
+
+Importing this module registers the kinds (``normswap.norms`` imports it last).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from normswap.norms import NormKind, _bn_eval, register
+
+__all__ = ["post_op_children"]
+
+
+def _names(m: nn.Module, kind: str) -> set[str]:
+    if kind == "children":
+        return {n for n, _ in m.named_children()}
+    if kind == "params":
+        return {n for n, _ in m.named_parameters(recurse=False)}
+    return {n for n, _ in m.named_buffers(recurse=False)}
+
+
+def _only(m: nn.Module, *, children=(), params=(), buffers=None) -> bool:
+    if not _names(m, "children") <= set(children):
+        return False
+    if not _names(m, "params") <= set(params):
+        return False
+    return buffers is None or _names(m, "buffers") <= set(buffers)
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _is_bn_act(m: nn.Module) -> bool:
+    # timm.layers.norm_act.BatchNormAct2d / SyncBatchNormAct: BN forward, then drop, then act
+    return (isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and type(m).__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
+            and _only(m, children=("drop", "act"), params=("weight", "bias"), buffers=_BN_BUFFERS))
+
+
+def _is_gn_act(m: nn.Module) -> bool:
+    # timm GroupNormAct / GroupNorm1Act: GroupNorm forward, then drop, then act
+    return (type(m).__name__ in ("GroupNormAct", "GroupNorm1Act") and isinstance(m, nn.GroupNorm)
+            and _only(m, children=("drop", "act"), params=("weight", "bias"), buffers=()))
+
+
+def _is_ln2d(m: nn.Module) -> bool:
+    name = type(m).__name__
+    if name == "LayerNorm2d" and isinstance(m, nn.LayerNorm):
+        # torchvision ConvNeXt / timm: permute NCHW -> NHWC, F.layer_norm over C, permute back
+        return len(tuple(m.normalized_shape)) == 1 and _only(m, params=("weight", "bias"), buffers=())
+    if name in ("ConvNextLayerNorm", "ConvNextV2LayerNorm"):
+        # Hugging Face: data_format "channels_first" normalises C of an NCHW tensor
+        return getattr(m, "data_format", None) == "channels_first" and _only(m, params=("weight", "bias"))
+    return False
+
+
+def _is_frn_act(m: nn.Module) -> bool:
+    name = type(m).__name__
+    if name == "FilterResponseNormAct2d":
+        return _only(m, children=("act",), params=("weight", "bias", "eps"))
+    if name == "FilterResponseNormTlu2d":
+        return _only(m, params=("weight", "bias", "tau", "eps"))
+    return False
+
+
+_EVO = re.compile(r"^EvoNorm2d(B0|B1|B2|S0|S0a|S1|S1a|S2|S2a)$")
+
+
+def _is_evonorm(m: nn.Module) -> bool:
+    return bool(_EVO.match(type(m).__name__)) and _only(m, children=("act",), params=("weight", "bias", "v"))
+
+
+def post_op_children(module: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
+    """The children a recognised norm applies after normalising, in order (drop, act)."""
+    from normswap.norms import NORMS
+
+    k = NORMS.get(kind)
+    if k is None:
+        return []
+    return [(n, getattr(module, n)) for n in k.post_ops if isinstance(getattr(module, n, None), nn.Module)]
+
+
+register(NormKind(
+    "bn_act", (), "batch", "N and all spatial axes, per channel (dim 1), then drop + activation",
+    None, None, "yes", ("BatchNormalization", "activation"),
+    "timm BatchNormAct2d: BatchNorm2d, then its drop and act children (recognised by structure)",
+    layout="conv", running_stat_names=("running_mean", "running_var"), eval_affine_fn=_bn_eval,
+    mode_sensitive=True, recognise=_is_bn_act, post_ops=("drop", "act"),
+    no_fold_reason="{type}: BatchNorm followed by its own drop/activation (not folded yet)",
+))
+register(NormKind(
+    "gn_act", (), "sample", "each group's channels and spatial axes, per sample, then drop + activation",
+    False, None, "no", ("Reshape", "InstanceNormalization", "Mul", "Add", "activation"),
+    "timm GroupNormAct: GroupNorm, then its drop and act children (recognised by structure)",
+    layout="conv", recognise=_is_gn_act, post_ops=("drop", "act"),
+    no_fold_reason="{type}: per-sample statistics, and its activation sits between the affine and "
+                   "the next layer",
+))
+register(NormKind(
+    "ln2d", (), "sample", "the channels (dim 1) at each position of an NCHW tensor, per sample",
+    False, None, "affine_only", ("Transpose", "LayerNormalization", "Transpose"),
+    "LayerNorm2d (torchvision ConvNeXt, timm; HF ConvNextLayerNorm channels_first): LayerNorm over "
+    "the channels of an NCHW tensor (recognised by structure)",
+    layout="conv", recognise=_is_ln2d,
+    no_fold_reason="{type}: per-position statistics over channels (its affine could move into a "
+                   "following 1x1 conv; not folded yet)",
+))
+register(NormKind(
+    "frn_act", (), "sample", "spatial axes, per sample and channel (mean of x^2), then TLU / act",
+    False, True, "no", ("Mul", "ReduceMean", "Add", "Sqrt", "Div", "Max"),
+    "timm FilterResponseNormAct2d / FilterResponseNormTlu2d: FRN, then its act child or a TLU "
+    "(recognised by structure)",
+    layout="conv", recognise=_is_frn_act, post_ops=("act",),
+    no_fold_reason="{type}: per-sample statistics and a TLU/activation are not a fixed affine",
+))
+register(NormKind(
+    "evonorm", (), "sample",
+    "B*: batch variance over N,H,W (running at eval) and per-sample variance over H,W; "
+    "S*: per-sample group std, gated by x*sigmoid(v*x)",
+    None, True, "no", ("Sigmoid", "ReduceMean", "Max", "Div", "Mul", "Add"),
+    "EvoNorm (Liu et al. 2020; timm EvoNorm2dB0..S2a): normalisation and activation in one layer; "
+    "B0: x / max(sqrt(var_NHW + eps), v*x + sqrt(var_HW + eps)) * gamma + beta; "
+    "S0: x * sigmoid(v*x) / group_std(x) * gamma + beta",
+    recognise=_is_evonorm, mode_sensitive=None, running_stat_names=("running_var",),
+    no_fold_reason="{type}: per-sample statistics and a non-linear gate are not a fixed affine",
+))
