@@ -66,20 +66,27 @@ def _model_and_inputs(samples: int):
 
 
 def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="folder for the .onnx files (default: a temp folder)")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(args, out)
+    # the default temp folder is removed afterwards, whatever happens
+    with tempfile.TemporaryDirectory(prefix="normswap_gpu_") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args, out: Path) -> int:
     import onnxruntime as ort
     import torch
     import torch.nn as nn
 
     from normswap.check import check
     from normswap.export import export
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder for the .onnx files (default: a temp folder)")
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args(argv)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="normswap_gpu_"))
-    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     name, model, inputs = _model_and_inputs(args.samples)

@@ -1,0 +1,282 @@
+"""Every file a run writes is claimed as a whole before any work, written to a hidden staged
+file beside its final name, and moved into place only when the whole job succeeded.
+
+Rules (the README's "Loading models safely" section states them for users):
+
+* **Inputs are never touched**: an output may not name an input of the run (model, data,
+  the ONNX file being checked), even with ``--force``; nor may two outputs of one run name the
+  same file (``-o``, ``--onnx``, ``--json``, ``--report``).
+* **Claimed as a whole**: before any work, each final name gets a claim file
+  ``.NAME.normswap-claim`` (created exclusively, holding the run's pid).  A second run that
+  wants any of the names while the first one runs stops at once with exit 2 and touches
+  nothing; without ``--force`` an existing file is refused before any work.
+* **Nothing partial**: outputs are written as ``.NAME.normswap-PID.tmp.EXT`` and renamed into
+  place together at the end.  Before the renames a journal ``.normswap-commit-PID.json`` lists
+  them, so a run killed in the middle of its renames is completed by the next run in that
+  folder (never one file of a set without the others).  A failed run removes its staged files
+  and claims; SIGTERM is handled like Ctrl-C (see :func:`install_signal_handlers`); the leftovers of
+  a SIGKILLed run (staged files, claims of a dead pid) are recognisable by name and removed by
+  the next run that writes into the same folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Iterable
+
+from normswap.errors import NormswapError
+
+__all__ = ["OutputSet", "install_signal_handlers", "clean_leftovers", "STAGED_RE"]
+
+_CLAIM_SUFFIX = ".normswap-claim"
+STAGED_RE = re.compile(r"^\.(?P<name>.+)\.normswap-(?P<pid>\d+)\.tmp(?P<ext>\.[^.]*)?$")
+_CLAIM_RE = re.compile(r"^\.(?P<name>.+)\.normswap-claim$")
+_JOURNAL_RE = re.compile(r"^\.normswap-commit-(?P<pid>\d+)\.json$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def clean_leftovers(folder: Path) -> list[str]:
+    """Complete or remove what killed runs left in ``folder``; returns what was done."""
+    done: list[str] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return done
+    # 1. journals of dead runs: finish their renames (roll forward), then drop the journal
+    for p in entries:
+        m = _JOURNAL_RE.match(p.name)
+        if not m or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            moves = json.loads(p.read_text())
+        except (OSError, ValueError):
+            moves = []
+        for staged, final in moves if isinstance(moves, list) else []:
+            s = Path(staged)
+            if s.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(s, final)
+                    done.append(f"completed an interrupted write of {final}")
+        with contextlib.suppress(OSError):
+            p.unlink()
+    # 2. staged files and claims of dead runs
+    for p in entries:
+        m = STAGED_RE.match(p.name)
+        if m and not _pid_alive(int(m.group("pid"))) and p.exists():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                done.append(f"removed {p.name} left by a killed run")
+            continue
+        m = _CLAIM_RE.match(p.name)
+        if m and p.exists() and not _pid_alive(_read_pid(p)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                done.append(f"removed {p.name} left by a killed run")
+    return done
+
+
+class OutputSet:
+    """The files one run writes.
+
+    ``outs = OutputSet({"-o": "m.gn.pt", "--onnx": "m.gn.onnx"}, inputs=[model, calib], force=False)``;
+    ``outs.claim()`` validates and claims every name before any work;
+    ``outs.staged("-o")`` is the hidden path to write that output to;
+    ``outs.commit()`` moves every written staged file into place (the set together);
+    ``outs.release()`` (always, in ``finally``) removes staged files and claims.  Use it as a
+    context manager: ``with OutputSet(...) as outs: ...; outs.commit()``.
+    """
+
+    def __init__(self, outputs: dict[str, str | os.PathLike | None], *, inputs: Iterable = (), force: bool = False):
+        self.force = bool(force)
+        self.final: dict[str, Path] = {k: Path(v) for k, v in outputs.items() if v is not None and str(v) != ""}
+        self.inputs = [Path(p) for p in inputs if p is not None and not _is_special(p)]
+        self._staged: dict[str, Path] = {}
+        self._claims: list[Path] = []
+        self.committed: list[Path] = []
+        self.notes: list[str] = []
+
+    # ----------------------------------------------------------------- validation + claim
+
+    def validate(self) -> None:
+        seen: dict[Path, str] = {}
+        ins = {_resolve(p): p for p in self.inputs}
+        for opt, p in self.final.items():
+            r = _resolve(p)
+            if r in ins:
+                raise NormswapError(f"{opt} {p} is an input of this run ({ins[r]}); choose another name "
+                                    f"(inputs are never overwritten, even with --force)")
+            if r in seen:
+                raise NormswapError(f"{seen[r]} and {opt} both name {p}; give each output its own file")
+            seen[r] = opt
+            if p.is_dir():
+                raise NormswapError(f"{opt} {p} is a directory, expected a file path")
+            parent = p.parent if str(p.parent) else Path(".")
+            if not parent.is_dir():
+                raise NormswapError(f"{opt} {p}: output folder {parent} does not exist")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise NormswapError(f"{opt} {p}: output folder {parent} is not writable")
+            if p.exists() and not self.force:
+                raise NormswapError(f"{p} exists; pass --force to overwrite it")
+
+    def claim(self) -> "OutputSet":
+        self.validate()
+        folders = {(p.parent if str(p.parent) else Path(".")) for p in self.final.values()}
+        for f in folders:
+            self.notes.extend(clean_leftovers(f))
+        for opt, p in sorted(self.final.items(), key=lambda kv: str(_resolve(kv[1]))):
+            c = p.with_name(f".{p.name}{_CLAIM_SUFFIX}")
+            try:
+                fd = os.open(c, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _read_pid(c)
+                self.release()
+                raise NormswapError(f"{p} is being written by another normswap run (pid {pid or '?'}); "
+                                    f"wait for it or choose another name") from None
+            except OSError as e:
+                self.release()
+                raise NormswapError(f"{opt} {p}: cannot write in {c.parent} ({e.strerror or e})") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self._claims.append(c)
+        # re-check after claiming: a run that finished in between has written the file
+        if not self.force:
+            for p in self.final.values():
+                if p.exists():
+                    self.release()
+                    raise NormswapError(f"{p} exists; pass --force to overwrite it")
+        return self
+
+    # ----------------------------------------------------------------- staging + commit
+
+    def staged(self, opt: str) -> Path:
+        """The hidden file to write output ``opt`` to (created empty, mode per umask)."""
+        if opt not in self.final:
+            raise KeyError(opt)
+        if opt not in self._staged:
+            p = self.final[opt]
+            self._staged[opt] = p.with_name(f".{p.stem}.normswap-{os.getpid()}.tmp{p.suffix}")
+        return self._staged[opt]
+
+    def commit(self) -> list[Path]:
+        """Move every written staged file into place, the set together (journaled)."""
+        moves = []
+        for opt, s in self._staged.items():
+            if not s.exists():
+                continue
+            try:
+                with open(s, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(s, 0o666 & ~_umask())
+            except OSError as e:
+                raise NormswapError(f"{self.final[opt]}: cannot write ({e.strerror or e})") from None
+            moves.append((s, self.final[opt]))
+        if not self.force:
+            for _, final in moves:
+                if final.exists():
+                    raise NormswapError(f"{final}: already exists; pass --force to overwrite it")
+        journals = []
+        with _signals_deferred():
+            for folder in {f.parent for _, f in moves}:
+                j = folder / f".normswap-commit-{os.getpid()}.json"
+                j.write_text(json.dumps([[str(s), str(f)] for s, f in moves if f.parent == folder]))
+                journals.append(j)
+            try:
+                for s, f in moves:
+                    os.replace(s, f)
+                    self.committed.append(f)
+            except OSError as e:
+                raise NormswapError(f"cannot move the outputs into place ({e.strerror or e})") from None
+            finally:
+                for j in journals:
+                    with contextlib.suppress(OSError):
+                        j.unlink()
+        return list(self.committed)
+
+    def release(self) -> None:
+        for s in self._staged.values():
+            with contextlib.suppress(OSError):
+                s.unlink()
+        for c in self._claims:
+            with contextlib.suppress(OSError):
+                c.unlink()
+        self._claims = []
+
+    def __enter__(self) -> "OutputSet":
+        return self.claim()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _is_special(p) -> bool:
+    return isinstance(p, str) and p in ("random", "-")
+
+
+def _resolve(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except OSError:
+        return p.absolute()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM while the set is renamed into place (a few microseconds)."""
+    pending: list[int] = []
+    old = {}
+
+    def hold(signum, frame):  # noqa: ARG001
+        pending.append(signum)
+
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, hold)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in pending:
+            os.kill(os.getpid(), s)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM into KeyboardInterrupt (like Ctrl-C), so ``finally`` blocks clean up."""
+    def on_term(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, on_term)
