@@ -46,6 +46,25 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
+INPUT_SHAPE_HELP = "Shape of the example input (random data; with --calib, the size to read an image folder at)."
+DATA_HELP = "Take the example input from DATA (.npz/.npy/.pt/folder)."
+
+
+def input_options(*, data_option: str = "--calib", input_shape_help: str = INPUT_SHAPE_HELP,
+                  data_help: str = DATA_HELP, data_first: bool = False) -> Callable[[Callable], Callable]:
+    """``--input-shape N,C,H,W`` and ``--calib DATA`` (or ``--data DATA``): the options every
+    command resolves through :func:`normswap.inputs.resolve_inputs`.  Each command keeps its own
+    help texts (and the order its --help lists them in)."""
+
+    def decorate(f: Callable) -> Callable:
+        shape = click.option("--input-shape", default=None, metavar="N,C,H,W", help=input_shape_help)
+        data = click.option(data_option, default=None, metavar="DATA", help=data_help)
+        first, second = (data, shape) if data_first else (shape, data)
+        return first(second(f))
+
+    return decorate
+
+
 def write_options(f: Callable) -> Callable:
     f = click.option("--force", is_flag=True, default=False, help="Overwrite existing output files.")(f)
     return f

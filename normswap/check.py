@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from normswap.errors import NormswapError
+from normswap.inputs import normalize_inputs
+from normswap.onnx_utils import eval_mode, exception_reason, flatten_outputs, onnx_io, torch_module
 from normswap.report import Report
 
 DEFAULT_ATOL = 1e-4
@@ -158,6 +160,8 @@ class ParityReport(Report):
     dynamic_batch: bool
     providers: list[ProviderResult]
     notes: list[str] = field(default_factory=list)
+    #: the notes that are warnings (a static ONNX batch, no provider ran): shown highlighted
+    warning_notes: list[str] = field(default_factory=list, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -383,13 +387,11 @@ class _TorchRunner:
     def _call(self, device: str, inputs: tuple):
         import torch
 
-        from normswap.export import _flatten_outputs
-
         m = self._module(device)
         args = tuple(t.to(device) for t in inputs)
         ctx = _no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            return _flatten_outputs(m(*args))
+            return flatten_outputs(m(*args))
 
     def outputs(self, device: str, index: int, inputs: tuple) -> list:
         key = (device, index)
@@ -399,11 +401,9 @@ class _TorchRunner:
             except NormswapError:
                 raise
             except Exception as e:  # noqa: BLE001
-                from normswap.export import _reason
-
                 raise NormswapError(
                     f"the PyTorch model does not run on the check inputs "
-                    f"(shapes {[tuple(t.shape) for t in inputs]}): {_reason(e, 300)}"
+                    f"(shapes {[tuple(t.shape) for t in inputs]}): {exception_reason(e, 300)}"
                 ) from e
             self.cache[key] = [o.detach().float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs]
         return self.cache[key]
@@ -441,12 +441,10 @@ def compare_provider(
     try:
         sess = _session(onnx_path, spec)
     except Exception as e:  # noqa: BLE001
-        from normswap.export import _reason
-
         # an accelerator that cannot start (no device, missing libraries) is unavailable;
         # a model that the CPU provider cannot load is an error
         result.status = "error" if spec.provider == "CPUExecutionProvider" else "unavailable"
-        result.reason = f"onnxruntime could not build a {spec.provider} session: {_reason(e, 300)}"
+        result.reason = f"onnxruntime could not build a {spec.provider} session: {exception_reason(e, 300)}"
         return result
     session_providers = sess.get_providers()
     result.ran = session_providers[0] if session_providers else None
@@ -462,10 +460,8 @@ def compare_provider(
         try:
             got = sess.run(None, feeds)
         except Exception as e:  # noqa: BLE001
-            from normswap.export import _reason
-
             result.status = "error"
-            result.reason = f"onnxruntime failed at batch size {bs}: {_reason(e, 300)}"
+            result.reason = f"onnxruntime failed at batch size {bs}: {exception_reason(e, 300)}"
             return result
         ref = runner.outputs(device, i, tin)
         if len(ref) != len(got):
@@ -492,8 +488,6 @@ def compare_provider(
 
 def _onnx_meta(onnx_path) -> tuple[str, list[dict]]:
     import onnx
-
-    from normswap.export import onnx_io
 
     path = Path(onnx_path)
     if not path.exists():
@@ -592,8 +586,6 @@ def _validate(meta: list[dict], tensors: tuple) -> None:
 
 
 def _as_tensors(inputs) -> tuple:
-    from normswap.export import normalize_inputs
-
     if hasattr(inputs, "inputs") and hasattr(inputs, "source"):  # normswap.data.Dataset
         inputs = inputs.inputs[:MAX_SAMPLES]
     return normalize_inputs(inputs)
@@ -639,14 +631,12 @@ def check(
     """
     import torch
 
-    from normswap.export import _as_module, _eval_mode
-
     atol = DEFAULT_ATOL if atol is None else float(atol)
     rtol = DEFAULT_RTOL if rtol is None else float(rtol)
     if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):  # also refuses NaN
         raise NormswapError(f"atol and rtol must be finite numbers >= 0 (got atol {atol:g}, rtol {rtol:g})")
     specs = parse_providers(providers)
-    model = _as_module(model)
+    model = torch_module(model)
     path, meta = _onnx_meta(onnx_path)
     if input_shape is not None and not isinstance(input_shape, (tuple, list)):
         from normswap.data import parse_shape
@@ -672,9 +662,11 @@ def check(
         t.dim() >= 1 and t.shape[0] == n and m["shape"] and not (isinstance(m["shape"][0], int) and m["shape"][0] != n)
         for m, t in zip(meta, tensors)
     ]
+    warning_notes: list[str] = []
     if static_batch:
         sizes = [first_dim]
-        notes.append(f"the ONNX batch dimension is static ({first_dim}); only that batch size is checked")
+        warning_notes.append(f"the ONNX batch dimension is static ({first_dim}); only that batch size is checked")
+        notes.append(warning_notes[-1])
         batched = [t.dim() >= 1 and t.shape[0] == n for t in tensors]
     elif tensors[0].dim() == 0:
         sizes = [1]
@@ -695,16 +687,17 @@ def check(
     if any(m.training for m in model.modules()) and not isinstance(model, torch.fx.GraphModule):
         notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
     results = []
-    with _eval_mode(model, True):
+    with eval_mode(model, True):
         runner = _TorchRunner(model)
         for spec in specs:
             results.append(compare_provider(path, spec, batches, runner, atol=atol, rtol=rtol, repeats=repeats, warmup=warmup))
     notes.extend(runner.notes)
     if not any(r.status != "unavailable" for r in results):
-        notes.append(
+        warning_notes.append(
             "no requested provider could run, so parity was not established: "
             + "; ".join(f"{r.label}: {r.reason}" for r in results)
         )
+        notes.append(warning_notes[-1])
     del runner
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -722,10 +715,51 @@ def check(
         dynamic_batch=not static_batch,
         providers=results,
         notes=notes,
+        warning_notes=warning_notes,
     )
 
 
+def check_file(
+    model_path,
+    onnx_path,
+    *,
+    providers: str | Sequence[str] = ("cpu", "cuda"),
+    atol: float | None = None,
+    rtol: float | None = None,
+    data=None,
+    input_shape=None,
+    repeats: int = DEFAULT_REPEATS,
+    warmup: int = DEFAULT_WARMUP,
+    arch: str | None = None,
+    arch_kwargs=None,
+    trust: bool = False,
+    imports=(),
+) -> ParityReport:
+    """The job behind ``normswap check``: load MODEL and :func:`check` it against ``onnx_path``.
+
+    Inputs: the first :data:`MAX_SAMPLES` samples of ``data`` ('random': ``N`` of
+    ``input_shape``; with a path, ``input_shape`` says how to read an image folder and is
+    checked against the data), else random inputs shaped like the ONNX inputs (the first one
+    ``input_shape`` when given); see :func:`normswap.inputs.resolve_inputs`.
+    """
+    from normswap.inputs import resolve_inputs
+    from normswap.io import load_model
+
+    if repeats < 0:
+        raise NormswapError("--repeats must be >= 0")
+    loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+    resolved = resolve_inputs(input_shape=input_shape, data=data, limit=MAX_SAMPLES, data_option="--calib",
+                              example=False)
+    if resolved.data is not None:  # the data set is the inputs; its shape was only for reading it
+        return check(loaded, onnx_path, resolved.data, providers=providers, atol=atol, rtol=rtol,
+                     repeats=repeats, warmup=warmup)
+    return check(loaded, onnx_path, None, providers=providers, atol=atol, rtol=rtol, input_shape=resolved.shape,
+                 repeats=repeats, warmup=warmup)
+
+
 __all__ = [
+    "check_file",
+    "MAX_SAMPLES",
     "check",
     "ParityReport",
     "ProviderResult",

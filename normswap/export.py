@@ -36,20 +36,26 @@ Choices (see also the module docstring of :mod:`normswap.check`):
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
-import logging
-import os
-import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from normswap.errors import NormswapError
+from normswap.inputs import normalize_inputs
+from normswap.io import atomic_save
+from normswap.onnx_utils import (
+    eval_mode,
+    exception_reason,
+    flatten_outputs,
+    human_size,
+    onnx_io,
+    op_histogram,
+    quiet_torch_onnx,
+    torch_module,
+)
 from normswap.report import Report
 
 DEFAULT_OPSET = 18
@@ -58,18 +64,6 @@ TORCHSCRIPT_MAX_OPSET = 20
 GROUPNORM_IMPRECISE_OPSET = 21
 #: above this many bytes of weights the file gets an external-data side file
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
-
-#: norm kinds (``normswap.norms.classify``) whose training-mode forward differs from eval
-_BATCH_STAT_KINDS = {"bn", "powernorm", "bgn", "cbn", "sabn", "in"}
-_SEED_BATCH_STAT_CLASSES = {
-    "PowerNorm2d",
-    "BatchGroupNorm2d",
-    "ConditionalBatchNorm2d",
-    "SandwichBatchNorm2d",
-}
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
 
 @dataclass
 class ExportReport(Report):
@@ -93,12 +87,15 @@ class ExportReport(Report):
     switched_layers: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
+    def to_dict(self) -> dict:
+        return {"job": self.job, "passed": self.passed, **super().to_dict()}
+
     @property
     def num_nodes(self) -> int:
         return sum(self.op_histogram.values())
 
     def summary_text(self) -> str:
-        size = _human_size(self.file_size)
+        size = human_size(self.file_size)
         text = (
             f"{self.path} ({size}, {self.num_nodes} nodes) via the {self.exporter} exporter, "
             f"opset {self.opset}, {'dynamic' if self.dynamic_batch else 'static'} batch"
@@ -113,148 +110,50 @@ class ExportReport(Report):
 # --------------------------------------------------------------------------- helpers
 
 
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+def _kind_as_exported(module) -> str | None:
+    """The registry kind of ``module``; for an unsupported subclass, its known base's kind (a
+    subclass does at least what its base does: batch statistics, a GroupNormalization node)."""
+    from normswap.norms import NORMS, classify, classify_type, known_base
 
-
-def _as_module(model: Any, keep_program: bool = False):
-    """The nn.Module behind ``model`` (nn.Module, LoadedModel or ExportedProgram).
-
-    With ``keep_program`` a ``torch.export.ExportedProgram`` is returned as is.
-    """
-    import torch
-
-    try:
-        from normswap.io import as_module
-
-        model = as_module(model)
-    except ImportError:  # pragma: no cover - lead's module missing
-        pass
-    if isinstance(model, torch.export.ExportedProgram):
-        return model if keep_program else model.module()
-    if not isinstance(model, torch.nn.Module):
-        raise NormswapError(f"expected a torch.nn.Module to export, got {type(model).__name__}")
-    return model
-
-
-def normalize_inputs(example_inputs: Any, model=None) -> tuple:
-    """Turn a tensor / tuple / list / Dataset / ndarray into a tuple of tensors."""
-    import numpy as np
-    import torch
-
-    if example_inputs is None:
-        try:
-            from normswap.data import example_inputs as _example_inputs
-        except ImportError:  # pragma: no cover - lead's module missing
-            raise NormswapError("example inputs are required (pass example_inputs or --input-shape)")
-        example_inputs = _example_inputs(model)
-    if hasattr(example_inputs, "inputs") and isinstance(getattr(example_inputs, "inputs"), torch.Tensor):
-        example_inputs = (example_inputs.inputs,)  # normswap.data.Dataset
-    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
-        example_inputs = (example_inputs,)
-    if isinstance(example_inputs, list):
-        example_inputs = tuple(example_inputs)
-    if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise NormswapError(
-            f"example inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
-        )
-    out = []
-    for i, t in enumerate(example_inputs):
-        if isinstance(t, np.ndarray):
-            t = torch.from_numpy(t)
-        elif isinstance(t, (int, float, bool)) and not isinstance(t, torch.Tensor):
-            t = torch.tensor(t)
-        if not isinstance(t, torch.Tensor):
-            raise NormswapError(f"example input {i} is a {type(t).__name__}, expected a tensor")
-        out.append(t.detach())
-    return tuple(out)
-
-
-def _classify(module) -> str | None:
-    try:
-        from normswap.norms import classify
-    except ImportError:
-        return None
-    try:
-        return classify(module)
-    except Exception:  # noqa: BLE001 - classification is best-effort here
-        return None
-
-
-def _is_spectral(module) -> bool:
-    try:
-        from normswap.norms import weight_reparam
-
-        return weight_reparam(module) == "spectral"
-    except Exception:  # noqa: BLE001
-        pass
-    if hasattr(module, "weight_orig") and hasattr(module, "weight_u"):
-        return True
-    params = getattr(module, "parametrizations", None)
-    if params is not None and "weight" in params:
-        return any(type(p).__name__ == "_SpectralNorm" for p in params["weight"])
-    return False
+    kind = classify(module)
+    if kind is not None and NORMS[kind].stats == "unknown":
+        base = known_base(module)
+        base_kind = classify_type(base) if base is not None else None
+        if base_kind is not None:
+            return base_kind
+    return kind
 
 
 def training_norms(model) -> list[str]:
-    """Qualified names of norm layers in training mode whose output differs from eval.
+    """Qualified names of modules in training mode whose training forward differs from eval
+    in a way the exporters do not reproduce (they emit the eval form).
 
-    BatchNorm*, InstanceNorm with running stats, seed layers with running stats
-    (PowerNorm, BGN, CBN, SaBN), anything else holding ``running_*`` buffers,
-    and spectral norm (its power iteration runs only in training).
+    Classified norms answer for themselves (``NORMS[kind].batch_stats_in_training``; an
+    unsupported subclass asks its known base's kind); a module whose forward the registry does
+    not know (unclassified, or a kind with unknown statistics) counts when it holds
+    ``running_*`` buffers; and a module whose weight carries spectral norm counts (its power
+    iteration runs only in training).
     """
-    import torch
+    from normswap.norms import NORMS, weight_reparams
 
     found = []
     for name, m in model.named_modules():
         if not m.training:
             continue
-        kind = _classify(m)
-        batch_stats = False
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            batch_stats = True
-        elif isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
-            batch_stats = bool(m.track_running_stats)
-        elif kind in _BATCH_STAT_KINDS and kind != "in":
-            batch_stats = True
-        elif type(m).__name__ in _SEED_BATCH_STAT_CLASSES:
-            batch_stats = True
-        elif any(b.startswith("running_") for b, _ in m.named_buffers(recurse=False)):
-            batch_stats = True
-        elif _is_spectral(m):
-            batch_stats = True
+        kind = _kind_as_exported(m)
+        batch_stats = kind is not None and NORMS[kind].batch_stats_in_training(m)
+        if not batch_stats and (kind is None or NORMS[kind].stats == "unknown"):
+            batch_stats = any(b.startswith("running_") for b, _ in m.named_buffers(recurse=False))
+        if not batch_stats:
+            batch_stats = any(r.kind == "spectral" for r in weight_reparams(m))
         if batch_stats:
             found.append(name or type(m).__name__)
     return found
 
 
-def _has_groupnorm(model) -> bool:
-    import torch
-
-    return any(isinstance(m, torch.nn.GroupNorm) or _classify(m) == "gn" for m in model.modules())
-
-
-@contextlib.contextmanager
-def _eval_mode(model, enable: bool):
-    """Temporarily put ``model`` in eval mode; restore every module's flag after."""
-    if not enable:
-        yield
-        return
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-    except NotImplementedError:  # modules of a torch.export program: mode fixed at capture
-        pass
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+def has_kind(model, kind: str) -> bool:
+    """Does ``model`` hold a norm of registry kind ``kind`` (a subclass counts as its base)?"""
+    return any(_kind_as_exported(m) == kind for m in model.modules())
 
 
 def _input_names(model, n: int) -> list[str]:
@@ -271,115 +170,6 @@ def _input_names(model, n: int) -> list[str]:
     if len(set(names)) != len(names):
         names = [f"input_{i}" for i in range(n)]
     return names
-
-
-def _flatten_outputs(out) -> list:
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    leaves, _ = tree_flatten(out)
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
-
-
-def _reason(exc: BaseException, limit: int = 400) -> str:
-    """One-line description of an exporter failure, including the root cause."""
-    parts = []
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen and len(parts) < 3:
-        seen.add(id(e))
-        msg = _ANSI.sub("", str(e)).strip()
-        first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
-        parts.append(f"{type(e).__name__}: {first}" if first else type(e).__name__)
-        e = e.__cause__ or e.__context__
-    # the outer exporter errors carry long "next steps" texts: keep the outer type and the root cause
-    text = parts[0] if len(parts) == 1 else f"{parts[0].split(':')[0]} caused by {parts[-1]}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _quiet_torch_onnx():
-    """Silence the exporters' progress chatter and INFO/WARNING logging."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx.experimental")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
-
-
-def _private_atomic_save(path: Path, writer_fn: Callable[[Path], None], force: bool = False) -> None:
-    """Fallback for ``normswap.io.atomic_save`` (temp file in the same folder, then rename)."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise NormswapError(f"{path} exists; pass force=True / --force to overwrite")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        writer_fn(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def _atomic_save(path: Path, writer_fn: Callable[[Path], None], force: bool) -> None:
-    try:
-        from normswap.io import atomic_save
-    except ImportError:
-        atomic_save = _private_atomic_save
-    atomic_save(path, writer_fn, force=force)
-
-
-def _op_histogram(proto) -> dict[str, int]:
-    hist: dict[str, int] = {}
-
-    def visit(graph):
-        for node in graph.node:
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-            hist[key] = hist.get(key, 0) + 1
-            for attr in node.attribute:
-                if attr.g is not None and attr.HasField("g"):
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-
-    visit(proto.graph)
-    for fn in proto.functions:  # local functions (if any) count as their nodes
-        for node in fn.node:
-            hist[node.op_type] = hist.get(node.op_type, 0) + 1
-    return dict(sorted(hist.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _value_info(vi) -> dict:
-    import onnx
-
-    t = vi.type.tensor_type
-    shape = []
-    if t.HasField("shape"):
-        for d in t.shape.dim:
-            if d.HasField("dim_value"):
-                shape.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                shape.append(d.dim_param)
-            else:
-                shape.append(None)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "unknown"
-    return {"name": vi.name, "shape": shape, "dtype": dtype}
-
-
-def onnx_io(proto) -> tuple[list[dict], list[dict]]:
-    """(inputs, outputs) of an ONNX model as dicts with name, shape, dtype (initializers excluded)."""
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [_value_info(v) for v in proto.graph.input if v.name not in inits]
-    outputs = [_value_info(v) for v in proto.graph.output]
-    return inputs, outputs
 
 
 # --------------------------------------------------------------------------- exporters
@@ -412,7 +202,7 @@ def _export_dynamo(model, inputs, opset, flags, keep_norms):
                     break
         except (TypeError, ValueError):
             pass
-    with _quiet_torch_onnx(), warnings.catch_warnings():
+    with quiet_torch_onnx(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
@@ -441,7 +231,7 @@ def _export_torchscript(model, inputs, opset, flags, keep_norms, out_count, out_
         dynamic_axes.update({n: {0: "batch"} for n, f in zip(out_names, out_batch_flags) if f})
     buf = io.BytesIO()
     tracer_warnings: list[str] = []
-    with _quiet_torch_onnx(), warnings.catch_warnings(record=True) as caught:
+    with quiet_torch_onnx(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(
             model,
@@ -482,7 +272,7 @@ def export(
 
     t0 = time.perf_counter()
     source_path = getattr(model, "path", None)  # a LoadedModel's file: never overwritten, even with force
-    program_in = _as_module(model, keep_program=True)
+    program_in = torch_module(model, keep_program=True)
     is_program = isinstance(program_in, torch.export.ExportedProgram)
     model = program_in.module() if is_program else program_in
     inputs = normalize_inputs(example_inputs, model)
@@ -519,22 +309,22 @@ def export(
             "some modules are in training mode (e.g. Dropout); they are exported as they are; pass --eval to switch"
         )
 
-    if opset >= GROUPNORM_IMPRECISE_OPSET and _has_groupnorm(model):
+    if opset >= GROUPNORM_IMPRECISE_OPSET and has_kind(model, "gn"):
         report_warnings.append(
             f"GroupNorm at opset {opset}: exported as GroupNormalization-21, which onnxruntime computes as "
             "E[x^2]-E[x]^2 and loses precision on inputs with a large mean; use opset 20 or lower "
             f"(default {DEFAULT_OPSET}) for the precise decomposition"
         )
 
-    with _eval_mode(model, eval and not is_program), torch.no_grad():
+    with eval_mode(model, eval and not is_program), torch.no_grad():
         try:
             ref = model(*inputs)
         except Exception as e:  # noqa: BLE001
             raise NormswapError(
                 f"the model does not run on the example inputs "
-                f"(shapes {[tuple(t.shape) for t in inputs]}): {_reason(e, 300)}"
+                f"(shapes {[tuple(t.shape) for t in inputs]}): {exception_reason(e, 300)}"
             ) from e
-        outs = _flatten_outputs(ref)
+        outs = flatten_outputs(ref)
         if not outs:
             raise NormswapError("the model returns no tensor output; nothing to export")
         batch, flags = _dynamic_spec(inputs, dynamic_batch)
@@ -547,7 +337,7 @@ def export(
         try:
             program = _export_dynamo(program_in if is_program else model, inputs, opset, flags, keep_norms)
         except Exception as e:  # noqa: BLE001 - any exporter failure triggers the fallback
-            fallback_reason = f"dynamo exporter failed: {_reason(e)}"
+            fallback_reason = f"dynamo exporter failed: {exception_reason(e)}"
             if opset > TORCHSCRIPT_MAX_OPSET:
                 raise NormswapError(
                     f"{fallback_reason}; the TorchScript fallback supports opset <= {TORCHSCRIPT_MAX_OPSET}, "
@@ -566,7 +356,7 @@ def export(
             except Exception as e2:  # noqa: BLE001
                 raise NormswapError(
                     f"export failed with both exporters: {fallback_reason}; "
-                    f"TorchScript exporter failed: {_reason(e2)}"
+                    f"TorchScript exporter failed: {exception_reason(e2)}"
                 ) from e2
             report_warnings.append("fell back to the TorchScript exporter (see fallback_reason)")
             report_warnings.extend(f"TracerWarning: {w}" for w in tracer_warnings)
@@ -593,20 +383,17 @@ def export(
                 onnx_ir.save(program.model, tmp, external_data=data_name)
                 external.append(str(data_path))
             else:
-                with _quiet_torch_onnx():
+                with quiet_torch_onnx():
                     program.save(tmp, external_data=False)
         else:
             tmp.write_bytes(ts_bytes)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600; the .onnx file is an ordinary output
         try:
             onnx.checker.check_model(str(tmp))
         except Exception as e:  # noqa: BLE001
-            raise NormswapError(f"the exported ONNX model fails onnx.checker: {_reason(e, 300)}") from e
+            raise NormswapError(f"the exported ONNX model fails onnx.checker: {exception_reason(e, 300)}") from e
 
     try:
-        _atomic_save(path, writer, force=force)
+        atomic_save(path, writer, force=force)
     except NormswapError:
         for p in external:
             Path(p).unlink(missing_ok=True)
@@ -619,7 +406,7 @@ def export(
     proto = onnx.load(str(path), load_external_data=False)
     ins, outs_info = onnx_io(proto)
     file_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    hist = _op_histogram(proto)
+    hist = op_histogram(proto)
     is_dynamic = bool(ins) and bool(ins[0]["shape"]) and not isinstance(ins[0]["shape"][0], int)
     if dynamic_batch and flags is not None and not is_dynamic and is_program:
         report_warnings.append(
@@ -658,4 +445,42 @@ def export(
     )
 
 
-__all__ = ["export", "ExportReport", "DEFAULT_OPSET", "training_norms", "onnx_io", "normalize_inputs"]
+# --------------------------------------------------------------------------- file-to-file job
+
+
+def export_file(
+    model_path,
+    *,
+    output,
+    opset: int | None = None,
+    input_shape=None,
+    data=None,
+    dynamic_batch: bool = True,
+    keep_norms: bool = False,
+    eval: bool = False,  # noqa: A002 - public API name
+    force: bool = False,
+    arch: str | None = None,
+    arch_kwargs=None,
+    trust: bool = False,
+    imports=(),
+) -> ExportReport:
+    """The job behind ``normswap export``: load MODEL, resolve its example inputs
+    (``input_shape`` / ``data``, see :func:`normswap.inputs.resolve_inputs`; with neither, the
+    inputs a torch.export program was captured with or a shape guessed from the first layer)
+    and :func:`export` it to ``output``.  The TorchScript fallback is reported in the
+    ExportReport (``fallback_reason``), not warned about."""
+    from normswap.inputs import resolve_inputs
+    from normswap.io import load_model
+
+    loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+    # with data, input_shape says how to read it (an image folder's size, 'random') and is checked against it
+    resolved = resolve_inputs(loaded.module, input_shape=input_shape, data=data, limit=8, batch=2, required=True,
+                              data_option="--calib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is shown in the report
+        return export(loaded, output, resolved.example, opset=opset, dynamic_batch=dynamic_batch,
+                      keep_norms=keep_norms, eval=eval, force=force)
+
+
+__all__ = ["export", "export_file", "ExportReport", "DEFAULT_OPSET", "training_norms", "has_kind", "onnx_io",
+           "normalize_inputs"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from normswap.errors import NormswapError
 
-__all__ = ["ResolvedInputs", "resolve_inputs", "check_shape_size", "MAX_INPUT_BYTES"]
+__all__ = ["ResolvedInputs", "resolve_inputs", "normalize_inputs", "check_shape_size", "MAX_INPUT_BYTES"]
 
 #: the largest example/random input normswap allocates (float32 bytes)
 MAX_INPUT_BYTES = 2 * 1024 ** 3
@@ -43,7 +43,8 @@ class ResolvedInputs:
 
 
 def resolve_inputs(model=None, *, input_shape=None, data=None, limit: int | None = 8, batch: int = 2,
-                   required: bool = False, seed: int = 0, data_option: str = "--data") -> ResolvedInputs:
+                   required: bool = False, seed: int = 0, data_option: str = "--data",
+                   example: bool = True) -> ResolvedInputs:
     """Resolve ``--input-shape`` / ``--data`` (``--calib``) into inputs.
 
     * ``input_shape``: ``"N,C,H,W"`` text (or a tuple); random data of that shape (seeded), or,
@@ -52,7 +53,9 @@ def resolve_inputs(model=None, *, input_shape=None, data=None, limit: int | None
     * ``data``: a path / array / tensor / 'random' (see :func:`normswap.data.load_data`); at most
       ``limit`` samples are loaded ('random' makes ``N`` of ``input_shape`` samples).
     * ``example``: the first ``batch`` samples of ``data``, else random data of ``input_shape``,
-      else (``required=True``) a shape guessed from the model, else None.
+      else (``required=True``) a shape guessed from the model, else None.  With
+      ``example=False`` none is built (a job that makes its own inputs from ``data`` /
+      ``shape``, like ``check``, which shapes random inputs after the ONNX file).
     """
     from normswap.data import example_inputs, load_data, parse_shape
 
@@ -69,7 +72,39 @@ def resolve_inputs(model=None, *, input_shape=None, data=None, limit: int | None
             ds = load_data("random", limit=shape[0], input_shape=shape, seed=seed)
         else:
             ds = load_data(data, limit=limit, input_shape=shape, seed=seed)
-    if ds is None and shape is None and not required:
-        return ResolvedInputs(None, None, None)
+    if not example or (ds is None and shape is None and not required):
+        return ResolvedInputs(None, ds, shape)
     example = example_inputs(model, input_shape=shape, data=ds, batch=batch, seed=seed)
     return ResolvedInputs(tuple(example), ds, shape)
+
+
+def normalize_inputs(example_inputs: Any, model=None) -> tuple:
+    """Turn a tensor / tuple / list / Dataset / ndarray into a tuple of tensors (None: inputs
+    guessed from ``model``, see :func:`normswap.data.example_inputs`)."""
+    import numpy as np
+    import torch
+
+    if example_inputs is None:
+        from normswap.data import example_inputs as guessed_inputs
+
+        example_inputs = guessed_inputs(model)
+    if hasattr(example_inputs, "inputs") and isinstance(getattr(example_inputs, "inputs"), torch.Tensor):
+        example_inputs = (example_inputs.inputs,)  # normswap.data.Dataset
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise NormswapError(
+            f"example inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    out = []
+    for i, t in enumerate(example_inputs):
+        if isinstance(t, np.ndarray):
+            t = torch.from_numpy(t)
+        elif isinstance(t, (int, float, bool)) and not isinstance(t, torch.Tensor):
+            t = torch.tensor(t)
+        if not isinstance(t, torch.Tensor):
+            raise NormswapError(f"example input {i} is a {type(t).__name__}, expected a tensor")
+        out.append(t.detach())
+    return tuple(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import model_options, output_options, pass_settings, run_job
+from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job
 
 EPILOG = """\b
 Examples:
@@ -29,8 +29,9 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 @click.option("--providers", default="cpu,cuda", show_default=True, help="onnxruntime providers to check (cpu, cuda).")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default 1e-4).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance, times max|torch output| (default 1e-3).")
-@click.option("--calib", default=None, metavar="DATA", help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).")
-@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Random inputs of this shape (with --calib: the size to read an image folder at).")
+@input_options(data_option="--calib", data_first=True,
+               data_help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).",
+               input_shape_help="Random inputs of this shape (with --calib: the size to read an image folder at).")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
 @model_options
 @output_options
@@ -39,29 +40,11 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
     """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
 
     def job():
-        from normswap.check import MAX_SAMPLES, check
-        from normswap.data import load_data, parse_shape
-        from normswap.errors import NormswapError
-        from normswap_cli.common import load
+        from normswap.check import check_file
 
-        if repeats < 0:
-            raise NormswapError("--repeats must be >= 0")
-        shape = parse_shape(input_shape) if input_shape else None
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-        inputs = None
-        if calib:  # --input-shape then says how to read the data (image folder, 'random') and checks it
-            limit = shape[0] if calib == "random" and shape else MAX_SAMPLES
-            inputs, shape = load_data(calib, limit=limit, input_shape=shape), None
-        return check(
-            loaded,
-            onnx_path,
-            inputs,
-            providers=providers,
-            atol=atol,
-            rtol=rtol,
-            input_shape=shape,
-            repeats=repeats,
-        )
+        return check_file(model_path, onnx_path, providers=providers, atol=atol, rtol=rtol, data=calib,
+                          input_shape=input_shape, repeats=repeats, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
+                          imports=imports)
 
     run_job(job, render, opts)
 
@@ -138,4 +121,4 @@ def render(report, console) -> None:
                 if not o.passed and o.reason:
                     console.print(f"{r.label} N={b.batch_size} {o.name}: {o.reason}", style="red", markup=False)
     for n in report.notes:
-        console.print(f"note: {n}", style="yellow" if "static" in n or "no requested" in n else "dim", markup=False)
+        console.print(f"note: {n}", style="yellow" if n in report.warning_notes else "dim", markup=False)

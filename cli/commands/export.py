@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -22,23 +22,11 @@ atomically; an existing file is kept unless --force.
 """
 
 
-def _example_inputs(module, input_shape, calib):
-    from normswap.data import example_inputs, load_data, parse_shape
-
-    # with --calib, --input-shape says how to read the data (an image folder's size, 'random')
-    # and is checked against it
-    shape = parse_shape(input_shape) if input_shape else None
-    data = load_data(calib, limit=8 if calib != "random" else (shape[0] if shape else None),
-                     input_shape=shape) if calib else None
-    return example_inputs(module, input_shape=shape, data=data, batch=2)
-
-
 @click.command("export", epilog=EPILOG)
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
-@click.option("--input-shape", default=None, metavar="N,C,H,W", help="Shape of the example input (random data; with --calib, the size to read an image folder at).")
-@click.option("--calib", default=None, metavar="DATA", help="Take the example input from DATA (.npz/.npy/.pt/folder).")
+@input_options(data_option="--calib")
 @click.option("--static-batch", is_flag=True, default=False, help="Fix the batch dimension instead of making it dynamic.")
 @click.option("--keep-norms", is_flag=True, default=False, help="Keep BatchNormalization nodes (do not fold them into Conv/Gemm).")
 @click.option("--eval", "eval_", is_flag=True, default=False, help="Switch norms in training mode to eval before exporting.")
@@ -50,26 +38,11 @@ def command(model_path, output, opset, input_shape, calib, static_batch, keep_no
     """Export MODEL to a single validated ONNX file."""
 
     def job():
-        import warnings
+        from normswap.export import export_file
 
-        from normswap.export import export
-        from normswap_cli.common import load
-
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-        inputs = _example_inputs(loaded.module, input_shape, calib)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is shown in the report
-            report = export(
-                loaded,
-                output,
-                inputs,
-                opset=opset,
-                dynamic_batch=not static_batch,
-                keep_norms=keep_norms,
-                eval=eval_,
-                force=force,
-            )
-        return report
+        return export_file(model_path, output=output, opset=opset, input_shape=input_shape, data=calib,
+                           dynamic_batch=not static_batch, keep_norms=keep_norms, eval=eval_, force=force,
+                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
 
     run_job(job, render, opts)
 
@@ -81,12 +54,12 @@ def _shape(shape) -> str:
 def render(report, console) -> None:
     from rich.table import Table
 
-    from normswap.export import _human_size
+    from normswap.onnx_utils import human_size
 
     t = Table(title="ONNX export", show_header=False, title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
-    t.add_row("file", f"{report.path} ({_human_size(report.file_size)})")
+    t.add_row("file", f"{report.path} ({human_size(report.file_size)})")
     exporter = report.exporter
     if report.fallback_reason:
         exporter += f"  [yellow](fallback: {report.fallback_reason})[/yellow]"

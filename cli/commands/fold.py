@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -38,10 +38,9 @@ norms become nn.Identity.
               help="Switch the model to eval mode first (fold its eval-mode behaviour).")
 @click.option("--bake-spectral-norm", is_flag=True, default=False,
               help="Replace spectral-norm weights by their eval-time value W/sigma.")
-@click.option("--input-shape", default=None, metavar="N,C,H,W",
-              help="Example input shape (random data): input ranks and an output check.")
-@click.option("--data", default=None, metavar="DATA",
-              help="Example inputs from data (.npz/.npy/.pt/image folder); the first batch is used.")
+@input_options(data_option="--data",
+               input_shape_help="Example input shape (random data): input ranks and an output check.",
+               data_help="Example inputs from data (.npz/.npy/.pt/image folder); the first batch is used.")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False),
               help="Also export the folded model to this ONNX file (needs --input-shape or --data).")
 @model_options
