@@ -97,7 +97,7 @@ def test_conv_bn_keeps_classes_and_names_and_input_untouched():
     assert rep.to_dict()["folded"][0] == {"norm": "layer1.0.bn1", "kind": "bn", "into": "layer1.0.conv1",
                                           "pattern": "conv_bn"}
     site, ctx = _site(rand_stats(Net()), "layer1.0.bn1")
-    assert conv_bn.check(site, ctx) is None
+    assert conv_bn.rule.check(site, ctx) is None
 
 
 def test_inplace_modifies_input():
@@ -120,7 +120,7 @@ def test_conv_bn_skip_more_than_one_consumer():
     _, rep = check_equal(rand_stats(M()), torch.randn(1, 3, 4, 4))
     assert "used by more than one consumer" in only_reason(rep, "bn")
     site, ctx = _site(rand_stats(M()), "bn")
-    assert "more than one consumer" in conv_bn.check(site, ctx)
+    assert "more than one consumer" in conv_bn.rule.check(site, ctx)
 
 
 class TwoCalls(nn.Module):
@@ -334,10 +334,10 @@ def test_convtranspose_groups_folded():
 def test_convtranspose_skip_channel_mismatch_via_check():
     m = rand_stats(nn.Sequential(nn.ConvTranspose2d(4, 6, 3), nn.BatchNorm2d(6)))
     site, ctx = _site(m, "1")
-    assert convtranspose_bn.check(site, ctx) is None
+    assert convtranspose_bn.rule.check(site, ctx) is None
     m[0].register_forward_pre_hook(lambda *a: None)
     site, ctx = _site(m, "1")
-    assert "hooks" in convtranspose_bn.check(site, ctx)
+    assert "hooks" in convtranspose_bn.rule.check(site, ctx)
 
 
 # --------------------------------------------------------------------------- linear_bn
@@ -357,7 +357,7 @@ def test_linear_bn1d_on_NLC_refused_even_when_L_equals_C():
     _, rep = check_equal(m, torch.randn(2, 4, 4))
     assert "normalises dim 1" in only_reason(rep, "1")
     site, ctx = _site(m, "1")
-    assert linear_bn.check(site, ctx) == linear_bn.RANK_UNKNOWN
+    assert linear_bn.rule.check(site, ctx) == linear_bn.RANK_UNKNOWN
 
 
 def test_linear_bn1d_shapes_prove_not_the_feature_axis():
@@ -390,7 +390,7 @@ def test_bn_next_skip_zero_padding():
     r = only_reason(rep, "0")
     assert "zero padding" in r and "nothing foldable before it" in r
     site, ctx = _site(m, "0")
-    assert "zero padding" in bn_next.check(site, ctx)
+    assert "zero padding" in bn_next.rule.check(site, ctx)
 
 
 def test_bn_next_skip_several_consumers():
@@ -477,7 +477,7 @@ def test_groupnorm_affine_into_1x1_conv_and_skip_padded():
     _, rep = check_equal(m, torch.randn(2, 4, 5, 5))
     assert "zero padding" in only_reason(rep, "0")
     site, ctx = _site(m, "0")
-    assert "zero padding" in norm_affine_linear.check(site, ctx)
+    assert "zero padding" in norm_affine_linear.rule.check(site, ctx)
 
 
 def test_layernorm_into_conv_refused():
@@ -560,7 +560,7 @@ def test_functional_bn_skip_non_constant_stats():
     ctx = build_ctx(M().eval(), regions)
     from normswap.fold.api import _sites
     site = [s for s in _sites(M().eval(), regions, ctx) if s.functional is not None][0]
-    assert "constant" in functional_bn.check(site, ctx)
+    assert "constant" in functional_bn.rule.check(site, ctx)
 
 
 # --------------------------------------------------------------------------- more skip reasons
@@ -727,7 +727,7 @@ def test_composite_bn_stats_folded_conditional_affine_kept():
     assert type(f.cbn) is ConditionalBatchNorm2d and isinstance(f.cbn.bn, nn.Identity)
     assert isinstance(f.sabn.bn, nn.Identity)
     site, ctx = _site(m, "cbn")
-    assert composite_bn.check(site, ctx) is None
+    assert composite_bn.rule.check(site, ctx) is None
 
 
 def test_composite_bn_skip_reason():
