@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from normswap.norms import NORMS, is_composite
+from normswap.norms import NORMS, classify, is_composite
 
 from ..core import (CONV_TYPES, CONVT_TYPES, Ctx, Match, Site, eval_affine, find_producer, fold_after,
                     module_problem, norm_problem, replace_with_identity)
@@ -46,7 +46,7 @@ class CompositeBnRule(FoldRule):
             return "the norm has hooks registered"
         if not ctx.allow_training and m.training:
             return "the norm is in training mode (pass eval=True / --eval)"
-        inner = Site(f"{site.name}.bn", "bn", bn, site.calls)
+        inner = Site(f"{site.name}.bn", classify(bn), bn, site.calls)
         r = norm_problem(inner, ctx)
         if r:
             return r
@@ -58,11 +58,11 @@ class CompositeBnRule(FoldRule):
             return r
         if prod.out_channels != bn.num_features:
             return f"channel mismatch: {bn.num_features} vs {prod.out_channels}"
-        return Match([ctx.name_of(prod)], NAME, {"producer": prod, "bn": bn})
+        return Match([ctx.name_of(prod)], NAME, {"producer": prod, "bn": bn, "kind": inner.kind})
 
     def apply(self, site: Site, ctx: Ctx, m: Match) -> None:
         bn = m.data["bn"]
-        s, t = eval_affine(bn, "bn", ctx)
+        s, t = eval_affine(bn, m.data["kind"], ctx)
         fold_after(m.data["producer"], s, t)
         replace_with_identity(ctx, bn)
 
