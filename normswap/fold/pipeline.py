@@ -19,22 +19,15 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
     from normswap.errors import NormswapError
     from normswap.fold import fold
     from normswap.io import as_module, check_outputs, save_model, staged_output
+    from normswap.inputs import resolve_inputs
     from normswap.io import load_model as load
 
     out_path = output or _default_output(model_path)
     check_outputs(model_path, out_path, onnx_path or None, force=force)
     loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
     module = as_module(loaded, require_eager=True, job="fold")
-    inputs = None
-    if data is not None or input_shape is not None:
-        from normswap.data import example_inputs, load_data, parse_shape
-
-        shape = parse_shape(input_shape) if input_shape else None
-        if isinstance(data, str) and data == "random" and shape is None:
-            raise NormswapError("--data random needs --input-shape N,C,H,W to know what to generate")
-        ds = load_data(data, limit=8, input_shape=shape) if data is not None else None
-        inputs = example_inputs(module, input_shape=shape, data=ds)
-    elif onnx_path:
+    inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8).example
+    if inputs is None and onnx_path:
         raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
     # (a model rebuilt from a state dict with --arch is already in eval mode: see normswap.io)
     folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm)
