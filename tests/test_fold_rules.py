@@ -97,7 +97,7 @@ def test_conv_bn_keeps_classes_and_names_and_input_untouched():
     assert rep.to_dict()["folded"][0] == {"norm": "layer1.0.bn1", "kind": "bn", "into": "layer1.0.conv1",
                                           "pattern": "conv_bn"}
     site, ctx = _site(rand_stats(Net()), "layer1.0.bn1")
-    assert conv_bn.check(site, ctx) is None
+    assert conv_bn.rule.check(site, ctx) is None
 
 
 def test_inplace_modifies_input():
@@ -120,7 +120,7 @@ def test_conv_bn_skip_more_than_one_consumer():
     _, rep = check_equal(rand_stats(M()), torch.randn(1, 3, 4, 4))
     assert "used by more than one consumer" in only_reason(rep, "bn")
     site, ctx = _site(rand_stats(M()), "bn")
-    assert "more than one consumer" in conv_bn.check(site, ctx)
+    assert "more than one consumer" in conv_bn.rule.check(site, ctx)
 
 
 class TwoCalls(nn.Module):
@@ -334,10 +334,10 @@ def test_convtranspose_groups_folded():
 def test_convtranspose_skip_channel_mismatch_via_check():
     m = rand_stats(nn.Sequential(nn.ConvTranspose2d(4, 6, 3), nn.BatchNorm2d(6)))
     site, ctx = _site(m, "1")
-    assert convtranspose_bn.check(site, ctx) is None
+    assert convtranspose_bn.rule.check(site, ctx) is None
     m[0].register_forward_pre_hook(lambda *a: None)
     site, ctx = _site(m, "1")
-    assert "hooks" in convtranspose_bn.check(site, ctx)
+    assert "hooks" in convtranspose_bn.rule.check(site, ctx)
 
 
 # --------------------------------------------------------------------------- linear_bn
@@ -357,7 +357,7 @@ def test_linear_bn1d_on_NLC_refused_even_when_L_equals_C():
     _, rep = check_equal(m, torch.randn(2, 4, 4))
     assert "normalises dim 1" in only_reason(rep, "1")
     site, ctx = _site(m, "1")
-    assert linear_bn.check(site, ctx) == linear_bn.RANK_UNKNOWN
+    assert linear_bn.rule.check(site, ctx) == linear_bn.RANK_UNKNOWN
 
 
 def test_linear_bn1d_shapes_prove_not_the_feature_axis():
@@ -390,7 +390,7 @@ def test_bn_next_skip_zero_padding():
     r = only_reason(rep, "0")
     assert "zero padding" in r and "nothing foldable before it" in r
     site, ctx = _site(m, "0")
-    assert "zero padding" in bn_next.check(site, ctx)
+    assert "zero padding" in bn_next.rule.check(site, ctx)
 
 
 def test_bn_next_skip_several_consumers():
@@ -477,7 +477,7 @@ def test_groupnorm_affine_into_1x1_conv_and_skip_padded():
     _, rep = check_equal(m, torch.randn(2, 4, 5, 5))
     assert "zero padding" in only_reason(rep, "0")
     site, ctx = _site(m, "0")
-    assert "zero padding" in norm_affine_linear.check(site, ctx)
+    assert "zero padding" in norm_affine_linear.rule.check(site, ctx)
 
 
 def test_layernorm_into_conv_refused():
@@ -560,7 +560,7 @@ def test_functional_bn_skip_non_constant_stats():
     ctx = build_ctx(M().eval(), regions)
     from normswap.fold.api import _sites
     site = [s for s in _sites(M().eval(), regions, ctx) if s.functional is not None][0]
-    assert "constant" in functional_bn.check(site, ctx)
+    assert "constant" in functional_bn.rule.check(site, ctx)
 
 
 # --------------------------------------------------------------------------- more skip reasons
@@ -727,7 +727,7 @@ def test_composite_bn_stats_folded_conditional_affine_kept():
     assert type(f.cbn) is ConditionalBatchNorm2d and isinstance(f.cbn.bn, nn.Identity)
     assert isinstance(f.sabn.bn, nn.Identity)
     site, ctx = _site(m, "cbn")
-    assert composite_bn.check(site, ctx) is None
+    assert composite_bn.rule.check(site, ctx) is None
 
 
 def test_composite_bn_skip_reason():
@@ -916,3 +916,100 @@ def test_functional_bn_after_unbatched_conv_without_inputs_refused():
     assert "unbatched" in rep.skipped[0]["reason"]
     _, rep = check_equal(M().eval(), torch.randn(2, 4, 4))  # batched: folds
     assert rep.folded and rep.folded[0]["pattern"] == "functional_bn"
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+class _ConvBnBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.bn1(self.conv(x))))
+
+
+def _random_stats(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def test_conv_bn_bn_folds_both_in_two_rounds():
+    model = _random_stats(_ConvBnBn())
+    x = torch.randn(2, 3, 8, 8)
+    decisions = {d.norm: d for d in plan(model)}
+    assert decisions["bn1"].reason is None and decisions["bn1"].pattern == "conv_bn"
+    assert decisions["bn2"].reason is None and decisions["bn2"].pattern == "conv_bn"
+    assert decisions["bn2"].into == "conv"
+    folded, report = fold(model, (x,))
+    assert [f["norm"] for f in report.folded] == ["bn1", "bn2"]
+    assert all(f["into"] == "conv" for f in report.folded)
+    assert report.skipped == []
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+    assert report.verification["ok"]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bn_bn_conv_folds_both_into_the_next_conv():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(3)
+            self.bn2 = nn.BatchNorm2d(3)
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.bn2(self.bn1(x)))
+
+    model = _random_stats(M())
+    for bn in (model.bn1, model.bn2):
+        with torch.no_grad():
+            bn.running_mean.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    folded, report = fold(model, (x,))
+    assert sorted(f["norm"] for f in report.folded) == ["bn1", "bn2"]
+    assert all(f["pattern"] == "bn_next" for f in report.folded)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert all(d.reason is None for d in plan(model, example_inputs=(x,)))
+
+
+def test_second_round_keeps_refusals_of_the_first():
+    # conv -> bn1 -> bn2 with the conv's output also used elsewhere: nothing folds into the conv
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.relu(self.bn2(self.bn1(y))) + y
+
+    model = _random_stats(M())
+    folded, report = fold(model, (torch.randn(1, 3, 6, 6),))
+    assert report.folded == []
+    assert {s["norm"] for s in report.skipped} == {"bn1", "bn2"}
+
+
+def test_rules_are_objects_with_one_check():
+    from normswap.fold.rules import FoldRule, ProducerRule
+
+    producers = [r for r in RULES if isinstance(r, ProducerRule)]
+    assert [r.NAME for r in producers] == ["conv_bn", "convtranspose_bn", "linear_bn"]
+    assert len({type(r) for r in producers}) == 1  # one class, parameterised by layer types
+    for r in RULES:
+        assert isinstance(r, FoldRule)
+        assert type(r).check is FoldRule.check  # check() is written once, in the base class

@@ -1,11 +1,14 @@
-"""``plan()`` and ``fold()``: fold = plan + apply.
+"""``plan()`` and ``fold()``: fold = plan + apply, in rounds.
 
 ``plan`` finds every norm site (module norms over all traced regions, functional
-``batch_norm`` calls, spectral/weight norms on producers' weights) and asks the rules in
-order; the first rule whose ``match`` succeeds folds the site, otherwise the site is
-skipped with the rules' reasons.  ``fold`` works on a deep copy (unless ``inplace``),
-optionally switches to eval and bakes spectral norms, plans, then applies the matches in
-order (each reads the layer's current weights, so folds into both sides of a layer compose).
+``batch_norm`` calls, spectral/weight norms on producers' weights) and asks the rule set
+(:data:`normswap.fold.rules.RULES`) in order; the first rule whose ``match`` succeeds folds
+the site, otherwise the site is skipped with the rules' reasons.  A folded norm's call then
+acts as the identity, which can make a neighbour foldable (``conv -> bn -> bn``): planning
+repeats on the sites still skipped, without re-tracing, while the previous round folded
+something.  ``fold`` works on a deep copy (unless ``inplace``), optionally switches to eval
+and bakes spectral norms, then plans and applies round by round (each match reads the
+layer's current weights, so folds into both sides of a layer compose).
 """
 
 from __future__ import annotations
@@ -20,16 +23,13 @@ from torch import nn
 
 from normswap.errors import NormswapError
 from normswap.graph import Region, functional_nodes, trace_regions
-from normswap.norms import iter_weight_reparams
+from normswap.norms import is_composite, iter_norms, iter_weight_reparams
 
-from .core import iter_norms_linear as iter_norms
-from .core import BN_LIKE, Ctx, Match, Site, build_ctx, describe_node, norm_problem
+from .core import Ctx, Match, Site, build_ctx, describe_node, family, norm_problem
 from .report import FoldDecision, FoldReport
-from .rules import RULES, functional_bn
+from .rules import RULES
 
 __all__ = ["plan", "fold", "FoldDecision", "FoldReport"]
-
-_PRODUCER_RULES = {"conv_bn", "convtranspose_bn", "linear_bn"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -91,50 +91,44 @@ def _sites(model: nn.Module, regions: list[Region], ctx: Ctx) -> list[Site]:
     return sites
 
 
-def _first_input(site: Site) -> str:
+def _first_input(site: Site, ctx: Ctx) -> str:
     for ref in site.calls:
         if ref.node.args:
-            return describe_node(ref.region, ref.node.args[0])
+            return describe_node(ref.region, ctx.input_of(ref.node, True) or ref.node.args[0])
     return "unknown"
 
 
 def _decide(site: Site, ctx: Ctx) -> tuple[FoldDecision, Any, Match | None]:
-    if site.functional is not None:
-        if site.kind != "bn":
-            return FoldDecision(site.name, f"functional_{site.kind}", reason=(
-                f"functional {site.kind} norm: only functional batch_norm is folded")), None, None
-        if not ctx.allow_training and ctx.model.training:
-            return FoldDecision(site.name, "functional_bn", reason=(
-                "the model is in training mode (pass eval=True / --eval)")), None, None
-        m = functional_bn.match(site, ctx)
-        if isinstance(m, Match):
-            return FoldDecision(site.name, "functional_bn", ", ".join(m.into), m.pattern), functional_bn, m
-        return FoldDecision(site.name, "functional_bn", reason=m), None, None
+    kind = f"functional_{site.kind}" if site.functional is not None else site.kind
     rules = [r for r in RULES if r.applies(site, ctx)]
     reasons: list[str] = []
     for rule in rules:
         m = rule.match(site, ctx)
         if isinstance(m, Match):
-            return FoldDecision(site.name, site.kind, ", ".join(m.into), m.pattern), rule, m
+            return FoldDecision(site.name, kind, ", ".join(m.into), m.pattern), rule, m
         if m not in reasons:
             reasons.append(m)
+    return FoldDecision(site.name, kind, reason=_skip_reason(site, ctx, rules, reasons)), None, None
+
+
+def _skip_reason(site: Site, ctx: Ctx, rules: list, reasons: list[str]) -> str:
+    """One reason for a site no rule folds, from the rules' reasons."""
+    if site.functional is not None:
+        return reasons[0]
     if not rules:
-        reason = norm_problem(site, ctx) or f"no fold rule for {site.kind}"
-    else:
-        common = None if site.kind in ("cbn", "sabn") else norm_problem(site, ctx)
-        if site.kind in ("cbn", "sabn"):
-            reason = (f"its conditional affine depends on a second input; its BatchNorm statistics "
-                      f"were not folded either: {reasons[0]}")
-        elif common:
-            reason = common
-        elif site.kind in BN_LIKE and not any(r.NAME in _PRODUCER_RULES for r in rules):
-            reason = (f"nothing foldable before it (its input is {_first_input(site)}); "
-                      f"after it: {reasons[-1]}")
-        elif len(reasons) > 1:
-            reason = f"{reasons[0]}; after it: {'; '.join(reasons[1:])}"
-        else:
-            reason = reasons[0]
-    return FoldDecision(site.name, site.kind, reason=reason), None, None
+        return norm_problem(site, ctx) or f"no fold rule for {site.kind}"
+    if is_composite(site.kind):
+        return (f"its conditional affine depends on a second input; its BatchNorm statistics "
+                f"were not folded either: {reasons[0]}")
+    common = norm_problem(site, ctx)
+    if common:
+        return common
+    if family(site.kind) == "bn_like" and not any(r.PRODUCER for r in rules):
+        return (f"nothing foldable before it (its input is {_first_input(site, ctx)}); "
+                f"after it: {reasons[-1]}")
+    if len(reasons) > 1:
+        return f"{reasons[0]}; after it: {'; '.join(reasons[1:])}"
+    return reasons[0]
 
 
 def _reparam_decisions(model: nn.Module, bake: bool) -> list[FoldDecision]:
@@ -157,10 +151,25 @@ def _reparam_decisions(model: nn.Module, bake: bool) -> list[FoldDecision]:
     return out
 
 
-def _plan(model, regions, ranks, allow_training):
+def _plan(model, regions, ranks, allow_training, apply: bool = False):
+    """Decide every site; while a round folded something, mark its norms' calls as the
+    identity (applying the matches first when ``apply``) and decide the sites still skipped
+    again.  Returns the context and one (site, decision, rule, match) row per site."""
     ctx = build_ctx(model, regions, ranks, allow_training)
-    ctx.extra["runtime_calls"] = getattr(ranks, "calls", None)
     rows = [(site, *_decide(site, ctx)) for site in _sites(model, regions, ctx)]
+    pending = list(range(len(rows)))
+    while True:
+        folded = [i for i in pending if rows[i][2] is not None]
+        if not folded:
+            break
+        for i in folded:
+            site, _, rule, m = rows[i]
+            if apply:
+                rule.apply(site, ctx, m)
+            ctx.removed.update(id(n) for n in rule.removed_nodes(site, m))
+        pending = [i for i in pending if rows[i][2] is None]
+        for i in pending:
+            rows[i] = (rows[i][0], *_decide(rows[i][0], ctx))
     return ctx, rows
 
 
@@ -255,7 +264,7 @@ def _flat(out) -> list[torch.Tensor]:
 
 def _install(ctx: Ctx, regions: list[Region], model: nn.Module) -> nn.Module:
     """Put each rewritten region's GraphModule in place of its module (deepest first)."""
-    rewritten = sorted(ctx.extra.get("rewritten", {}).values(), key=lambda r: -len(r.path))
+    rewritten = sorted(ctx.rewritten.values(), key=lambda r: -len(r.path))
     for region in rewritten:
         gm = region.gm
         for node in gm.graph.nodes:  # modules replaced in the model since tracing
@@ -342,21 +351,20 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace):
         _bake(work, report)
     regions = trace_regions(work)
     ranks = _record_ranks(work, ex) if ex is not None else None
-    ctx, rows = _plan(work, regions, ranks, allow_training=False)
+    ctx, rows = _plan(work, regions, ranks, allow_training=False, apply=True)
     for site, d, rule, m in rows:
         if rule is None:
             report.skipped.append({"norm": d.norm, "kind": d.kind, "reason": d.reason})
             continue
-        rule.apply(site, ctx, m)
         report.folded.append({"norm": d.norm, "kind": d.kind, "into": d.into, "pattern": d.pattern})
     for d in reparams:
         if d.reason is None:
             report.folded.append({"norm": d.norm, "kind": d.kind, "into": d.into, "pattern": d.pattern})
         else:
             report.skipped.append({"norm": d.norm, "kind": d.kind, "reason": d.reason})
-    if ctx.extra.get("rewritten"):
+    if ctx.rewritten:
         work = _install(ctx, regions, work)
-        report.graph_rewritten = sorted(r.path for r in ctx.extra["rewritten"].values())
+        report.graph_rewritten = sorted(r.path for r in ctx.rewritten.values())
         report.returns_graph_module = "" in report.graph_rewritten
         where = ", ".join(repr(p or "<model>") for p in report.graph_rewritten)
         report.notes.append(f"functional batch_norm calls were removed: {where} became torch.fx.GraphModule")

@@ -16,15 +16,16 @@ import torch.fx as fx
 from torch import nn
 
 from normswap.graph import NodeRef, Region, qualname, region_of
-from normswap.norms import known_base, weight_reparam
+from normswap.norms import NORMS, weight_reparam
 
 from . import arith
+from .policy import kind_problem
 
 __all__ = [
     "Site", "Ctx", "Match", "build_ctx", "node_module", "module_problem", "norm_problem",
-    "eval_affine", "BN_LIKE", "AFFINE_ONLY", "CONV_TYPES", "CONVT_TYPES", "LINEAR_TYPES",
+    "eval_affine", "family", "CONV_TYPES", "CONVT_TYPES", "LINEAR_TYPES",
     "conv_input_exact", "find_producer", "find_consumers", "replace_with_identity",
-    "set_params", "describe_node", "direct_use_problem", "conv_rank_problem", "RANK_UNKNOWN",
+    "set_params", "fold_after", "describe_node", "direct_use_problem", "conv_rank_problem", "RANK_UNKNOWN",
 ]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -32,10 +33,12 @@ CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LINEAR_TYPES = (nn.Linear,)
 _ALL_LAYERS = CONV_TYPES + CONVT_TYPES + LINEAR_TYPES
 
-#: norms whose eval closed form is a per-channel affine on dim 1
-BN_LIKE = ("bn", "frozen_bn", "in", "powernorm", "bgn")
-#: norms whose affine (only) can move into the following Linear / conv
-AFFINE_ONLY = ("ln", "rms", "gn")
+
+def family(kind: str) -> str | None:
+    """The registry's fold family of ``kind``: "bn_like" (eval = per-channel affine on dim 1),
+    "affine_only" (only gamma/beta move into the next linear op) or None."""
+    k = NORMS.get(kind)
+    return k.fold_family if k is not None else None
 
 
 @dataclass
@@ -58,14 +61,34 @@ class Match:
 
 @dataclass
 class Ctx:
+    """What the rules know about the model: built once per plan/fold (:func:`build_ctx`)."""
+
     model: nn.Module
     regions: list[Region]
+    #: id(module) -> its call sites over all traced regions
     calls: dict[int, list[NodeRef]]
+    #: id(module) -> every name it has in the model (aliases)
     names: dict[int, list[str]]
+    #: id(parameter) -> ids of the modules holding it
     param_owners: dict[int, list[int]]
+    #: id(module) -> input ranks seen on the example inputs (None: no example inputs)
     ranks: dict[int, set[int]] | None
     allow_training: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: id(module) -> module, every module of the model
+    modules_by_id: dict[int, nn.Module] = field(default_factory=dict)
+    #: id(tensor) -> qualified name, tensors read directly by a ``get_attr`` node
+    attr_uses: dict[int, str] = field(default_factory=dict)
+    #: paths of the regions whose forward could not be traced
+    untraced_parents: set[str] = field(default_factory=set)
+    #: id(module) -> how often it ran on the example inputs (None: no example inputs)
+    runtime_calls: dict[int, int] | None = None
+    #: id(norm module) -> its eval affine (scale, shift) or a reason (see :func:`eval_affine`)
+    affine_cache: dict[int, Any] = field(default_factory=dict)
+    #: id(region) -> region whose graph was rewritten (a functional call removed)
+    rewritten: dict[int, Region] = field(default_factory=dict)
+    #: ids of the graph nodes of norms already folded away (earlier rounds): they act as
+    #: the identity, so the graph helpers look through them
+    removed: set[int] = field(default_factory=set)
 
     def name_of(self, m: nn.Module) -> str:
         n = self.names.get(id(m))
@@ -78,6 +101,23 @@ class Ctx:
         if self.ranks is None:
             return None
         return self.ranks.get(id(m)) or None
+
+    def input_of(self, node: fx.Node, extra_ok: bool = False) -> fx.Node | None:
+        """The node's single input (see :func:`_single_input`), looking through folded norms."""
+        a = _single_input(node, extra_ok)
+        while a is not None and id(a) in self.removed:  # a folded norm: identity on its input
+            a = a.args[0] if a.args and isinstance(a.args[0], fx.Node) else None
+        return a
+
+    def users_of(self, node: fx.Node) -> list[fx.Node]:
+        """The node's users, looking through folded norms (which act as the identity)."""
+        out: list[fx.Node] = []
+        for u in node.users:
+            if id(u) in self.removed:
+                out.extend(u2 for u2 in self.users_of(u) if u2 not in out)
+            elif u not in out:
+                out.append(u)
+        return out
 
 
 def node_module(region: Region, node: Any) -> nn.Module | None:
@@ -131,11 +171,11 @@ def build_ctx(model: nn.Module, regions: list[Region], ranks=None, allow_trainin
                 m = node_module(r, n)
                 if m is not None:
                     calls.setdefault(id(m), []).append(NodeRef(r, n))
-    ctx = Ctx(model, regions, calls, names, param_owners, ranks, allow_training)
-    ctx.extra["modules_by_id"] = {id(m): m for m in model.modules()}
-    ctx.extra["attr_uses"] = _attr_uses(regions)
-    ctx.extra["untraced_parents"] = {r.path for r in regions if r.gm is None}
-    return ctx
+    return Ctx(model, regions, calls, names, param_owners, ranks, allow_training,
+               modules_by_id={id(m): m for m in model.modules()},
+               attr_uses=_attr_uses(regions),
+               untraced_parents={r.path for r in regions if r.gm is None},
+               runtime_calls=getattr(ranks, "calls", None))
 
 
 def _attr_uses(regions: list[Region]) -> dict[int, str]:
@@ -167,12 +207,12 @@ def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str, calls: "list[NodeRef
     """Why the calls/tensors of ``m`` seen in the traced graphs may not be all of its uses:
     one of its parameters/buffers is read directly elsewhere (``get_attr``), or it is a
     direct child (under one of its names) of a module whose forward could not be traced."""
-    uses = ctx.extra.get("attr_uses", {})
+    uses = ctx.attr_uses
     for k, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
         if t is not None and id(t) in uses:
             return (f"{what} '{ctx.name_of(m)}': its {k} is also read directly ('{uses[id(t)]}'), "
                     f"so changing it would change that other use")
-    runtime = ctx.extra.get("runtime_calls")
+    runtime = ctx.runtime_calls
     if runtime is not None:
         # every call seen in a traced graph runs once per call of that graph's module
         refs = ctx.calls_of(m) if calls is None else calls
@@ -182,7 +222,7 @@ def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str, calls: "list[NodeRef
             return (f"{what} '{ctx.name_of(m)}' ran {actual} times on the example inputs but the traced "
                     f"graphs account for {expected}: it is also called from code that could not be traced")
         return None
-    bad = ctx.extra.get("untraced_parents", set())
+    bad = ctx.untraced_parents
     for name in ctx.names.get(id(m), []):
         if not name:
             continue
@@ -197,88 +237,21 @@ def direct_use_problem(m: nn.Module, ctx: "Ctx", what: str, calls: "list[NodeRef
 # --------------------------------------------------------------------------- norm checks
 
 
-def _kind_reason(module: nn.Module, kind: str) -> str | None:
-    if kind == "unsupported_subclass":
-        base = known_base(module)
-        bname = base.__name__ if base is not None else "a known norm"
-        return (f"unsupported subclass {type(module).__name__} of {bname}: its forward may do more "
-                f"than normalise (exact types only)")
-    if kind == "custom":
-        return f"custom norm {type(module).__name__}: its forward is unknown"
-    if kind == "in" and not getattr(module, "track_running_stats", False):
-        return "InstanceNorm without running statistics: per-sample statistics are not a fixed affine"
-    if kind == "lrn":
-        return "LocalResponseNorm is not an affine"
-    if kind == "frn":
-        return "FilterResponseNorm: per-sample statistics and a TLU are not a fixed affine"
-    if kind in ("cbn", "sabn"):
-        return f"{type(module).__name__}: its affine depends on a second input (condition/branch)"
-    if kind not in BN_LIKE and kind not in AFFINE_ONLY:
-        return f"{kind}: not a foldable norm"
-    return None
-
-
-_AFFINE_CACHE_KEY = "_normswap_fold_affine"
-
-
 def eval_affine(module: nn.Module, kind: str, ctx: "Ctx | None" = None):
-    """(scale, shift) float64 of a BN-like norm at eval, or a reason string (cached per ctx)."""
-    if ctx is not None:
-        cache = ctx.extra.setdefault(_AFFINE_CACHE_KEY, {})
-        if id(module) not in cache:
-            cache[id(module)] = _eval_affine(module, kind)
-        return cache[id(module)]
-    return _eval_affine(module, kind)
-
-
-def _eval_affine(module: nn.Module, kind: str):
-    eps = getattr(module, "eps", 1e-5)
-    if isinstance(eps, torch.Tensor):
-        eps = float(eps.item())
-    if kind in ("bn", "in"):
-        if not getattr(module, "track_running_stats", True) or module.running_mean is None \
-                or module.running_var is None:
-            return ("track_running_stats=False: it normalises with batch statistics even in eval"
-                    if kind == "bn" else "InstanceNorm without running statistics")
-        if isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
-            return "uninitialized lazy norm"
-        s, t = arith.bn_affine(module.running_mean, module.running_var, module.weight,
-                               module.bias, eps)
-        stats = (module.running_mean, module.running_var, module.weight, module.bias)
-    elif kind == "frozen_bn":
-        s, t = arith.bn_affine(module.running_mean, module.running_var, module.weight,
-                               module.bias, eps)
-        stats = (module.running_mean, module.running_var, module.weight, module.bias)
-    elif kind == "powernorm":
-        s, t = arith.powernorm_affine(module.running_phi, getattr(module, "weight", None),
-                                      getattr(module, "bias", None), eps)
-        stats = (module.running_phi, getattr(module, "weight", None), getattr(module, "bias", None))
-    elif kind == "bgn":
-        C, G = module.num_features, module.running_mean.numel()
-        if C % G:
-            return "channels not divisible by groups"
-        s, t = arith.bgn_affine(module.running_mean, module.running_var,
-                                getattr(module, "weight", None), getattr(module, "bias", None),
-                                eps, C)
-        stats = (module.running_mean, module.running_var)
-    else:
-        return f"{kind}: no eval-time affine"
-    if not arith.is_finite(*stats) or not arith.is_finite(s, t):
-        return "non-finite statistics (NaN/Inf in running stats or affine, or var + eps <= 0)"
-    return s, t
-
-
-def iter_norms_linear(model: nn.Module):
-    """``norms.iter_norms`` (kept as a name for the fold package's callers)."""
-    from normswap.norms import iter_norms
-
-    return iter_norms(model)
+    """(scale, shift) float64 of a BN-like norm at eval, or a reason string: the registry's
+    answer (``NORMS[kind].eval_affine``), cached per context."""
+    if ctx is None:
+        return NORMS[kind].eval_affine(module)
+    cache = ctx.affine_cache
+    if id(module) not in cache:
+        cache[id(module)] = NORMS[kind].eval_affine(module)
+    return cache[id(module)]
 
 
 def norm_problem(site: Site, ctx: Ctx) -> str | None:
     """Reasons a norm module cannot be folded whatever its neighbours are."""
     m, kind = site.module, site.kind
-    r = _kind_reason(m, kind)
+    r = kind_problem(kind, m)
     if r:
         return r
     if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
@@ -292,7 +265,7 @@ def norm_problem(site: Site, ctx: Ctx) -> str | None:
             return "the model is in training mode (pass eval=True / --eval to fold its eval-mode behaviour)"
         if m.training:
             return "the norm is in training mode (pass eval=True / --eval)"
-    if kind in BN_LIKE:
+    if family(kind) == "bn_like":
         a = eval_affine(m, kind, ctx)
         if isinstance(a, str):
             return a
@@ -347,7 +320,7 @@ def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
             return f"'{name}' weights are not floating point (quantized?)"
         owners = ctx.param_owners.get(id(p), [])
         if len(owners) > 1:
-            others = [ctx.name_of(ctx.extra["modules_by_id"][o]) for o in owners if o != id(m)]
+            others = [ctx.name_of(ctx.modules_by_id[o]) for o in owners if o != id(m)]
             return f"'{name}' shares (ties) its parameters with {', '.join(repr(o) for o in others)}"
     if m._forward_hooks or m._forward_pre_hooks:
         return f"'{name}' has hooks registered"
@@ -430,7 +403,7 @@ def find_producer(site: Site, ctx: Ctx, types: tuple[type, ...], what: str, extr
     """
     prod: nn.Module | None = None
     for ref in site.calls:
-        inp = _single_input(ref.node, extra_args_ok)
+        inp = ctx.input_of(ref.node, extra_args_ok)
         if inp is None:
             return "the norm is called with extra arguments"
         if inp.op != "call_module":
@@ -445,9 +418,9 @@ def find_producer(site: Site, ctx: Ctx, types: tuple[type, ...], what: str, extr
                     f"('{ctx.name_of(prod)}', '{ctx.name_of(pm)}')")
     assert prod is not None
     pname = ctx.name_of(prod)
-    own_inputs = {id(_single_input(r.node, extra_args_ok)) for r in site.calls}
+    own_inputs = {id(ctx.input_of(r.node, extra_args_ok)) for r in site.calls}
     for pref in ctx.calls_of(prod):
-        users = list(pref.node.users)
+        users = ctx.users_of(pref.node)
         if len(users) != 1:
             if id(pref.node) in own_inputs:
                 return (f"the output of '{pname}' is used by more than one consumer "
@@ -455,7 +428,7 @@ def find_producer(site: Site, ctx: Ctx, types: tuple[type, ...], what: str, extr
             return (f"'{pname}' is called at several places whose call sites differ "
                     f"(one call's output has {len(users)} users)")
         u = users[0]
-        if node_module(pref.region, u) is not site.module or _single_input(u, extra_args_ok) is not pref.node:
+        if node_module(pref.region, u) is not site.module or ctx.input_of(u, extra_args_ok) is not pref.node:
             return (f"'{pname}' is called at several places whose call sites differ "
                     f"(one call feeds {describe_node(pref.region, u)})")
     return prod
@@ -466,20 +439,20 @@ def find_consumers(site: Site, ctx: Ctx, types: tuple[type, ...], what: str):
     consumers: list[nn.Module] = []
     norm_nodes = {id(r.node) for r in site.calls}
     for ref in site.calls:
-        users = list(ref.node.users)
+        users = ctx.users_of(ref.node)
         if not users:
             return "its output is unused"
         for u in users:
             um = node_module(ref.region, u)
             if um is None or not isinstance(um, types):
                 return f"its output feeds {describe_node(ref.region, u)}, not a {what}"
-            if _single_input(u) is not ref.node:
+            if ctx.input_of(u) is not ref.node:
                 return f"its output feeds {describe_node(ref.region, u)} in a non-input position"
             if all(c is not um for c in consumers):
                 consumers.append(um)
     for c in consumers:
         for cref in ctx.calls_of(c):
-            inp = _single_input(cref.node)
+            inp = ctx.input_of(cref.node)
             if inp is None or id(inp) not in norm_nodes:
                 return (f"'{ctx.name_of(c)}' is called at several places whose call sites differ "
                         f"(one call reads {describe_node(cref.region, inp)})")
@@ -498,6 +471,17 @@ def set_params(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> No
             layer.bias = nn.Parameter(arith.cast_like(bias, w), requires_grad=w.requires_grad)
         else:
             layer.bias.copy_(arith.cast_like(bias, layer.bias))
+
+
+def fold_after(layer: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Fold a per-output-channel affine ``y * s + t`` into the producing layer's weights."""
+    if isinstance(layer, CONVT_TYPES):
+        w, b = arith.fold_affine_after_conv_transpose(layer.weight, layer.bias, s, t, layer.groups)
+    elif isinstance(layer, LINEAR_TYPES):
+        w, b = arith.fold_affine_after_linear(layer.weight, layer.bias, s, t)
+    else:
+        w, b = arith.fold_affine_after_conv(layer.weight, layer.bias, s, t)
+    set_params(layer, w, b)
 
 
 def replace_with_identity(ctx: Ctx, module: nn.Module) -> None:

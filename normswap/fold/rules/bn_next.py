@@ -15,12 +15,12 @@ Exact only when:
 from __future__ import annotations
 
 from .. import arith
-from ..core import (BN_LIKE, CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site,
-                    conv_input_exact, conv_rank_problem, eval_affine, find_consumers, module_problem, norm_problem,
+from ..core import (CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, RANK_UNKNOWN, Ctx, Match, Site, conv_input_exact,
+                    conv_rank_problem, eval_affine, family, find_consumers, module_problem, norm_problem,
                     replace_with_identity, set_params)
+from .base import FoldRule
 
 NAME = "bn_next"
-RANK_UNKNOWN = "input rank unknown: pass example inputs"
 
 
 def fold_into(layer, s, t):
@@ -65,40 +65,39 @@ def consumer_exact(site: Site, ctx: Ctx, layer, channels: int, channel_axis_last
     return conv_rank_problem(layer, site.module, ctx, "called on")
 
 
-def applies(site: Site, ctx: Ctx) -> bool:
-    return site.functional is None and site.kind in BN_LIKE
-
-
-def match(site: Site, ctx: Ctx):
-    if not applies(site, ctx):
-        return f"{site.kind} is not a BatchNorm-like norm"
-    r = norm_problem(site, ctx)
-    if r:
-        return r
-    cons = find_consumers(site, ctx, CONV_TYPES + CONVT_TYPES + LINEAR_TYPES, "Conv/Linear")
-    if isinstance(cons, str):
-        return cons
-    if len(cons) != 1:
-        return f"its output feeds several layers ({', '.join(ctx.name_of(c) for c in cons)})"
-    layer = cons[0]
-    channels = getattr(site.module, "num_features", None) or eval_affine(site.module, site.kind, ctx)[0].numel()
-    r = module_problem(layer, ctx, CONV_TYPES + LINEAR_TYPES) or consumer_exact(site, ctx, layer, channels, False)
-    if r:
-        return r
-    return Match([ctx.name_of(layer)], NAME, {"consumers": [layer]})
-
-
-def check(site: Site, ctx: Ctx) -> str | None:
-    m = match(site, ctx)
-    return m if isinstance(m, str) else None
-
-
-def apply(site: Site, ctx: Ctx, m: Match | None = None) -> Match:
-    m = m or match(site, ctx)
-    assert isinstance(m, Match), m
-    s, t = eval_affine(site.module, site.kind, ctx)
+def apply_to_consumers(ctx: Ctx, m: Match, s, t) -> None:
     for layer in m.data["consumers"]:
         w, b = fold_into(layer, s, t)
         set_params(layer, w, b)
-    replace_with_identity(ctx, site.module)
-    return m
+
+
+class BnNextRule(FoldRule):
+    NAME = NAME
+    NOT_APPLICABLE = "{kind} is not a BatchNorm-like norm"
+
+    def applies(self, site: Site, ctx: Ctx) -> bool:
+        return site.functional is None and family(site.kind) == "bn_like"
+
+    def match(self, site: Site, ctx: Ctx) -> Match | str:
+        r = norm_problem(site, ctx)
+        if r:
+            return r
+        cons = find_consumers(site, ctx, CONV_TYPES + CONVT_TYPES + LINEAR_TYPES, "Conv/Linear")
+        if isinstance(cons, str):
+            return cons
+        if len(cons) != 1:
+            return f"its output feeds several layers ({', '.join(ctx.name_of(c) for c in cons)})"
+        layer = cons[0]
+        channels = getattr(site.module, "num_features", None) or eval_affine(site.module, site.kind, ctx)[0].numel()
+        r = module_problem(layer, ctx, CONV_TYPES + LINEAR_TYPES) or consumer_exact(site, ctx, layer, channels, False)
+        if r:
+            return r
+        return Match([ctx.name_of(layer)], NAME, {"consumers": [layer]})
+
+    def apply(self, site: Site, ctx: Ctx, m: Match) -> None:
+        s, t = eval_affine(site.module, site.kind, ctx)
+        apply_to_consumers(ctx, m, s, t)
+        replace_with_identity(ctx, site.module)
+
+
+rule = BnNextRule()

@@ -9,13 +9,10 @@ Linear's output feature axis (the last one).
 
 from __future__ import annotations
 
-from .. import arith
-from ..core import BN_LIKE, LINEAR_TYPES, Ctx, Match, Site
-from ._producer import apply_after, producer_match
-from .conv_bn import _first_input_type
+from ..core import LINEAR_TYPES, RANK_UNKNOWN, Ctx, Site
+from ._producer import ProducerRule
 
 NAME = "linear_bn"
-RANK_UNKNOWN = "input rank unknown: pass example inputs"
 
 
 def _extra(site: Site, ctx: Ctx, lin, channels: int) -> str | None:
@@ -35,21 +32,4 @@ def _extra(site: Site, ctx: Ctx, lin, channels: int) -> str | None:
     return None
 
 
-def applies(site: Site, ctx: Ctx) -> bool:
-    return site.functional is None and site.kind in BN_LIKE and _first_input_type(site) in LINEAR_TYPES
-
-
-def match(site: Site, ctx: Ctx):
-    return producer_match(site, ctx, LINEAR_TYPES, "Linear", NAME, _extra)
-
-
-def check(site: Site, ctx: Ctx) -> str | None:
-    m = match(site, ctx)
-    return m if isinstance(m, str) else None
-
-
-def apply(site: Site, ctx: Ctx, m: Match | None = None) -> Match:
-    m = m or match(site, ctx)
-    assert isinstance(m, Match), m
-    apply_after(site, ctx, m, lambda lin, s, t: arith.fold_affine_after_linear(lin.weight, lin.bias, s, t))
-    return m
+rule = ProducerRule(NAME, LINEAR_TYPES, "Linear", _extra)
