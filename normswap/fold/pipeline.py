@@ -20,7 +20,6 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
     from normswap.fold import fold
     from normswap.inputs import resolve_inputs
     from normswap.io import as_module, check_outputs, save_model, staged_output
-    from normswap.inputs import resolve_inputs
     from normswap.io import load_model as load
 
     out_path = output or _default_output(model_path)
