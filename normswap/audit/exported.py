@@ -29,6 +29,16 @@ def _stack_paths(node) -> list[str]:
     return [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
 
 
+def _outside_inputs(nodes: list, path: str, ph_to_key: dict):
+    """Inputs of a lowered module's nodes that come from outside it (its parameters excluded)."""
+    own = {id(n) for n in nodes}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if id(a) in own or path in _stack_paths(a) or (a.op == "placeholder" and a.name in ph_to_key):
+                continue
+            yield a
+
+
 def _node_desc(node) -> str:
     """A node described as the eager fold rules describe FX nodes (a module's op as the module)."""
     if node.op == "output":
@@ -198,12 +208,12 @@ def _ep_module_sites(ep, sites: list, state: dict, ph_to_key: dict, extras: dict
     params = set((getattr(sig, "inputs_to_parameters", {}) or {}).values())
     known = {s.name for s in sites}
     modules: dict[str, str] = {}
-    first_node: dict[str, Any] = {}
+    nodes_of: dict[str, list] = {}
     last_node: dict[str, Any] = {}
     for node in ep.graph.nodes:
         for path, typ in (node.meta.get("nn_module_stack") or {}).values():
             modules.setdefault(path, typ)
-            first_node.setdefault(path, node)
+            nodes_of.setdefault(path, []).append(node)
             last_node[path] = node
     out = []
     for path, typ in modules.items():
@@ -238,23 +248,19 @@ def _ep_module_sites(ep, sites: list, state: dict, ph_to_key: dict, extras: dict
             s.shape = {"weight_shape": list(w.shape)}
         s.affine = w is not None
         s.running_stats = bool(stats)
-        node = first_node.get(path)
-        if node is not None:
-            for a in node.all_input_nodes:
-                astack = [p for p, _ in (a.meta.get("nn_module_stack") or {}).values()]
-                if path in astack or (a.op == "placeholder" and a.name in ph_to_key):
-                    continue
-                pop = _op_name(a.target) if a.op == "call_function" else a.op
-                pname = astack[-1] if astack else a.name
-                s.producer = {"name": pname, "op": G.producer_op(pop, "input" if a.op == "placeholder" else "other"),
-                              "type": pop, "other_users": False}
-                outside = [u for u in a.users if path not in _stack_paths(u)]
-                inside = len(a.users) - len(outside)
-                s.producer["other_users"] = bool(outside)
-                s.producer_shared = bool(outside)
-                extras[path] = {"producer_desc": _node_desc(a),
-                                "producer_users": [_node_desc(u) for u in outside] + [f"'{path}' ({cls_name})"] * bool(inside)}
-                break
+        for a in _outside_inputs(nodes_of.get(path, []), path, ph_to_key):
+            astack = _stack_paths(a)
+            pop = _op_name(a.target) if a.op == "call_function" else a.op
+            pname = astack[-1] if astack else a.name
+            s.producer = {"name": pname, "op": G.producer_op(pop, "input" if a.op == "placeholder" else "other"),
+                          "type": pop, "other_users": False}
+            outside = [u for u in a.users if path not in _stack_paths(u)]
+            inside = len(a.users) - len(outside)
+            s.producer["other_users"] = bool(outside)
+            s.producer_shared = bool(outside)
+            extras[path] = {"producer_desc": _node_desc(a),
+                            "producer_users": [_node_desc(u) for u in outside] + [f"'{path}' ({cls_name})"] * bool(inside)}
+            break
         last = last_node.get(path)
         if last is not None:
             outs = [u for u in last.users if path not in _stack_paths(u)]
