@@ -85,7 +85,7 @@ def audit_file(model_path, *, input_shape=None, data=None, arch=None, arch_kwarg
     asked = input_shape is not None or data is not None
     inputs = None
     if asked and eager:
-        inputs = resolve_inputs(module, input_shape=input_shape, data=data, batch=2 if data is not None else 1,
+        inputs = resolve_inputs(module, input_shape=input_shape, data=data,
                                 required=True).example
     report = audit(loaded, inputs)
     if asked and inputs is None:
