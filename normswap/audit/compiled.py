@@ -13,17 +13,14 @@ from .report import AuditReport, Site
 
 __all__ = ["class_kinds", "qual_type_kind", "reparam_sites_from_names", "finish_compiled", "describe"]
 
-_CLASS_KIND: dict[str, str] | None = None
+def _types() -> dict[type, str]:
+    """Exact type -> kind over the registry (read each time: kinds may be registered later)."""
+    return {t: k for k, nk in NORMS.items() for t in nk.types}
 
 
 def class_kinds() -> dict[str, str]:
     """class name -> kind for the registry's exact types (for TorchScript original_name)."""
-    global _CLASS_KIND
-    if _CLASS_KIND is None:
-        from normswap.norms import _type_map  # noqa: PLC0415
-
-        _CLASS_KIND = {t.__name__: k for t, k in _type_map().items()}
-    return _CLASS_KIND
+    return {t.__name__: k for t, k in _types().items()}
 
 
 def qual_type_kind(type_str: str) -> str | None:
@@ -32,9 +29,9 @@ def qual_type_kind(type_str: str) -> str | None:
     imported) and classified by type (a subclass -> 'unsupported_subclass')."""
     import sys
 
-    from normswap.norms import _type_map, classify_type  # noqa: PLC0415
+    from normswap.norms import classify_type  # noqa: PLC0415
 
-    for t, k in _type_map().items():
+    for t, k in _types().items():
         if f"{t.__module__}.{t.__qualname__}" == type_str:
             return k
     mod_name, _, cls_name = type_str.rpartition(".")

@@ -198,7 +198,7 @@ def audit_eager(model: nn.Module, example_inputs) -> AuditReport:
         s.shape = {"weight_shape": list(getattr(owner, r.param).shape)} if isinstance(
             getattr(owner, r.param, None), torch.Tensor) else {}
         s.affine = False
-        s.running_stats = r.kind == "spectral"
+        s.running_stats = NORMS[r.kind].mode_sensitive is True  # power iteration state (u, v)
         s.eps = to_float(r.details.get("eps")) if r.details.get("eps") is not None else None
         s.mode = "train" if owner.training else "eval"
         s.onnx_ops = list(NORMS[r.kind].onnx_ops)
@@ -211,7 +211,7 @@ def audit_eager(model: nn.Module, example_inputs) -> AuditReport:
         s.reused = len(refs) > 1
         if refs:
             s.consumers = [c for ref in refs for c in G.consumer_info(ref)]
-        if s.kind == "spectral" and owner.training:
+        if NORMS[r.kind].mode_sensitive and owner.training:
             s.flag("train_mode", "training mode: power iteration updates u, v (and the weight) "
                    "at every forward")
         tensors = {n: t for n, t in list(owner.named_parameters()) + list(owner.named_buffers())
