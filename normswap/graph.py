@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from normswap.norms import classify, functional_kind
+from normswap.norm_ops import op_signature
+from normswap.norms import classify
 
 __all__ = [
     "Region",
@@ -35,6 +36,8 @@ __all__ = [
     "consumer_info",
     "PRODUCER_TYPES",
     "producer_kind",
+    "producer_op",
+    "PRODUCER_OPS",
     "region_of",
 ]
 
@@ -53,6 +56,27 @@ for _n, _k in (("LazyConv1d", "conv"), ("LazyConv2d", "conv"), ("LazyConv3d", "c
                ("LazyConvTranspose3d", "conv_transpose"), ("LazyLinear", "linear")):
     if hasattr(nn, _n):
         PRODUCER_TYPES[getattr(nn, _n)] = _k
+
+
+#: the one producer table of every graph reader: a layer class name (FX modules, TorchScript
+#: ``original_name``, ``nn_module_stack`` types) or an aten op name (TorchScript / torch.export)
+#: -> "conv" / "conv_transpose" / "linear"
+PRODUCER_OPS: dict[str, str] = {t.__name__: k for t, k in PRODUCER_TYPES.items()}
+PRODUCER_OPS.update({"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv_transpose",
+                     "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose",
+                     "linear": "linear", "addmm": "linear", "mm": "linear"})
+
+
+def producer_op(name: str | None, default: str = "other") -> str:
+    """The producer table's kind of a class or aten op name ("aten::conv2d", "conv2d.default",
+    "torch.nn.modules.conv.Conv2d" and "Conv2d" all work); ``default`` when not a producer."""
+    if not name:
+        return default
+    s = str(name)
+    for cand in (s, s.split("::")[-1], s.rsplit(".", 1)[-1], s.split("::")[-1].split(".")[0]):
+        if cand in PRODUCER_OPS:
+            return PRODUCER_OPS[cand]
+    return default
 
 
 def producer_kind(module: nn.Module) -> str:
@@ -300,9 +324,9 @@ def functional_nodes(regions: list[Region]) -> Iterator[tuple[str, NodeRef, str]
             continue
         for n in r.gm.graph.nodes:
             if n.op == "call_function":
-                kind = functional_kind(n.target)
-                if kind is not None:
-                    yield qualname(r, n.name), NodeRef(r, n), kind
+                sig = op_signature(n.target) if not isinstance(n.target, str) else None
+                if sig is not None:
+                    yield qualname(r, n.name), NodeRef(r, n), sig.kind
 
 
 def _node_module(region: Region, node: fx.Node) -> nn.Module | None:

@@ -177,3 +177,13 @@ def test_optional_none_arguments_are_traced_as_none():
     assert _norm_names(regions) == ["bn"]
     with pytest.raises(AssertionError):  # specialised: FX asserts mask is None
         regions[0].gm(torch.randn(1, 3, 2, 2), torch.ones(1))
+
+
+def test_one_producer_table_for_every_reader():
+    from normswap.graph import PRODUCER_OPS, producer_op
+
+    assert producer_op("Conv2d") == producer_op("aten::conv2d") == producer_op("conv2d.default") == "conv"
+    assert producer_op("torch.nn.modules.linear.Linear") == producer_op("addmm") == "linear"
+    assert producer_op("ConvTranspose1d") == "conv_transpose"
+    assert producer_op("relu") == "other" and producer_op(None, "input") == "input"
+    assert "Conv3d" in PRODUCER_OPS

@@ -34,32 +34,10 @@ def command(model_path, input_shape, trust, imports, arch, arch_kwargs, opts):
     """Audit the normalization layers of MODEL: kind, place, mode, foldability, risks."""
 
     def job():
-        from normswap.audit import audit
-        from normswap_cli.common import load
+        from normswap.audit import audit_file
 
-        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-        inputs = None
-        if input_shape:
-            import torch
-
-            from normswap.data import parse_shape
-
-            shape = parse_shape(input_shape)
-            if isinstance(loaded.module, torch.nn.Module) and not isinstance(loaded.module, torch.jit.ScriptModule):
-                g = torch.Generator().manual_seed(0)
-                inputs = (torch.randn(shape, generator=g),)
-        report = audit(loaded, inputs)
-        if input_shape and inputs is None:
-            what = {"torchscript": "a TorchScript", "export": "a torch.export"}.get(loaded.format, "this")
-            report.notes.append(f"--input-shape ignored: {what} model is audited from its graph without running it")
-        if inputs is not None:
-            failed = [n for n in report.notes if n.startswith("forward on example inputs failed")]
-            if failed:
-                from normswap.errors import NormswapError
-
-                raise NormswapError(f"--input-shape {input_shape}: the model does not run on inputs of this shape "
-                                    f"({failed[0].split(': ', 1)[1]})")
-        return report
+        return audit_file(model_path, input_shape=input_shape, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
+                          imports=imports)
 
     run_job(job, render, opts)
 

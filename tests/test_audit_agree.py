@@ -1,0 +1,75 @@
+"""One fold policy: the same model audited eager, as TorchScript and as a saved .pt2 gets the
+same sites, kinds, fold verdicts and reasons (compiled verdicts add only a note)."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+from normswap.audit import audit
+from normswap.fold.policy import COMPILED_NOTE
+from normswap.layers import PowerNorm2d
+
+
+class _ConvPowerBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pn = PowerNorm2d(4)  # foldable into conv
+        self.bn = nn.BatchNorm2d(4)  # after the PowerNorm, before a ReLU: nothing to fold into
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.relu(self.bn(self.pn(self.conv(x))))))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = _ConvPowerBn().eval()
+    with torch.no_grad():
+        for bn in (m.bn, m.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+        m.pn.running_phi.uniform_(0.5, 2)
+    return m, torch.randn(2, 3, 8, 8)
+
+
+def _verdicts(rep):
+    return {s.name: (s.kind, s.foldable, s.fold_into, s.reason) for s in rep.sites}
+
+
+def test_eager_torchscript_and_pt2_audits_agree():
+    model, x = _model()
+    eager = _verdicts(audit(model))
+    assert eager["pn"] == ("powernorm", True, "conv", None)
+    assert eager["bn"][1] is False and "its input is 'pn' (PowerNorm2d)" in eager["bn"][3]
+    assert eager["bn2"] == ("bn", True, "conv2", None)
+    ep = torch.export.export(model, (x,))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    for compiled in (torch.jit.trace(model, x), torch.export.load(buf)):
+        rep = audit(compiled)
+        assert _verdicts(rep) == eager, type(compiled).__name__
+        assert all(COMPILED_NOTE in s.notes for s in rep.sites)
+
+
+def test_compiled_graph_refuses_what_it_cannot_prove():
+    model, x = _model()
+    model.bn.train()  # training-mode norm
+    rep = {s.name: s for s in audit(torch.jit.trace(model, x, check_trace=False)).sites}
+    assert not rep["bn"].foldable and "training mode" in rep["bn"].reason
+    lin = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    for compiled in (torch.jit.script(lin),):
+        s = {s.name: s for s in audit(compiled).sites}["1"]
+        assert not s.foldable and s.reason.startswith("input rank unknown")
+
+
+def test_report_json_has_job_and_passed():
+    model, _ = _model()
+    d = audit(model).to_dict()
+    assert d["job"] == "audit" and d["passed"] is True
