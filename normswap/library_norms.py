@@ -81,13 +81,19 @@ def _is_evonorm(m: nn.Module) -> bool:
 
 
 def post_op_children(module: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
-    """The children a recognised norm applies after normalising, in order (drop, act)."""
+    """The children a recognised norm applies after normalising, in order (drop, act), leaving
+    out ``nn.Identity`` ones: an empty list means the norm's output is its normalisation."""
     from normswap.norms import NORMS
 
     k = NORMS.get(kind)
     if k is None:
         return []
-    return [(n, getattr(module, n)) for n in k.post_ops if isinstance(getattr(module, n, None), nn.Module)]
+    out = []
+    for n in k.post_ops:
+        m = getattr(module, n, None)
+        if isinstance(m, nn.Module) and type(m) is not nn.Identity:
+            out.append((n, m))
+    return out
 
 
 register(NormKind(
@@ -95,8 +101,7 @@ register(NormKind(
     None, None, "yes", ("BatchNormalization", "activation"),
     "timm BatchNormAct2d: BatchNorm2d, then its drop and act children (recognised by structure)",
     layout="conv", running_stat_names=("running_mean", "running_var"), eval_affine_fn=_bn_eval,
-    mode_sensitive=True, recognise=_is_bn_act, post_ops=("drop", "act"),
-    no_fold_reason="{type}: BatchNorm followed by its own drop/activation (not folded yet)",
+    fold_family="bn_like", mode_sensitive=True, recognise=_is_bn_act, post_ops=("drop", "act"),
 ))
 register(NormKind(
     "gn_act", (), "sample", "each group's channels and spatial axes, per sample, then drop + activation",

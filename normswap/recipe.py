@@ -77,7 +77,14 @@ def _builders() -> dict[str, tuple[type, Any]]:
 
 
 def module_spec(module) -> dict:
-    """``{"type": name, "args": {...}}`` for an allowlisted module type (exact type)."""
+    """``{"type": name, "args": {...}}`` for an allowlisted module type (exact type).  A
+    :class:`normswap.layers.PostOps` (what a fold leaves of timm's BatchNormAct2d) is
+    ``{"type": "PostOps", "keep": [child names]}``: rebuilt from the factory model's own
+    children at that name, so no activation class ever has to be built from a recipe."""
+    from normswap.layers import PostOps
+
+    if type(module) is PostOps:
+        return {"type": "PostOps", "keep": [n for n, _ in module.named_children()]}
     for name, (cls, args) in _builders().items():
         if type(module) is cls:
             return {"type": name, "args": args(module)}
@@ -134,6 +141,17 @@ def apply_recipe(model, entries: list[dict]) -> int:
             if not isinstance(target, nn.Module):
                 raise NormswapError(f"recipe: the model has no module {name!r}; wrong --arch?")
             setattr(target, e["add_param"], nn.Parameter(torch.zeros(e["shape"])))
+        elif e.get("type") == "PostOps":
+            from normswap.layers import PostOps
+
+            existing = getattr(parent, leaf, None)
+            keep = e.get("keep")
+            if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
+                raise NormswapError(f"recipe for {name!r}: bad PostOps entry")
+            kids = {k: getattr(existing, k, None) for k in keep}
+            if not isinstance(existing, nn.Module) or not all(isinstance(v, nn.Module) for v in kids.values()):
+                raise NormswapError(f"recipe: the model's {name!r} has no children {keep}; wrong --arch?")
+            setattr(parent, leaf, PostOps(**kids).train(model.training))
         else:
             if not hasattr(parent, leaf):
                 raise NormswapError(f"recipe: the model has no module {name!r}; wrong --arch?")

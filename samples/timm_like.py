@@ -359,3 +359,17 @@ class ConvNextBlock(nn.Module):
 
 def convnext_block():
     return _randomize(ConvNextBlock()), (_x(2, 3, 16, 16),)
+
+
+# --------------------------------------------------------------------------- --arch factories (module only)
+
+def timm_bnact_model():
+    return timm_bnact_net()[0]
+
+
+def conv2dsame_model():
+    return conv2dsame_net()[0]
+
+
+def convnext_model():
+    return convnext_block()[0]

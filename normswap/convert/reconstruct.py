@@ -274,7 +274,7 @@ def reconstruct(original: nn.Module, converted: nn.Module, calib: Tensor, *,
                     opt.step()
                     k += 1
                     if progress is not None:
-                        progress(name, k, float(loss))
+                        progress(name, k, float(loss.detach()))
                     if steps is None and k == 3:  # fit the remaining steps into this block's share
                         per = (time.perf_counter() - t0) / 3
                         limit = max(3, min(steps_per_block, int(share / max(per, 1e-9))))
@@ -347,7 +347,7 @@ def _distill(original, converted, calib, params, steps, lr, bs, augment, g, dead
                 loss = _rel_mse(out, ref)
             loss.backward()
             opt.step()
-            loss_v = float(loss)
+            loss_v = float(loss.detach())
             if progress is not None:
                 progress("distill", k + 1, loss_v)
     finally:

@@ -290,6 +290,17 @@ def norm_problem(site: Site, ctx: Ctx) -> str | None:
 # --------------------------------------------------------------------------- layer checks
 
 
+def post_ops_problem(site: Site) -> str | None:
+    """A norm whose output passes its own post ops (activation) is not an affine of its input."""
+    from normswap.library_norms import post_op_children
+
+    kept = post_op_children(site.module, site.kind) if site.module is not None else []
+    if kept:
+        what = ", ".join(f"{n} ({type(m).__name__})" for n, m in kept)
+        return f"its own {what} follows the normalisation: only a fold into the layer before it is exact"
+    return None
+
+
 def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
     """Reasons the weights of layer ``m`` cannot be rewritten."""
     name = ctx.name_of(m)
@@ -485,8 +496,20 @@ def fold_after(layer: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
 
 
 def replace_with_identity(ctx: Ctx, module: nn.Module) -> None:
-    """Put ``nn.Identity()`` in place of ``module`` under every name it has."""
-    ident = nn.Identity()
+    """Put ``nn.Identity()`` in place of ``module`` under every name it has -- or, for a norm with
+    post ops (timm's BatchNormAct2d), a :class:`normswap.layers.PostOps` of its kept children
+    (``drop``, ``act``), so only the normalisation disappears."""
+    from normswap.library_norms import post_op_children
+    from normswap.norms import classify
+
+    kind = classify(module)
+    kept = post_op_children(module, kind) if kind else []
+    if kept:
+        from normswap.layers import PostOps
+
+        ident = PostOps(**{n: m for n, m in kept}).train(module.training)
+    else:
+        ident = nn.Identity()
     for name in ctx.names.get(id(module), []):
         if not name:
             continue

@@ -8,12 +8,14 @@ flow on tensor values.
 from .bgn import BatchGroupNorm2d
 from .conditional import ConditionalBatchNorm2d, SandwichBatchNorm2d
 from .frn import FilterResponseNorm2d
+from .postops import PostOps
 from .powernorm import PowerNorm2d
 
 __all__ = [
     "BatchGroupNorm2d",
     "ConditionalBatchNorm2d",
     "FilterResponseNorm2d",
+    "PostOps",
     "PowerNorm2d",
     "SandwichBatchNorm2d",
 ]

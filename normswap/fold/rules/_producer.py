@@ -67,6 +67,15 @@ class ProducerRule(FoldRule):
                 return r
         return Match([ctx.name_of(prod)], self.NAME, {"producer": prod})
 
+    def removed_nodes(self, site: Site, m: Match) -> list:
+        # a norm with post ops (an activation) stays in the graph as that activation: later
+        # planning rounds must not look through it
+        from normswap.library_norms import post_op_children
+
+        if site.module is not None and post_op_children(site.module, site.kind):
+            return []
+        return super().removed_nodes(site, m)
+
     def apply(self, site: Site, ctx: Ctx, m: Match) -> None:
         s, t = eval_affine(site.module, site.kind, ctx)
         fold_after(m.data["producer"], s, t)

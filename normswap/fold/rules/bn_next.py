@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import arith
 from ..core import (CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, RANK_UNKNOWN, Ctx, Match, Site, conv_input_exact,
                     conv_rank_problem, eval_affine, family, find_consumers, module_problem, norm_problem,
-                    replace_with_identity, set_params)
+                    post_ops_problem, replace_with_identity, set_params)
 from .base import FoldRule
 
 NAME = "bn_next"
@@ -79,7 +79,7 @@ class BnNextRule(FoldRule):
         return site.functional is None and family(site.kind) == "bn_like"
 
     def match(self, site: Site, ctx: Ctx) -> Match | str:
-        r = norm_problem(site, ctx)
+        r = norm_problem(site, ctx) or post_ops_problem(site)
         if r:
             return r
         cons = find_consumers(site, ctx, CONV_TYPES + CONVT_TYPES + LINEAR_TYPES, "Conv/Linear")
