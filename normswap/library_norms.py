@@ -18,7 +18,7 @@ from torch import nn
 
 from normswap.norms import NormKind, _bn_eval, register
 
-__all__ = ["post_op_children"]
+__all__ = ["post_op_children", "is_same_padding_conv"]
 
 
 def _names(m: nn.Module, kind: str) -> set[str]:
@@ -139,3 +139,28 @@ register(NormKind(
     recognise=_is_evonorm, mode_sensitive=None, running_stat_names=("running_var",),
     no_fold_reason="{type}: per-sample statistics and a non-linear gate are not a fixed affine",
 ))
+
+
+# --------------------------------------------------------------------------- library convs
+
+_SAME_PAD_CONVS = ("Conv2dSame", "Conv2dStaticSamePadding", "Conv2dDynamicSamePadding")
+
+
+def is_same_padding_conv(m: nn.Module) -> bool:
+    """timm's ``Conv2dSame`` / EfficientNet-PyTorch's ``Conv2d{Static,Dynamic}SamePadding``,
+    recognised by structure: an ``nn.Conv2d`` subclass whose forward zero-pads its *input*
+    ('same' padding, possibly asymmetric) and then calls ``F.conv2d(x, self.weight, self.bias,
+    self.stride, ..., self.dilation, self.groups)``; no parameters or children of its own beside
+    ``weight``/``bias`` and a zero ``static_padding``.  Its output channel ``o`` is then
+    ``conv(x)[o]`` of its own weight row ``o`` and bias ``o``: a per-channel affine after it folds
+    into its weights exactly."""
+    if type(m).__name__ not in _SAME_PAD_CONVS or not isinstance(m, nn.Conv2d):
+        return False
+    if not _only(m, children=("static_padding",), params=("weight", "bias"), buffers=()):
+        return False
+    pad = getattr(m, "static_padding", None)
+    if pad is None:
+        return True
+    if type(pad) is nn.Identity or type(pad) is nn.ZeroPad2d:
+        return True
+    return type(pad) is nn.ConstantPad2d and float(pad.value) == 0.0

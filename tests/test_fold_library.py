@@ -96,3 +96,121 @@ def test_batchnormact_state_dict_round_trip_through_the_recipe(tmp_path):
     back = load_model(str(tmp_path / "f.pt"), arch="samples.timm_like:timm_bnact_model").module
     assert type(back[1]).__name__ == "PostOps"
     assert torch.allclose(back(*x), m(*x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- convs with their own forward
+
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def test_conv2dsame_networks_fold_every_bn():
+    m, x = T.conv2dsame_net()
+    y = m(*x)
+    folded, rep = fold(m, x)
+    assert {d["norm"]: d["pattern"] for d in rep.folded} == {"1": "conv_bn", "4": "traced_conv_bn"}
+    assert not rep.skipped
+    assert torch.allclose(folded(*x), y, atol=1e-5, rtol=1e-5)
+
+
+class _OwnForward(nn.Conv2d):
+    """A conv subclass FX traces into (pad module, then F.conv2d of its own weights)."""
+
+    def __init__(self, *a, pad=1, **k):
+        super().__init__(*a, **k)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    T._randomize(bn)
+    return bn
+
+
+class _TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = _OwnForward(3, 4, 3)
+        self.bn = _bn(4)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return self.bn(c) + c
+
+
+class _ReadElsewhere(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = _OwnForward(3, 4, 3)
+        self.bn = _bn(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.conv.weight.mean()
+
+
+class _ForeignBias(_OwnForward):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.other_bias = nn.Parameter(torch.randn(self.out_channels))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.other_bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _IgnoresBias(_OwnForward):
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, None, self.stride, 0, self.dilation, self.groups)
+
+
+def _refusal(model, x):
+    model.eval()
+    y = model(x)
+    folded, rep = fold(model, (x,))
+    assert torch.equal(folded(x), y)  # nothing changed
+    return " | ".join(d["reason"] for d in rep.skipped)
+
+
+def test_traced_conv_refused_when_its_output_has_two_users():
+    assert "more than one consumer" in _refusal(_TwoUsers(), torch.randn(2, 3, 6, 6))
+
+
+def test_traced_conv_refused_when_its_weight_is_read_elsewhere():
+    r = _refusal(_ReadElsewhere(), torch.randn(2, 3, 6, 6))
+    assert "used by more than the convolution call" in r
+
+
+def test_traced_conv_refused_when_it_uses_a_foreign_bias():
+    m = nn.Sequential(_ForeignBias(3, 4, 3), _bn(4))
+    assert "does not use its own bias" in _refusal(m, torch.randn(2, 3, 6, 6))
+
+
+def test_traced_conv_refused_when_the_call_ignores_its_bias():
+    m = nn.Sequential(_IgnoresBias(3, 4, 3), _bn(4))
+    assert "ignores its bias" in _refusal(m, torch.randn(2, 3, 6, 6))
+
+
+def test_traced_conv_refused_when_weights_are_tied():
+    a, b = _OwnForward(4, 4, 3), _OwnForward(4, 4, 3)
+    b.weight = a.weight
+    m = nn.Sequential(a, _bn(4), b, _bn(4))
+    assert "ties" in _refusal(m, torch.randn(2, 4, 6, 6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.sampled_from([1, 2, 3]), stride=st.sampled_from([1, 2]), groups=st.sampled_from([1, 2, 4]),
+       bias=st.booleans(), pad=st.integers(0, 2), same=st.booleans(), seed=st.integers(0, 10_000))
+def test_traced_and_same_padding_convs_fold_exactly(k, stride, groups, bias, pad, same, seed):
+    torch.manual_seed(seed)
+    conv = (T.Conv2dSame(4, 8, k, stride=stride, groups=groups, bias=bias) if same
+            else _OwnForward(4, 8, k, stride=stride, groups=groups, bias=bias, pad=pad))
+    m = nn.Sequential(conv, _bn(8), nn.ReLU()).eval()
+    T._randomize(m[1], seed)
+    x = torch.randn(2, 4, 7, 7)
+    ref = m.double()(x.double())
+    m.float()
+    folded, rep = fold(m, (x,))
+    assert len(rep.folded) == 1 and not rep.skipped
+    assert (folded(x).double() - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())

@@ -311,7 +311,9 @@ def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
     if getattr(m, "parametrizations", None) is not None:
         return f"'{name}' has parametrized weights, not plain parameters"
     t = type(m)
-    if t not in types:
+    from normswap.library_norms import is_same_padding_conv
+
+    if t not in types and not (nn.Conv2d in types and is_same_padding_conv(m)):
         if "quant" in t.__module__ or hasattr(m, "weight_fake_quant") or hasattr(m, "qconfig") and m.qconfig is not None:
             return f"'{name}' ({t.__name__}) is quantized: its weights are not plain parameters"
         if isinstance(m, _ALL_LAYERS):

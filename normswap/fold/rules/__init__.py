@@ -9,12 +9,13 @@ the pattern name and their extra check.  ``RULES`` is the rule set, in the order
 tried: folding into the layer before a norm is preferred to folding into the layer after it.
 """
 
-from . import bn_next, composite_bn, conv_bn, convtranspose_bn, functional_bn, linear_bn, norm_affine_linear
+from . import (bn_next, composite_bn, conv_bn, convtranspose_bn, functional_bn, linear_bn, norm_affine_linear,
+               traced_conv_bn)
 from ._producer import ProducerRule
 from .base import FoldRule
 
-RULES: list[FoldRule] = [conv_bn.rule, convtranspose_bn.rule, linear_bn.rule, bn_next.rule,
+RULES: list[FoldRule] = [conv_bn.rule, convtranspose_bn.rule, linear_bn.rule, traced_conv_bn.rule, bn_next.rule,
                          norm_affine_linear.rule, composite_bn.rule, functional_bn.rule]
 
 __all__ = ["RULES", "FoldRule", "ProducerRule", "conv_bn", "convtranspose_bn", "linear_bn", "bn_next",
-           "norm_affine_linear", "composite_bn", "functional_bn"]
+           "norm_affine_linear", "composite_bn", "functional_bn", "traced_conv_bn"]
