@@ -185,7 +185,7 @@ TARGETS: dict[str, TargetSpec] = {spec.name: spec for spec in (
     TargetSpec("in", {"conv": _build_in}, "sample", "InstanceNorm (affine)",
                candidates=lambda c, groups, name: [c]),
     TargetSpec("ln", {"conv": _build_channel_ln, "token": _build_token_ln}, "sample",
-               "channel LayerNorm (GroupNorm with one group); LayerNorm on token models",
+               "channel LayerNorm (GroupNorm with one group), or LayerNorm on token models",
                candidates=lambda c, groups, name: [1]),
     TargetSpec("bn", {"conv": _build_bn}, "dataset", "BatchNorm with running statistics (foldable)",
                default_sources=_non_bn_conv_sources),
