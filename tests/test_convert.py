@@ -468,7 +468,7 @@ def test_labels_outside_classes_give_no_accuracy():
 
 def test_model_reading_norm_attributes_is_a_clear_error():
     # QA regression: a forward that reads bn.running_mean raised a raw AttributeError about
-    # '_CalibSite' (exit 3 on the command line)
+    # 'CalibSite' (exit 3 on the command line)
     class M(nn.Module):
         def __init__(self):
             super().__init__()
