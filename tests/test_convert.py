@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from normswap.convert import ChannelAffine, ConvertReport, convert, fit_affine, fit_scale
 from normswap.convert import kinds as K
+from normswap.norms import classify
 from normswap.convert.stats import ConvSiteStats, TokenSiteStats, sse_affine
 from normswap.errors import NormswapError
 from normswap.report import Report
@@ -221,7 +222,7 @@ def test_samples_every_applicable_target():
             assert rep.sites >= 1 and rep.calibrated, (name, to)
             assert out.shape == model(x).shape
             for site in rep.layers:
-                assert K.classify(conv.get_submodule(site.name)) != site.source_kind
+                assert classify(conv.get_submodule(site.name)) != site.source_kind
     # the main cases are covered
     for pair in [("resnet_style", "gn"), ("resnet_style", "frn"), ("mobilenet_style", "in"), ("transformer", "rms"),
                  ("unet", "bn"), ("frozen_bn", "affine"), ("untraceable", "gn"), ("mlp_bn1d", "gn")]:
@@ -467,7 +468,7 @@ def test_labels_outside_classes_give_no_accuracy():
 
 def test_model_reading_norm_attributes_is_a_clear_error():
     # QA regression: a forward that reads bn.running_mean raised a raw AttributeError about
-    # '_CalibSite' (exit 3 on the command line)
+    # 'CalibSite' (exit 3 on the command line)
     class M(nn.Module):
         def __init__(self):
             super().__init__()

@@ -6,7 +6,35 @@ import click
 
 from normswap_cli.common import model_options, output_options, pass_settings, run_job, write_options
 
-TARGET_CHOICES = ("gn", "in", "ln", "bn", "bgn", "frn", "affine", "rms")
+
+class TargetChoice(click.Choice):
+    """``--to`` choices: the keys of ``normswap.convert.TARGETS``, read when first needed so that
+    ``normswap --help`` does not import torch."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from normswap.convert import TARGETS
+
+        return tuple(TARGETS)
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the map is the source
+        pass
+
+
+class ConvertCommand(click.Command):
+    """Its epilog lists the targets with the descriptions of ``normswap.convert.TARGETS``."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from normswap.convert import TARGETS
+
+        targets = "; ".join(f"{name} {spec.description}" for name, spec in TARGETS.items())
+        self.epilog = EPILOG.replace("{targets}", targets)
+        super().format_epilog(ctx, formatter)
+
 
 EPILOG = """\b
 Examples:
@@ -15,13 +43,8 @@ Examples:
   normswap convert gn_model.pt --trust --to bn --calib calib.npz     # GN -> BN, then `normswap fold`
   normswap convert vit.pt --trust --to rms --calib tokens.pt           # LayerNorm -> RMSNorm
 
-\b
-Targets: gn GroupNorm (--groups auto picks the divisor of C with the least
-calibration error), in InstanceNorm (affine), ln channel LayerNorm (GroupNorm
-with one group), bn BatchNorm with running statistics (foldable), bgn Batch
-Group Norm, frn FRN + TLU, affine frozen per-channel affine (exact for eval
-BatchNorm), rms RMSNorm (token models, from LayerNorm).  Default source: every
-BatchNorm (for --to bn every other conv norm, for --to rms every LayerNorm).
+Targets: {targets}.  Default source: every BatchNorm (for --to bn every other
+conv norm, for --to rms every LayerNorm).
 
 \b
 Each replacement is fitted on the calibration inputs so that it reproduces the
@@ -34,9 +57,9 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 """
 
 
-@click.command("convert", epilog=EPILOG)
+@click.command("convert", cls=ConvertCommand, epilog=EPILOG)
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
-@click.option("--to", "to", required=True, type=click.Choice(TARGET_CHOICES), help="Target norm kind.")
+@click.option("--to", "to", required=True, type=TargetChoice(), help="Target norm kind.")
 @click.option("--from", "source", default=None, metavar="KIND[,KIND]", help="Norm kind(s) to replace (default: BatchNorm).")
 @click.option("--groups", default="auto", show_default=True, metavar="N|auto", help="GroupNorm / BGN group count.")
 @click.option("--calib", default=None, metavar="DATA", help="Calibration data (.npz/.npy/.pt/image folder, or 'random').")
@@ -59,17 +82,10 @@ def command(model_path, to, source, groups, calib, calib_samples, batch_size, mo
 
     def job():
         from normswap.convert.pipeline import convert_file
-        from normswap.errors import NormswapError
 
-        g = groups
-        if str(g).lower() != "auto":
-            try:
-                g = int(g)
-            except ValueError:
-                raise NormswapError(f"--groups must be a positive integer or auto, got {groups!r}") from None
         with _Progress(opts.quiet) as progress:
             _, report = convert_file(
-                model_path, to, calib=calib, source=source, groups=g, mode=mode, distill_steps=distill_steps,
+                model_path, to, calib=calib, source=source, groups=groups, mode=mode, distill_steps=distill_steps,
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
                 export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
                 progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)

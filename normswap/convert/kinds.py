@@ -1,45 +1,35 @@
 """Which norms can become which, and how the replacement modules are built.
 
-Layouts
--------
+Sources are asked of the registry (:mod:`normswap.norms`): a norm can be converted when its
+kind has a convert layout (``NORMS[kind].convert_layout(module)``):
+
 ``conv``  -- the norm normalises per channel on dim 1 of an ``(N, C, *)`` tensor
-             (BatchNorm, GroupNorm, InstanceNorm, FRN, BGN, PowerNorm).
+             (BatchNorm, GroupNorm, InstanceNorm, FRN, BGN, PowerNorm, ...).
 ``token`` -- the norm normalises over the last dim of an ``(..., D)`` tensor
              (``nn.LayerNorm`` with a 1-D ``normalized_shape``, ``nn.RMSNorm``).
 
-Targets (``--to``)
-------------------
-conv layout:  ``gn``  ``nn.GroupNorm(G, C)``;  ``in`` ``nn.InstanceNorm{1,2,3}d(C, affine=True)``;
-              ``ln``  channel LayerNorm, implemented as ``nn.GroupNorm(1, C)`` (statistics over C and
-              all positions of each sample -- the "LayerNorm for conv nets" of Wu & He 2018; chosen
-              over ConvNeXt's per-position channel LayerNorm because it is a stock torch module that
-              Opacus accepts and that exports to a precise ONNX decomposition);
-              ``bn``  ``nn.BatchNorm{1,2,3}d(C)`` with running statistics (foldable);
-              ``bgn`` :class:`normswap.layers.BatchGroupNorm2d`; ``frn`` FRN + TLU;
-              ``affine`` :class:`ChannelAffine` (a frozen per-channel scale and shift).
-token layout: ``rms`` ``nn.RMSNorm(D)``; ``ln`` ``nn.LayerNorm(D)``.
+Targets (``--to``) are the one map :data:`TARGETS` ``{name: TargetSpec}``; the CLI imports its
+keys for its choices and the descriptions for its help.  ``ln`` on a conv feature map is a channel
+LayerNorm implemented as ``nn.GroupNorm(1, C)`` (statistics over C and all positions of each
+sample -- the "LayerNorm for conv nets" of Wu & He 2018; chosen over ConvNeXt's per-position
+channel LayerNorm because it is a stock torch module that Opacus accepts and that exports to a
+precise ONNX decomposition).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import NormswapError
+from ..norms import NORMS
 
-TARGETS = ("gn", "in", "ln", "bn", "bgn", "frn", "affine", "rms")
-
-CONV_SOURCES = ("bn", "frozen_bn", "gn", "in", "frn", "bgn", "powernorm")
-CONV_TARGETS = ("gn", "in", "ln", "bn", "bgn", "frn", "affine")
-TOKEN_SOURCES = ("ln", "rms")
-TOKEN_TARGETS = ("rms", "ln")
-
-#: targets whose statistics are per sample (normalised output z depends on the sample only)
-PER_SAMPLE_TARGETS = ("gn", "in", "ln", "frn")
-#: targets that are, at eval, a per-channel affine map of x given calibration-level statistics
-DATASET_STAT_TARGETS = ("bn", "bgn", "affine")
+__all__ = ["TARGETS", "TargetSpec", "ChannelAffine", "DEFAULT_SOURCES", "source_kinds", "valid_targets",
+           "valid_pairs_text", "default_sources", "check_pair", "build_target", "divisors", "naive_groups"]
 
 
 class ChannelAffine(nn.Module):
@@ -63,94 +53,7 @@ class ChannelAffine(nn.Module):
         return f"{self.num_features}"
 
 
-# ------------------------------------------------------------------------------ classification
-
-def _fallback_classify(m: nn.Module) -> str | None:
-    t = type(m)
-    if t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-        return "bn"
-    if t is nn.GroupNorm:
-        return "gn"
-    if t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-        return "in"
-    if t is nn.LayerNorm:
-        return "ln"
-    if t is getattr(nn, "RMSNorm", None):
-        return "rms"
-    if t.__name__ == "FrozenBatchNorm2d":
-        return "frozen_bn"
-    try:
-        from .. import layers as L
-    except Exception:  # pragma: no cover
-        return None
-    table = {
-        getattr(L, "FilterResponseNorm2d", None): "frn",
-        getattr(L, "BatchGroupNorm2d", None): "bgn",
-        getattr(L, "PowerNorm2d", None): "powernorm",
-        getattr(L, "ConditionalBatchNorm2d", None): "cbn",
-        getattr(L, "SandwichBatchNorm2d", None): "sabn",
-    }
-    return table.get(t)
-
-
-def classify(m: nn.Module) -> str | None:
-    """Kind name of a norm module (``normswap.norms.classify`` when available)."""
-    try:
-        from ..norms import classify as _classify  # audit builder's registry
-    except Exception:
-        return _fallback_classify(m)
-    try:
-        kind = _classify(m)
-    except Exception:
-        kind = None
-    return kind if kind is not None else _fallback_classify(m)
-
-
-def layout_of(kind: str, module: nn.Module) -> str | None:
-    if kind in CONV_SOURCES:
-        return "conv"
-    if kind in TOKEN_SOURCES:
-        shape = getattr(module, "normalized_shape", None)
-        if shape is not None and len(tuple(shape)) == 1:
-            return "token"
-    return None
-
-
-def valid_targets(kind: str) -> tuple[str, ...]:
-    if kind in CONV_SOURCES:
-        return tuple(t for t in CONV_TARGETS if t != kind)
-    if kind in TOKEN_SOURCES:
-        return tuple(t for t in TOKEN_TARGETS if t != kind)
-    return ()
-
-
-def valid_pairs_text() -> str:
-    conv = ", ".join(CONV_SOURCES)
-    return (f"conv-layout sources ({conv}) -> {', '.join(CONV_TARGETS)}; "
-            f"token-layout sources (ln with 1-D normalized_shape, rms) -> {', '.join(TOKEN_TARGETS)}; "
-            "a kind never converts to itself")
-
-
-def default_sources(to: str) -> tuple[str, ...]:
-    if to == "rms":
-        return ("ln",)
-    if to == "bn":
-        return ("gn", "in", "bgn", "frn", "powernorm")
-    return ("bn", "frozen_bn")
-
-
-def check_pair(kind: str, to: str, module: nn.Module | None = None) -> None:
-    if to not in TARGETS:
-        raise NormswapError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
-    ok = valid_targets(kind)
-    if module is not None and kind in TOKEN_SOURCES and layout_of(kind, module) is None:
-        ok = ()
-    if to not in ok:
-        hint = f"valid targets for {kind}: {', '.join(ok)}" if ok else f"{kind} layers cannot be converted"
-        raise NormswapError(f"cannot convert {kind} to {to}: {hint} (valid pairs: {valid_pairs_text()})")
-
-
-# ------------------------------------------------------------------------------ construction
+# ------------------------------------------------------------------------------ group counts
 
 def divisors(c: int) -> list[int]:
     return [d for d in range(1, c + 1) if c % d == 0]
@@ -161,56 +64,184 @@ def naive_groups(c: int) -> int:
     return math.gcd(32, int(c))
 
 
-def source_eps(module: nn.Module, default: float = 1e-5) -> float:
-    eps = getattr(module, "eps", None)
-    if isinstance(eps, torch.Tensor):
-        eps = float(eps.detach().abs().reshape(-1)[0])
-    if eps is None:
-        return default
-    return float(eps)
+def _gn_candidates(c: int, groups, name: str) -> list[int]:
+    if groups == "auto":
+        return divisors(c)
+    g = int(groups)
+    if c % g:
+        raise NormswapError(f"--groups {g} does not divide the {c} channels of {name}; "
+                            f"divisors: {', '.join(map(str, divisors(c)))} (or use auto)")
+    cands = [g]
+    if naive_groups(c) != g:
+        cands.append(naive_groups(c))  # for the naive error
+    return cands
+
+
+# ------------------------------------------------------------------------------ builders
+# builder(channels, ndim, *, groups, eps, where) -> a fresh module (gamma = 1, beta = 0)
+
+def _build_gn(c, ndim, *, groups, eps, where):
+    return nn.GroupNorm(int(groups or naive_groups(c)), c, eps=eps)
+
+
+def _build_channel_ln(c, ndim, *, groups, eps, where):
+    return nn.GroupNorm(1, c, eps=eps)
+
+
+def _build_in(c, ndim, *, groups, eps, where):
+    cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}.get(ndim)
+    if cls is None:
+        raise NormswapError(f"--to in needs a feature map with spatial dims (N, C, ...){where}; "
+                            f"the layer sees {ndim}-D inputs; use --to gn or ln")
+    return cls(c, eps=eps, affine=True)
+
+
+def _build_bn(c, ndim, *, groups, eps, where):
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(ndim)
+    if cls is None:
+        raise NormswapError(f"--to bn supports 2-D to 5-D inputs{where}; the layer sees {ndim}-D inputs")
+    return cls(c, eps=eps)
+
+
+def _build_bgn(c, ndim, *, groups, eps, where):
+    from ..layers import BatchGroupNorm2d
+    return BatchGroupNorm2d(c, int(groups or naive_groups(c)), eps=eps)
+
+
+def _build_frn(c, ndim, *, groups, eps, where):
+    if ndim < 3:
+        raise NormswapError(f"--to frn needs a feature map with spatial dims (N, C, ...){where}; "
+                            f"the layer sees {ndim}-D inputs")
+    from ..layers import FilterResponseNorm2d
+    return FilterResponseNorm2d(c, eps=eps)
+
+
+def _build_affine(c, ndim, *, groups, eps, where):
+    return ChannelAffine(c)
+
+
+def _build_rms(c, ndim, *, groups, eps, where):
+    return nn.RMSNorm(int(c), eps=eps)
+
+
+def _build_token_ln(c, ndim, *, groups, eps, where):
+    return nn.LayerNorm(int(c), eps=eps)
+
+
+# ------------------------------------------------------------------------------ the targets
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One ``--to`` target: its builders per layout and the facts calibration asks of it."""
+
+    name: str
+    #: layout ("conv" / "token") -> builder(channels, ndim, *, groups, eps, where)
+    builders: dict[str, Callable[..., nn.Module]]
+    #: "sample": per-sample statistics (the normalised output depends on the sample only);
+    #: "dataset": at eval a per-channel affine of x given calibration-level statistics
+    statistics: str
+    description: str
+    #: conv layout: candidate group counts ``fn(C, groups, site_name)`` (per-sample targets)
+    candidates: Callable[[int, object, str], list[int]] | None = None
+    #: --groups applies (the group count is a free choice)
+    grouped: bool = False
+    #: the target's own eps (None: the source's)
+    eps: float | None = None
+    #: the source kinds converted by default (None: :data:`DEFAULT_SOURCES`)
+    default_sources: Callable[[], tuple[str, ...]] | None = field(default=None, compare=False)
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        return tuple(self.builders)
+
+    def build(self, layout: str, channels: int, ndim: int, *, groups: int | None, eps: float,
+              name: str = "") -> nn.Module:
+        """A fresh replacement module (gamma = 1, beta = 0, default statistics)."""
+        builder = self.builders.get(layout)
+        if builder is None:
+            raise NormswapError(f"cannot build {layout}-layout target {self.name!r}; "
+                                f"choose {', '.join(targets_for(layout))}")
+        where = f" at {name}" if name else ""
+        return builder(int(channels), ndim, groups=groups, eps=self.eps if self.eps is not None else eps,
+                       where=where)
+
+
+#: the BatchNorm kinds: what convert replaces unless told otherwise
+DEFAULT_SOURCES = ("bn", "frozen_bn")
+
+
+def _non_bn_conv_sources() -> tuple[str, ...]:
+    return tuple(k for k in source_kinds("conv") if k not in DEFAULT_SOURCES)
+
+
+def _layer_norm_sources() -> tuple[str, ...]:
+    return tuple(k for k in source_kinds("token") if k == "ln")
+
+
+TARGETS: dict[str, TargetSpec] = {spec.name: spec for spec in (
+    TargetSpec("gn", {"conv": _build_gn}, "sample",
+               "GroupNorm (--groups auto picks the divisor of C with the least calibration error)",
+               candidates=_gn_candidates, grouped=True),
+    TargetSpec("in", {"conv": _build_in}, "sample", "InstanceNorm (affine)",
+               candidates=lambda c, groups, name: [c]),
+    TargetSpec("ln", {"conv": _build_channel_ln, "token": _build_token_ln}, "sample",
+               "channel LayerNorm (GroupNorm with one group), or LayerNorm on token models",
+               candidates=lambda c, groups, name: [1]),
+    TargetSpec("bn", {"conv": _build_bn}, "dataset", "BatchNorm with running statistics (foldable)",
+               default_sources=_non_bn_conv_sources),
+    TargetSpec("bgn", {"conv": _build_bgn}, "dataset", "Batch Group Norm", grouped=True),
+    TargetSpec("frn", {"conv": _build_frn}, "sample", "FRN + TLU",
+               candidates=lambda c, groups, name: [0], eps=1e-6),
+    TargetSpec("affine", {"conv": _build_affine}, "dataset",
+               "frozen per-channel affine (exact for eval BatchNorm)"),
+    TargetSpec("rms", {"token": _build_rms}, "sample", "RMSNorm (token models, from LayerNorm)",
+               default_sources=_layer_norm_sources),
+)}
+
+
+def targets_for(layout: str) -> tuple[str, ...]:
+    return tuple(t for t, spec in TARGETS.items() if layout in spec.builders)
+
+
+def source_kinds(layout: str | None = None) -> tuple[str, ...]:
+    """Registered kinds convert can replace (with the given layout)."""
+    return tuple(k for k, nk in NORMS.items() if nk.layout is not None and (layout is None or nk.layout == layout))
+
+
+def valid_targets(kind: str) -> tuple[str, ...]:
+    layout = NORMS[kind].layout if kind in NORMS else None
+    if layout is None:
+        return ()
+    return tuple(t for t in targets_for(layout) if t != kind)
+
+
+def valid_pairs_text() -> str:
+    conv = ", ".join(source_kinds("conv"))
+    token = ", ".join(f"{k} with 1-D normalized_shape" if k == "ln" else k for k in source_kinds("token"))
+    return (f"conv-layout sources ({conv}) -> {', '.join(targets_for('conv'))}; "
+            f"token-layout sources ({token}) -> {', '.join(targets_for('token'))}; "
+            "a kind never converts to itself")
+
+
+def default_sources(to: str) -> tuple[str, ...]:
+    spec = TARGETS[to]
+    return spec.default_sources() if spec.default_sources is not None else DEFAULT_SOURCES
+
+
+def check_pair(kind: str, to: str, module: nn.Module | None = None) -> None:
+    if to not in TARGETS:
+        raise NormswapError(f"unknown target {to!r}; choose one of {', '.join(TARGETS)}")
+    ok = valid_targets(kind)
+    if module is not None and ok and NORMS[kind].convert_layout(module) is None:
+        ok = ()
+    if to not in ok:
+        hint = f"valid targets for {kind}: {', '.join(ok)}" if ok else f"{kind} layers cannot be converted"
+        raise NormswapError(f"cannot convert {kind} to {to}: {hint} (valid pairs: {valid_pairs_text()})")
 
 
 def build_target(to: str, channels: int, ndim: int, *, groups: int | None, eps: float,
-                 name: str = "") -> nn.Module:
-    """A fresh replacement module (gamma = 1, beta = 0, default statistics)."""
-    c = int(channels)
-    where = f" at {name}" if name else ""
-    if to == "gn":
-        return nn.GroupNorm(int(groups or naive_groups(c)), c, eps=eps)
-    if to == "ln":
-        return nn.GroupNorm(1, c, eps=eps)
-    if to == "in":
-        cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}.get(ndim)
-        if cls is None:
-            raise NormswapError(f"--to in needs a feature map with spatial dims (N, C, ...){where}; "
-                                f"the layer sees {ndim}-D inputs; use --to gn or ln")
-        return cls(c, eps=eps, affine=True)
-    if to == "bn":
-        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(ndim)
-        if cls is None:
-            raise NormswapError(f"--to bn supports 2-D to 5-D inputs{where}; the layer sees {ndim}-D inputs")
-        return cls(c, eps=eps)
-    if to == "bgn":
-        from ..layers import BatchGroupNorm2d
-        return BatchGroupNorm2d(c, int(groups or naive_groups(c)), eps=eps)
-    if to == "frn":
-        if ndim < 3:
-            raise NormswapError(f"--to frn needs a feature map with spatial dims (N, C, ...){where}; "
-                                f"the layer sees {ndim}-D inputs")
-        from ..layers import FilterResponseNorm2d
-        return FilterResponseNorm2d(c, eps=1e-6)
-    if to == "affine":
-        return ChannelAffine(c)
-    if to == "rms":
-        return nn.RMSNorm(c, eps=eps)
-    if to == "ln":  # pragma: no cover - handled above for conv; token below
-        pass
-    raise NormswapError(f"unknown target {to!r}")
-
-
-def build_token_target(to: str, dim: int, eps: float) -> nn.Module:
-    if to == "rms":
-        return nn.RMSNorm(int(dim), eps=eps)
-    if to == "ln":
-        return nn.LayerNorm(int(dim), eps=eps)
-    raise NormswapError(f"cannot build token-layout target {to!r}; choose rms or ln")
+                 name: str = "", layout: str = "conv") -> nn.Module:
+    """A fresh replacement module of target ``to`` (gamma = 1, beta = 0, default statistics)."""
+    if to not in TARGETS:
+        raise NormswapError(f"unknown target {to!r}")
+    return TARGETS[to].build(layout, channels, ndim, groups=groups, eps=eps, name=name)

@@ -12,7 +12,39 @@ from typing import Callable
 
 from ..errors import NormswapError
 
-__all__ = ["convert_file", "default_output_paths"]
+__all__ = ["convert_file", "default_output_paths", "parse_groups"]
+
+#: calibration samples drawn for ``--calib random`` without ``--calib-samples``
+RANDOM_CALIB_SAMPLES = 256
+
+
+def parse_groups(groups):
+    """``--groups`` text: ``"auto"`` or a positive integer (anything else is a NormswapError)."""
+    if str(groups).lower() == "auto":
+        return "auto"
+    try:
+        return int(groups)
+    except (TypeError, ValueError):
+        raise NormswapError(f"--groups must be a positive integer or auto, got {groups!r}") from None
+
+
+def _resolve(module, calib, calib_samples, input_shape, *, required: bool):
+    """``--calib`` / ``--calib-samples`` / ``--input-shape`` through the one input resolver.
+
+    ``--calib random`` draws ``--calib-samples`` (default 256) samples of the ``--input-shape``
+    sample shape (else the shape guessed from the model's first layer)."""
+    from ..data import guess_input_shape, parse_shape
+    from ..inputs import resolve_inputs
+
+    if isinstance(calib, str) and calib == "random":
+        base = parse_shape(input_shape) if input_shape else guess_input_shape(module)
+        if base is None:
+            raise NormswapError("--calib random needs --input-shape N,C,H,W")
+        shape = (calib_samples or RANDOM_CALIB_SAMPLES,) + tuple(base[1:])
+        return resolve_inputs(module, input_shape=shape, data="random", batch=2, required=required,
+                              data_option="--calib")
+    return resolve_inputs(module, input_shape=input_shape or None, data=calib, limit=calib_samples, batch=2,
+                          required=required, data_option="--calib")
 
 
 def default_output_paths(model_path: str | Path, to: str) -> tuple[Path, Path]:
@@ -35,14 +67,12 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     the input, or the ``-o`` file with the suffix ``.onnx``), then
     checks ONNX parity in onnxruntime (CPU, and CUDA when available) unless ``check=False``.
     """
-    from ..data import example_inputs, guess_input_shape, load_data, parse_shape
-    from ..io import check_outputs, load_model, save_model, staged_output
+    from ..io import as_module, check_outputs, load_model, save_model, staged_output
     from .core import convert
 
+    groups = parse_groups(groups)
     loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-    from ..io import as_module
     module = as_module(loaded, require_eager=True, job="convert")
-    shape = parse_shape(input_shape) if input_shape else None
     out_default, onnx_default = default_output_paths(model_path, to)
     out_path = Path(output) if output is not None else out_default
     if onnx is not None:
@@ -54,35 +84,20 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     check_outputs(model_path, out_path, onnx_path if export_onnx else None, force=force)
     if calib_samples is not None and calib_samples < 1:
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
-    data = None
-    extra_warnings: list[str] = []
-    if calib is not None:
-        if isinstance(calib, str) and calib == "random":
-            if shape is None:
-                guess = guess_input_shape(module)
-                if guess is None:
-                    raise NormswapError("--calib random needs --input-shape N,C,H,W")
-                shape = guess
-            data = load_data("random", limit=calib_samples or 256, input_shape=shape)
-        else:
-            data = load_data(calib, limit=calib_samples, input_shape=shape)
+    resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx)
+    data, ex = resolved.data, resolved.example
 
     converted, report = convert(module, to, data, source=source, groups=groups, mode=mode,
                                 distill_steps=distill_steps, batch_size=batch_size,
                                 calib_samples=calib_samples, progress=progress)
-    report.warnings[:0] = extra_warnings
+    report.warnings[:0] = resolved.notes
     report.warnings.extend(getattr(loaded, "notes", []) or [])
-
 
     # the model is staged beside OUT and renamed into place only once the ONNX export
     # succeeded: a failed export leaves neither file behind (an existing OUT stays as it was)
     with staged_output(out_path, force=force) as tmp:
         saved = save_model(converted, tmp, like=loaded, force=True, architecture_changed=True)
         if export_onnx:
-            if data is not None:
-                ex = example_inputs(converted, data=data, batch=2)
-            else:
-                ex = example_inputs(converted, input_shape=shape)
             from ..export import export
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)

@@ -1,0 +1,198 @@
+"""Calibration: stream the calibration inputs through the working model and fit every
+replacement in closed form after each pass (see :mod:`normswap.convert.core` for the modes).
+
+Each pass drives the site wrappers through one explicit :class:`~normswap.convert.sites.Mode`
+per forward: the first pass (``Mode.FIT``) passes the original activations on; later passes
+first record the original activations (``Mode.RECORD``), then run with every wrapper passing
+its replacement's output on (``Mode.FIT_REPLACED``), so each layer is refitted on the inputs made
+by the already-converted layers before it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Dataset, guess_input_shape, load_data
+from ..errors import NormswapError
+from .fidelity import OutputCache, allreduce_floats
+from .fit import assign, build_new, data_free, fit_site, fix_nonfinite, make_stats
+from .report import ConvertReport
+from .sites import CalibSite, Mode, Site, calibration_mode, default_ndim, param_like
+from .stats import allreduce_stats
+
+__all__ = ["load_calib", "calibrate", "uncalibrated", "expected_input_text", "Batches"]
+
+
+# ================================================================================ data
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding,
+                          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            return m
+    return None
+
+
+def expected_input_text(model: nn.Module) -> str:
+    m = _first_layer(model)
+    if m is None:
+        return "unknown (no Conv/Linear/Embedding layer found)"
+    if isinstance(m, nn.Embedding):
+        return f"integer token ids (N, L) < {m.num_embeddings} (first layer {m})"
+    if isinstance(m, nn.Linear):
+        return f"(N, ..., {m.in_features}) (first layer {m})"
+    nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
+          nn.ConvTranspose3d: 3}[type(m)]
+    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[nd]
+    return f"(N, {m.in_channels}, {spatial}) (first layer {type(m).__name__}({m.in_channels}, {m.out_channels}, ...))"
+
+
+def _warn_random(report: ConvertReport, shape) -> None:
+    msg = (f"calibrating on random inputs of shape {shape}: the fit matches the norms on noise, not on "
+           "real activations; pass real calibration data for a faithful conversion")
+    warnings.warn(msg, stacklevel=4)  # the caller of convert()
+    report.warnings.append(msg)
+
+
+def load_calib(calib, model: nn.Module, calib_samples: int | None, report: ConvertReport) -> Dataset | None:
+    """The calibration inputs as a :class:`normswap.data.Dataset` (None without ``calib``)."""
+    if calib is None:
+        return None
+    # a normswap.data.Dataset or anything with .inputs
+    if hasattr(calib, "inputs") and isinstance(getattr(calib, "inputs"), Tensor):
+        x, y = calib.inputs, getattr(calib, "labels", None)
+        if getattr(calib, "synthetic", False):
+            _warn_random(report, tuple(x.shape[1:]))
+        if calib_samples is not None:
+            x = x[:calib_samples]
+            y = None if y is None else y[:calib_samples]
+        return Dataset(x, y, str(getattr(calib, "source", "dataset")))
+    if isinstance(calib, str) and calib == "random":
+        guess = guess_input_shape(model)
+        if guess is None:
+            raise NormswapError("calib='random' needs to know the input shape; pass a tensor "
+                                "(or on the command line --calib FILE)")
+        shape = tuple(guess[1:])
+        _warn_random(report, shape)
+        n = calib_samples or 256
+        ds = load_data("random", limit=n, input_shape=(n,) + shape, seed=0)
+        return Dataset(ds.inputs[:n], None, "random")
+    ds = load_data(calib, limit=calib_samples)
+    return Dataset(ds.inputs, ds.labels, str(getattr(ds, "source", "data")))
+
+
+class Batches:
+    """The calibration batches on the model's device and dtype; running the model on them turns
+    a shape mismatch, or a forward that reads a norm's attributes, into one NormswapError."""
+
+    def __init__(self, data: Dataset, batch_size: int, module: nn.Module, sites: list[Site]) -> None:
+        self.data, self.batch_size, self.module, self.sites = data, batch_size, module, sites
+        self.device, self.dtype = param_like(module)
+
+    def to_dev(self, x: Tensor) -> Tensor:
+        if x.is_floating_point():
+            return x.to(device=self.device, dtype=self.dtype)
+        return x.to(device=self.device)
+
+    def run(self, model: nn.Module, step: Callable[[nn.Module, Tensor], object]):
+        """Yield ``step(model, x)`` for every batch (``x`` on the device)."""
+        for x, _ in self.data.batches(self.batch_size):
+            try:
+                out = step(model, self.to_dev(x))
+            except NormswapError:
+                raise
+            except AttributeError as e:
+                attr = getattr(e, "name", None)
+                if CalibSite.__name__ not in str(e) or not attr:
+                    raise
+                which = [s.name for s in self.sites if hasattr(s.orig, attr)] or [s.name for s in self.sites]
+                raise NormswapError(
+                    f"the model's forward reads '{attr}' of a norm layer directly instead of only calling it "
+                    f"({', '.join(which[:5])}{' …' if len(which) > 5 else ''}): such a layer cannot be "
+                    f"replaced; exclude its kind with --from or change the model") from None
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise NormswapError(
+                    f"calibration data of shape {tuple(self.data.inputs.shape)} does not fit the model: "
+                    f"it expects inputs of shape {expected_input_text(self.module)} ({type(e).__name__}: {first})"
+                ) from None
+            yield out
+
+
+# ================================================================================ passes
+
+def _fit_pass(sites: list[Site], model: nn.Module, batches: Batches, mode: Mode, record_first: bool,
+              on_output: Callable | None = None) -> None:
+    """One pass over the calibration data in ``mode`` (``on_output(out)`` per batch)."""
+
+    def step(m: nn.Module, x: Tensor):
+        if record_first:  # the original activations at every site, then the run that fits
+            for s in sites:
+                s.wrapper.recorded.clear()
+            with calibration_mode(sites, Mode.RECORD):
+                m(x)
+        with calibration_mode(sites, mode):
+            out = m(x)
+        if record_first:
+            for s in sites:
+                s.wrapper.recorded.clear()
+        return out
+
+    for out in batches.run(model, step):
+        if on_output is not None:
+            on_output(out)
+
+
+def _fit_sites(sites: list[Site], to: str, groups, first_pass: bool) -> None:
+    """Fit every site from the statistics of the pass just run."""
+    for s in sites:
+        if s.stats.calls == 0:
+            s.wrapper.new = data_free(s, to, groups, default_ndim(s), *param_like(s.orig))
+            s.note = "never called on the calibration data: not calibrated"
+            s.calibrated = s.method == "exact"
+            continue
+        params = fit_site(s, to, groups, first_pass=first_pass)
+        fix_nonfinite(s, params)
+        if s.wrapper.new is None or first_pass or getattr(s.wrapper.new, "_ns_groups", None) != s.groups:
+            s.wrapper.new = build_new(s, to, int(s.stats.ndim), *param_like(s.orig))
+            s.wrapper.new._ns_groups = s.groups
+        assign(s.wrapper.new, params)
+        s.calibrated = True
+        s.method = "fitted"
+
+
+def calibrate(work: nn.Module, sites: list[Site], batches: Batches, to: str, groups, *, passes: int,
+              target: str = "model", progress: Callable | None = None) -> OutputCache:
+    """Run ``passes`` calibration passes, fitting every site after each; returns the original
+    model's outputs of the first pass (which computes exactly the original model)."""
+    cache = OutputCache()
+    with torch.no_grad():
+        for p in range(passes):
+            for s in sites:
+                s.stats = make_stats(s, to, groups, batches.device)
+                s.wrapper.stats = s.stats
+            mode = Mode.FIT if p == 0 else Mode.FIT_REPLACED
+            _fit_pass(sites, work, batches, mode, record_first=(p > 0 and target == "model"),
+                      on_output=cache.add if p == 0 else None)
+            allreduce_stats([s.stats for s in sites])
+            _fit_sites(sites, to, groups, first_pass=(p == 0))
+            if progress is not None:
+                progress("calibrate", p + 1, passes, None)
+    return cache
+
+
+def uncalibrated(sites: list[Site], to: str, groups) -> None:
+    """Without data: exact closed forms where they exist, else the source's gamma/beta."""
+    for s in sites:
+        s.wrapper.new = data_free(s, to, groups, default_ndim(s), *param_like(s.orig))
+        s.calibrated = s.method == "exact"
+
+
+def calib_count(data: Dataset) -> int:
+    """Calibration samples over all ranks."""
+    return int(allreduce_floats([float(len(data))])[0])
