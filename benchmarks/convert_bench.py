@@ -68,13 +68,16 @@ def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 50) -> float:
     return 1000 * statistics.median(ts)
 
 
+from normswap.norms import classify  # noqa: E402
+
+
 def naive_swap(model: nn.Module, to: str, source_kinds=("bn",)) -> nn.Module:
     """Replace every source norm by a *fresh* target (gamma=1, beta=0, default statistics)."""
     m = copy.deepcopy(model)
     for parent in list(m.modules()):
         for name, child in list(parent._modules.items()):
-            if child is not None and K.classify(child) in source_kinds:
-                c = K._fallback_classify(child) and (getattr(child, "num_features", None) or child.num_channels)
+            if child is not None and classify(child) in source_kinds:
+                c = getattr(child, "num_features", None) or child.num_channels
                 new = K.build_target(to, c, 4, groups=K.naive_groups(c), eps=1e-5)
                 parent._modules[name] = new
     return m.eval()
