@@ -102,12 +102,14 @@ register(NormKind(
     "timm BatchNormAct2d: BatchNorm2d, then its drop and act children (recognised by structure)",
     layout="conv", running_stat_names=("running_mean", "running_var"), eval_affine_fn=_bn_eval,
     fold_family="bn_like", mode_sensitive=True, recognise=_is_bn_act, post_ops=("drop", "act"),
+    class_names=("BatchNormAct2d", "SyncBatchNormAct"), class_base=nn.BatchNorm2d,
 ))
 register(NormKind(
     "gn_act", (), "sample", "each group's channels and spatial axes, per sample, then drop + activation",
     False, None, "no", ("Reshape", "InstanceNormalization", "Mul", "Add", "activation"),
     "timm GroupNormAct: GroupNorm, then its drop and act children (recognised by structure)",
     layout="conv", recognise=_is_gn_act, post_ops=("drop", "act"),
+    class_names=("GroupNormAct", "GroupNorm1Act"), class_base=nn.GroupNorm,
     no_fold_reason="{type}: per-sample statistics, and its activation sits between the affine and "
                    "the next layer",
 ))
@@ -116,7 +118,7 @@ register(NormKind(
     False, None, "affine_only", ("Transpose", "LayerNormalization", "Transpose"),
     "LayerNorm2d (torchvision ConvNeXt, timm; HF ConvNextLayerNorm channels_first): LayerNorm over "
     "the channels of an NCHW tensor (recognised by structure)",
-    layout="conv", recognise=_is_ln2d,
+    layout="conv", recognise=_is_ln2d, class_names=("LayerNorm2d",), class_base=nn.LayerNorm,
     no_fold_reason="{type}: per-position statistics over channels (its affine could move into a "
                    "following 1x1 conv; not folded yet)",
 ))
@@ -126,6 +128,7 @@ register(NormKind(
     "timm FilterResponseNormAct2d / FilterResponseNormTlu2d: FRN, then its act child or a TLU "
     "(recognised by structure)",
     layout="conv", recognise=_is_frn_act, post_ops=("act",),
+    class_names=("FilterResponseNormAct2d", "FilterResponseNormTlu2d"),
     no_fold_reason="{type}: per-sample statistics and a TLU/activation are not a fixed affine",
 ))
 register(NormKind(
@@ -137,6 +140,8 @@ register(NormKind(
     "B0: x / max(sqrt(var_NHW + eps), v*x + sqrt(var_HW + eps)) * gamma + beta; "
     "S0: x * sigmoid(v*x) / group_std(x) * gamma + beta",
     recognise=_is_evonorm, mode_sensitive=None, running_stat_names=("running_var",),
+    class_names=("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1",
+                 "EvoNorm2dS1a", "EvoNorm2dS2", "EvoNorm2dS2a"),
     no_fold_reason="{type}: per-sample statistics and a non-linear gate are not a fixed affine",
 ))
 

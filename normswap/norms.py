@@ -111,6 +111,10 @@ class NormKind:
     recognise: Callable | None = field(default=None, compare=False, hash=False)
     #: children a structurally recognised norm applies after normalising (e.g. ("drop", "act"))
     post_ops: tuple[str, ...] = ()
+    #: the class names (and base) a structurally recognised kind is known by, for readers that
+    #: have a class but no instance (TorchScript / torch.export graphs): name + base only
+    class_names: tuple[str, ...] = ()
+    class_base: type | None = None
 
     # ----------------------------------------------------------------- per-module questions
 
@@ -478,6 +482,10 @@ def classify_type(cls: type) -> str | None:
     tm = _type_map()
     if cls in tm:
         return tm[cls]
+    for k in NORMS.values():
+        if k.class_names and getattr(cls, "__name__", None) in k.class_names and (
+                k.class_base is None or (isinstance(cls, type) and issubclass(cls, k.class_base))):
+            return k.name
     if any(base in tm for base in getattr(cls, "__mro__", ())[1:]):
         return "unsupported_subclass"
     return None
