@@ -153,8 +153,9 @@ class LocateResult:
         n = len(self.layers)
         tail = f" ({n} layers mapped, {len(self.unmapped)} not mapped, {self.provider})"
         if fd is not None:
+            fused = f", with {', '.join(fd.fused)} folded in" if fd.fused else ""
             return (
-                f"first divergent layer: {fd.name} ({fd.type}) own error {fd.own_max_abs:.3g} "
+                f"first divergent layer: {fd.name} ({fd.type}{fused}) own error {fd.own_max_abs:.3g} "
                 f"> tol {fd.tolerance:.3g} (accumulated {fd.acc_max_abs:.3g})" + tail
             )
         fa = self.first_accumulated
