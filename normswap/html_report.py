@@ -47,7 +47,7 @@ table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
 th,td{border:1px solid #d5d5d5;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f2f3f5;font-weight:600}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.ops{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:11px;overflow-wrap:anywhere;max-width:16em}
+td.ops{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:11px;overflow-wrap:break-word;max-width:16em}
 td.small{font-size:11px;font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace}
 td.num.wrap{white-space:normal;max-width:14em}
 td.name{overflow-wrap:break-word;word-break:normal;font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px}

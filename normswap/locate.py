@@ -354,6 +354,13 @@ def locate(
     except Exception as e:  # noqa: BLE001
         raise NormswapError(f"{path} is not an ONNX model (cannot parse it: {type(e).__name__})") from e
 
+    graph_inputs = [i for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
+    if len(graph_inputs) != len(inputs):
+        raise NormswapError(
+            f"the ONNX file expects {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}) "
+            f"but {len(inputs)} were given"
+        )
+
     result = LocateResult(path, None, None, "unavailable", atol, rtol, CRITERION, None, [], [])
     spec = None
     for s in specs:
@@ -380,7 +387,12 @@ def locate(
         run_model.eval()
         ctx = _no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            trace = torch_trace(run_model, tuple(t.to(device) for t in inputs))
+            try:
+                trace = torch_trace(run_model, tuple(t.to(device) for t in inputs))
+            except Exception as e:  # noqa: BLE001
+                raise NormswapError(
+                    f"the PyTorch model does not run on the inputs (shapes {[tuple(t.shape) for t in inputs]}): {_short(e)}"
+                ) from e
     finally:
         for m, f in flags.items():
             m.training = f
@@ -388,12 +400,6 @@ def locate(
         result.notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
 
     # ---- ONNX: map leaf modules to values
-    graph_inputs = [i for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
-    if len(graph_inputs) != len(inputs):
-        raise NormswapError(
-            f"the ONNX file expects {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}) "
-            f"but {len(inputs)} were given"
-        )
     feeds = {}
     for gi, t in zip(graph_inputs, inputs):
         arr = t.detach().cpu().numpy()

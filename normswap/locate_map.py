@@ -297,6 +297,15 @@ def map_layers(proto, trace: Trace, graph_inputs: list[str]) -> Mapping:
             # only by convention; accept it where the shapes pair up one to one
             for v, t in zip(free, call.inputs):
                 lm.torch_inputs[v] = t
+    absorbed_into = {f: lm.name for lm in mapped.values() for f in lm.fused}
+    for k, u in enumerate(unmapped):
+        nm = u.split(" ", 1)[0]
+        if nm in absorbed_into:
+            typ = trace.calls[nm].type
+            unmapped[k] = (
+                f"{nm} ({typ}): no ONNX nodes of its own: folded by the exporter into {absorbed_into[nm]}, "
+                "compared together with it (export with keep_norms=True to keep it separate)"
+            )
     layers = [mapped[n] for n in trace.order if n in mapped]
     unmapped_named = {u.split(" ", 1)[0] for u in unmapped}
     for name, call in trace.calls.items():
