@@ -210,8 +210,8 @@ def log_plot_svg(
     def y(v: float) -> float:
         return mt + ph - (math.log10(v) - lo) / (hi - lo) * ph
 
-    def x(i: int) -> float:
-        return ml + (pw / 2 if n <= 1 else i * pw / (n - 1))
+    def x(i: int) -> float:  # slot centres, as in bar_plot_svg, so stacked plots line up
+        return ml + pw * (i + 0.5) / max(n, 1)
 
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -246,8 +246,8 @@ def log_plot_svg(
             tv = _num(t)
             if tv is None or not math.isfinite(tv) or tv <= 0:
                 continue
-            half = (pw / (n - 1) / 2) if n > 1 else pw / 2
-            x0, x1 = max(ml, x(i) - half), min(ml + pw, x(i) + half)
+            half = pw / max(n, 1) / 2
+            x0, x1 = x(i) - half, x(i) + half
             pts.append(f"M{x0:.1f},{y(tv):.1f} H{x1:.1f}")
         if pts:
             out.append(f'<path d="{" ".join(pts)}" stroke="{TOL_COLOR}" stroke-width="1.6" stroke-dasharray="6,4" fill="none"><title>tolerance</title></path>')
