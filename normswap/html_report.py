@@ -49,7 +49,6 @@ th{background:#f2f3f5;font-weight:600}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.ops{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:11px;overflow-wrap:break-word;max-width:16em}
 td.small{font-size:11px;font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace}
-td.num.wrap{white-space:normal;max-width:14em}
 td.name{overflow-wrap:break-word;word-break:normal;font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px}
 table.kv th{width:190px}
 tr.bad td{background:#fdecea}tr.inh td{background:#fff8e1}tr.skip td{color:#777}
@@ -476,12 +475,12 @@ def locate_section_html(loc: dict) -> str:
             if lp.get("own_max_abs") is not None:
                 own_txt = f'{_fmt(lp.get("own_max_abs"))}<br><span class="muted small">rel {_fmt(lp.get("own_rel"))}</span>'
             else:
-                own_txt = f'<span class="muted">—</span><br><span class="muted small">{_e(lp.get("own_reason") or "")}</span>'
+                own_txt = f'<span class="muted">—</span><br><span class="muted small" style="white-space:normal">{_e(lp.get("own_reason") or "")}</span>'
             acc_txt = f'{_fmt(lp.get("acc_max_abs"))}<br><span class="muted small">rel {_fmt(lp.get("acc_rel"))}</span>'
             rows.append([
                 ("num", _e(lp.get("index"))), ("name", name), ("", _e(lp.get("type"))),
                 ("ops", _e(" ".join(_ops_short(lp.get("onnx_nodes") or [])))), ("num", _e(lp.get("shape"))),
-                ("num wrap", own_txt), ("num", acc_txt), ("num", _fmt(lp.get("tolerance"))), ("", st),
+                ("num", own_txt), ("num", acc_txt), ("num", _fmt(lp.get("tolerance"))), ("", st),
             ])
             classes.append(cls)
         parts.append(_table(

@@ -322,7 +322,6 @@ def locate(
 
     ``inputs``: a tensor or a tuple of tensors, one per model input, in order.
     """
-    import numpy as np
     import onnx
     import torch
 
@@ -475,7 +474,6 @@ def locate(
     if device.startswith("cuda"):
         del run_model
         torch.cuda.empty_cache()
-    _ = np
     return result
 
 
