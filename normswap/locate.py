@@ -57,7 +57,7 @@ DEFAULT_RTOL = 1e-3
 CRITERION = "max|onnx - torch| <= atol + rtol * max|torch| per layer output"
 _TWO_GB = 2_000_000_000
 
-__all__ = ["locate", "LocateResult", "LayerParity", "DEFAULT_ATOL", "DEFAULT_RTOL", "CRITERION"]
+__all__ = ["locate", "locate_text", "LocateResult", "LayerParity", "DEFAULT_ATOL", "DEFAULT_RTOL", "CRITERION"]
 
 
 # --------------------------------------------------------------------------- result types
@@ -585,3 +585,47 @@ def _run_subgraph(proto, lm, feeds: dict, spec: _Provider):
     finally:
         del sess
         _cleanup(tmp)
+
+
+# --------------------------------------------------------------------------- CLI text
+
+
+def locate_text(loc: dict, width: int = 80) -> str:
+    """The located layer for the CLI, wrapped at ``width`` columns; names are never cut
+    (a name longer than the line stands on a line of its own)."""
+    import textwrap
+
+    def wrap(text: str, indent: str = "  ") -> list[str]:
+        return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent + "  ",
+                             break_long_words=False, break_on_hyphens=False) or [indent]
+
+    if loc.get("status") == "unavailable":
+        lines = ["locate: no requested provider ran"]
+        for k, v in (loc.get("unavailable") or {}).items():
+            lines += wrap(f"{k}: {v}")
+        return "\n".join(lines)
+    layers = loc.get("layers") or []
+    fd = loc.get("first_divergent")
+    head = f"locate ({loc.get('provider')}, {len(layers)} layers mapped, {len(loc.get('unmapped') or [])} not mapped):"
+    lines = [head]
+    if fd:
+        lines.append("  first divergent layer:")
+        lines += wrap(f"{fd['name']} ({fd['type']}, #{fd['index']})", "    ")
+        if fd.get("fused"):
+            lines += wrap("with " + ", ".join(fd["fused"]) + " folded in", "    ")
+        lines += wrap(
+            f"own error {_g(fd.get('own_max_abs'))} > tol {_g(fd.get('tolerance'))} "
+            f"(rel {_g(fd.get('own_rel'))}); accumulated {_g(fd.get('acc_max_abs'))}", "    ")
+        after = [lp for lp in layers if lp.get("index", -1) > fd.get("index", 0)]
+        inh = sum(1 for lp in after if lp.get("inherited"))
+        if after:
+            lines += wrap(f"{inh} of the {len(after)} later layers only inherit the error", "    ")
+    else:
+        lines += wrap(loc.get("summary") or "no divergence")
+    return "\n".join(lines)
+
+
+def _g(v) -> str:
+    if isinstance(v, (int, float)):
+        return f"{v:.3g}"
+    return str(v)

@@ -218,3 +218,18 @@ def test_training_mode_restored_and_inputs_checked(tmp_path):
         locate(model, src, (x, x))
     with pytest.raises(NormswapError):
         locate(model, tmp_path / "missing.onnx", (x,))
+
+
+def test_locate_text_fits_80_columns_and_keeps_names(tmp_path):
+    from normswap.locate import locate_text
+
+    model = _ResNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    bad = _tamper(_export(model, x, tmp_path / "m.onnx"), tmp_path / "bad.onnx", "b2.conv.weight")
+    d = locate(model, bad, (x,)).to_dict()
+    text = locate_text(d)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert "b2.bn (BatchNorm2d" in text and "b2.conv folded in" in text
+    long = "encoder." * 12 + "norm"
+    d["first_divergent"]["name"] = long
+    assert long in locate_text(d)  # longer than a line: on its own line, not cut
