@@ -1,0 +1,697 @@
+"""Self-contained HTML reports for ``normswap check`` and ``normswap convert``.
+
+``check_report_html(parity_dict, locate_result_dict=None)`` and
+``convert_report_html(convert_report_dict)`` take the JSON dictionaries of the
+reports (``ParityReport.to_dict()``, ``LocateResult.to_dict()``,
+``ConvertReport.to_dict()``) and return one HTML document: inline CSS and inline
+SVG plots generated here (no scripts, fonts, images or anything else fetched
+from the network), so the file can be mailed or attached to a CI run.
+
+Plots: per-layer own / accumulated parity error along depth on a log scale with
+the per-layer tolerance (check --locate); per-output error vs tolerance (check);
+per-layer reconstruction error naive vs fitted (log scale) and the group counts
+chosen (convert).  Exact zeros are drawn on the bottom edge (hollow markers),
+infinite/NaN errors on the top edge.  Plots label layers by their index; the
+tables next to them give the full names (never shortened; long names wrap).
+
+``write_html(path, html, force=False)`` writes atomically (a temporary file in
+the same folder, then ``os.replace``) and refuses to overwrite an existing file
+unless ``force``.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from normswap.errors import NormswapError
+
+__all__ = ["check_report_html", "convert_report_html", "write_html", "log_plot_svg", "bar_plot_svg"]
+
+OWN_COLOR = "#c0392b"
+ACC_COLOR = "#2e6fba"
+TOL_COLOR = "#555555"
+NAIVE_COLOR = "#e67e22"
+FITTED_COLOR = "#27ae60"
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif;margin:24px;color:#1d1d1f;
+  background:#fff;font-size:14px;line-height:1.4;max-width:1200px}
+h1{font-size:22px;margin:0 0 6px}h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd;padding-bottom:3px}
+h3{font-size:15px;margin:16px 0 6px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
+th,td{border:1px solid #d5d5d5;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f2f3f5;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.ops{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:11px;overflow-wrap:break-word;max-width:16em}
+td.small{font-size:11px;font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace}
+td.name{overflow-wrap:break-word;word-break:normal;font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px}
+table.kv th{width:190px}
+tr.bad td{background:#fdecea}tr.inh td{background:#fff8e1}tr.skip td{color:#777}
+.badge{display:inline-block;padding:2px 10px;border-radius:10px;font-weight:700;font-size:13px;color:#fff;vertical-align:middle}
+.pass{background:#2e7d32}.fail{background:#c62828}.warn{background:#b26a00}.na{background:#757575}
+.callout{border-left:5px solid #c62828;background:#fdecea;padding:8px 12px;margin:10px 0}
+.callout.ok{border-color:#2e7d32;background:#e8f5e9}.callout.warn{border-color:#b26a00;background:#fff8e1}
+.callout .name{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;overflow-wrap:break-word}
+.muted{color:#666}.small{font-size:12px}
+ul{margin:4px 0 10px 18px;padding:0}li{overflow-wrap:anywhere}
+svg{display:block;margin:6px 0 4px;max-width:100%;height:auto}
+.legend span{display:inline-block;margin-right:16px}.sw{display:inline-block;width:18px;height:3px;vertical-align:middle;margin-right:5px}
+code{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;overflow-wrap:anywhere}
+"""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _e(x: Any) -> str:
+    return _html.escape("" if x is None else str(x), quote=True)
+
+
+def _name(x: Any) -> str:
+    """A module path / value name, escaped, with break opportunities after '.', '_', '/' (never cut)."""
+    text = "" if x is None else str(x)
+    if len(text) <= 28:  # short names stay on one line
+        return f'<span style="white-space:nowrap">{_e(text)}</span>'
+    out = _e(text)
+    for ch in (".", "_", "/"):
+        out = out.replace(ch, ch + "<wbr>")
+    return out
+
+
+def _num(x: Any) -> float | None:
+    """A float from a report value (None, numbers, "inf"/"nan" strings)."""
+    if x is None or isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    v = _num(x)
+    if v is None:
+        return "—" if x is None else _e(x)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if v == 0:
+        return "0"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    return f"{v:.{digits}g}"
+
+
+def _pct(x: Any) -> str:
+    v = _num(x)
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _badge(ok: bool | None, yes="PASSED", no="FAILED", none="N/A") -> str:
+    if ok is None:
+        return f'<span class="badge na">{none}</span>'
+    return f'<span class="badge {"pass" if ok else "fail"}">{yes if ok else no}</span>'
+
+
+def _kv(rows: Iterable[tuple[str, Any]], raw: bool = False) -> str:
+    out = ['<table class="kv">']
+    for k, v in rows:
+        if v is None or v == "" or v == [] or v == {}:
+            continue
+        out.append(f"<tr><th>{_e(k)}</th><td>{v if raw else _e(v)}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[tuple[str, str]]], row_classes: Sequence[str] | None = None) -> str:
+    """rows: cells as (css class, html) pairs."""
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in headers) + "</tr>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        out.append(f"<tr{cls}>" + "".join(f'<td class="{c}">{h}</td>' if c else f"<td>{h}</td>" for c, h in row) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _list(items: Iterable[Any]) -> str:
+    items = [i for i in items if i]
+    if not items:
+        return ""
+    return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>"
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+        f"<style>{_CSS}</style></head><body>\n{body}\n"
+        '<p class="muted small">Generated by normswap. Self-contained: no scripts, no network resources.</p>'
+        "</body></html>\n"
+    )
+
+
+# --------------------------------------------------------------------------- SVG plots
+
+
+def _nice_decades(vals: list[float]) -> tuple[int, int]:
+    pos = [v for v in vals if v is not None and math.isfinite(v) and v > 0]
+    if not pos:
+        return -8, 0
+    lo = math.floor(math.log10(min(pos)))
+    hi = math.ceil(math.log10(max(pos)))
+    if hi <= lo:
+        hi = lo + 1
+    if hi - lo < 3:  # at least 3 decades so that the tolerance line and the points breathe
+        lo = hi - 3
+    return lo, hi
+
+
+def _sup(n: int) -> str:
+    table = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+    return "10" + str(n).translate(table)
+
+
+def log_plot_svg(
+    series: Sequence[dict],
+    n: int,
+    *,
+    labels: Sequence[str] | None = None,
+    tooltips: Sequence[str] | None = None,
+    tolerance: Sequence[float | None] | None = None,
+    highlight: int | None = None,
+    highlight_label: str | None = None,
+    ylabel: str = "error",
+    xlabel: str = "layer (execution order)",
+    width: int = 940,
+    height: int = 340,
+) -> str:
+    """A log-scale line/marker plot along ``n`` positions.
+
+    ``series``: dicts with ``name``, ``values`` (n numbers or None), ``color``,
+    optional ``dash`` and ``marker`` ("circle" | "square").  ``tolerance``: a
+    per-position tolerance drawn as a dashed step line.
+    """
+    ml, mr, mt, mb = 70, 20, 18, 58
+    pw, ph = width - ml - mr, height - mt - mb
+    allv = [_num(v) for s in series for v in s["values"]] + [_num(t) for t in (tolerance or [])]
+    lo, hi = _nice_decades([v for v in allv if v is not None])
+
+    def y(v: float) -> float:
+        return mt + ph - (math.log10(v) - lo) / (hi - lo) * ph
+
+    def x(i: int) -> float:  # slot centres, as in bar_plot_svg, so stacked plots line up
+        return ml + pw * (i + 0.5) / max(n, 1)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11" role="img">',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfc" stroke="#bbb"/>',
+    ]
+    for d in range(lo, hi + 1):
+        yy = y(10.0**d)
+        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
+        out.append(f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#333">{_sup(d)}</text>')
+    step = max(1, math.ceil(n / 30))
+    for i in range(0, n, step):
+        lab = labels[i] if labels else str(i)
+        out.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{mt + ph}" y2="{mt + ph + 4}" stroke="#888"/>')
+        out.append(f'<text x="{x(i):.1f}" y="{mt + ph + 16}" text-anchor="middle" fill="#333">{_e(lab)}</text>')
+    out.append(f'<text x="{ml + pw / 2}" y="{height - 22}" text-anchor="middle" fill="#333">{_e(xlabel)}</text>')
+    out.append(
+        f'<text transform="translate(16,{mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#333">{_e(ylabel)} (log scale)</text>'
+    )
+    if highlight is not None and 0 <= highlight < n:
+        hx = x(highlight)
+        out.append(f'<line x1="{hx:.1f}" x2="{hx:.1f}" y1="{mt}" y2="{mt + ph}" stroke="{OWN_COLOR}" stroke-width="1.5" stroke-dasharray="2,3"/>')
+        if highlight_label:
+            anchor = "start" if hx < ml + pw * 0.6 else "end"
+            dx = 5 if anchor == "start" else -5
+            out.append(
+                f'<text x="{hx + dx:.1f}" y="{mt + 13}" text-anchor="{anchor}" fill="{OWN_COLOR}" font-weight="bold">{_e(highlight_label)}</text>'
+            )
+    if tolerance:
+        pts = []
+        for i, t in enumerate(tolerance):
+            tv = _num(t)
+            if tv is None or not math.isfinite(tv) or tv <= 0:
+                continue
+            half = pw / max(n, 1) / 2
+            x0, x1 = x(i) - half, x(i) + half
+            pts.append(f"M{x0:.1f},{y(tv):.1f} H{x1:.1f}")
+        if pts:
+            out.append(f'<path d="{" ".join(pts)}" stroke="{TOL_COLOR}" stroke-width="1.6" stroke-dasharray="6,4" fill="none"><title>tolerance</title></path>')
+    for s in series:
+        color, dash = s.get("color", "#333"), s.get("dash")
+        marker = s.get("marker", "circle")
+        segs, cur = [], []
+        points = []
+        for i, v in enumerate(s["values"]):
+            fv = _num(v)
+            if fv is None:
+                if cur:
+                    segs.append(cur)
+                cur = []
+                continue
+            if math.isnan(fv) or math.isinf(fv):
+                py, kind = mt + 1, "top"
+            elif fv <= 0:
+                py, kind = mt + ph - 1, "zero"
+            else:
+                py, kind = min(max(y(fv), mt + 1), mt + ph - 1), "val"
+            points.append((i, x(i), py, kind, fv))
+            if kind != "val":  # a line into the floor/ceiling would read as a value: break it
+                if cur:
+                    segs.append(cur)
+                cur = []
+                continue
+            cur.append((x(i), py))
+        if cur:
+            segs.append(cur)
+        for seg in segs:
+            if len(seg) > 1 and s.get("line", True):
+                d = "M" + " L".join(f"{a:.1f},{b:.1f}" for a, b in seg)
+                extra = f' stroke-dasharray="{dash}"' if dash else ""
+                out.append(f'<path d="{d}" stroke="{color}" stroke-width="1.7" fill="none"{extra}/>')
+        for i, px, py, kind, fv in points:
+            fill = "#fff" if kind == "zero" else color
+            tip = (tooltips[i] + " — " if tooltips else "") + f'{s["name"]}: {_fmt(fv)}'
+            if marker == "square":
+                out.append(f'<rect x="{px - 3.5:.1f}" y="{py - 3.5:.1f}" width="7" height="7" fill="{fill}" stroke="{color}" stroke-width="1.3"><title>{_e(tip)}</title></rect>')
+            else:
+                out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.8" fill="{fill}" stroke="{color}" stroke-width="1.3"><title>{_e(tip)}</title></circle>')
+    out.append("</svg>")
+    legend = ['<div class="legend small">']
+    for s in series:
+        style = f"background:{s.get('color', '#333')}"
+        legend.append(f'<span><i class="sw" style="{style}"></i>{_e(s["name"])}</span>')
+    if tolerance:
+        legend.append(f'<span><i class="sw" style="background:repeating-linear-gradient(90deg,{TOL_COLOR} 0 6px,transparent 6px 10px)"></i>tolerance</span>')
+    legend.append('<span class="muted">hollow marker on the bottom edge: exactly 0; on the top edge: ∞/NaN</span></div>')
+    return "".join(out) + "".join(legend)
+
+
+def bar_plot_svg(
+    values: Sequence[float | None],
+    *,
+    labels: Sequence[str] | None = None,
+    tooltips: Sequence[str] | None = None,
+    color: str = ACC_COLOR,
+    ylabel: str = "",
+    xlabel: str = "layer (execution order)",
+    width: int = 940,
+    height: int = 220,
+) -> str:
+    """A linear bar chart with the value written above each bar."""
+    n = len(values)
+    ml, mr, mt, mb = 70, 20, 18, 50
+    pw, ph = width - ml - mr, height - mt - mb
+    vals = [_num(v) for v in values]
+    top = max([v for v in vals if v is not None and math.isfinite(v)] or [1.0])
+    top = top if top > 0 else 1.0
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11" role="img">',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfc" stroke="#bbb"/>',
+    ]
+    for frac in (0, 0.5, 1.0):
+        yy = mt + ph - frac * ph
+        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
+        out.append(f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#333">{_fmt(top * frac)}</text>')
+    slot = pw / max(n, 1)
+    bw = max(2.0, min(36.0, slot * 0.7))
+    step = max(1, math.ceil(n / 30))
+    for i, v in enumerate(vals):
+        cx = ml + slot * (i + 0.5)
+        if i % step == 0:
+            lab = labels[i] if labels else str(i)
+            out.append(f'<text x="{cx:.1f}" y="{mt + ph + 15}" text-anchor="middle" fill="#333">{_e(lab)}</text>')
+        if v is None or not math.isfinite(v):
+            out.append(f'<text x="{cx:.1f}" y="{mt + ph - 4}" text-anchor="middle" fill="#999">—</text>')
+            continue
+        h = max(0.0, v) / top * ph
+        tip = (tooltips[i] + ": " if tooltips else "") + _fmt(v)
+        out.append(f'<rect x="{cx - bw / 2:.1f}" y="{mt + ph - h:.1f}" width="{bw:.1f}" height="{h:.1f}" fill="{color}"><title>{_e(tip)}</title></rect>')
+        if n <= 60:
+            out.append(f'<text x="{cx:.1f}" y="{mt + ph - h - 3:.1f}" text-anchor="middle" fill="#222">{_fmt(v)}</text>')
+    out.append(f'<text x="{ml + pw / 2}" y="{height - 14}" text-anchor="middle" fill="#333">{_e(xlabel)}</text>')
+    out.append(f'<text transform="translate(16,{mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#333">{_e(ylabel)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- check
+
+
+def _outputs_section(parity: dict) -> str:
+    parts = []
+    series_vals, tols, labels, tips = [], [], [], []
+    for p in parity.get("providers") or []:
+        for b in p.get("batches") or []:
+            for o in b.get("outputs") or []:
+                series_vals.append(o.get("max_abs"))
+                tols.append(o.get("tolerance"))
+                labels.append(str(len(labels)))
+                tips.append(f"{p.get('label')} batch {b.get('batch_size')} {o.get('name')}")
+    if series_vals:
+        parts.append("<h3>Output error vs tolerance</h3>")
+        parts.append(
+            log_plot_svg(
+                [{"name": "max |onnx − torch|", "values": series_vals, "color": ACC_COLOR, "marker": "square", "line": False}],
+                len(series_vals), labels=labels, tooltips=tips, tolerance=tols, ylabel="max abs error",
+                xlabel="output # (see the table below)", height=260,
+            )
+        )
+        rows, classes = [], []
+        k = 0
+        for p in parity.get("providers") or []:
+            for b in p.get("batches") or []:
+                for o in b.get("outputs") or []:
+                    rows.append([
+                        ("num", str(k)), ("", _e(p.get("label"))), ("num", _e(b.get("batch_size"))),
+                        ("name", _name(o.get("name"))), ("num", _e(o.get("shape"))),
+                        ("num", _fmt(o.get("max_abs"))), ("num", _fmt(o.get("mean_abs"))), ("num", _fmt(o.get("max_rel"))),
+                        ("num", _fmt(o.get("cosine"), 6)), ("num", _pct(o.get("top1_agreement"))),
+                        ("num", _fmt(o.get("tolerance"))), ("", _badge(o.get("passed"), "ok", "fail")),
+                        ("", _e(o.get("reason") or "")),
+                    ])
+                    classes.append("" if o.get("passed") else "bad")
+                    k += 1
+        parts.append(_table(
+            ["#", "provider", "batch", "output", "shape", "max abs", "mean abs", "max rel", "cosine", "top-1", "tolerance", "", "reason"],
+            rows, classes,
+        ))
+    return "".join(parts)
+
+
+def _providers_table(parity: dict) -> str:
+    rows, classes = [], []
+    for p in parity.get("providers") or []:
+        st = p.get("status")
+        badge = {"passed": _badge(True, "passed"), "failed": _badge(False, no="failed"), "error": _badge(False, no="error")}.get(
+            st, f'<span class="badge na">{_e(st)}</span>'
+        )
+        rows.append([
+            ("", _e(p.get("label"))), ("", badge), ("", _e(p.get("ran") or "—")), ("", _e(p.get("torch_device") or "—")),
+            ("num", _fmt(p.get("max_abs"))), ("num", _fmt(p.get("latency_ms"))), ("num", _fmt(p.get("torch_latency_ms"))),
+            ("", _e(p.get("reason") or "")),
+        ])
+        classes.append("bad" if st in ("failed", "error") else ("skip" if st == "unavailable" else ""))
+    if not rows:
+        return ""
+    return _table(["provider", "status", "onnxruntime ran", "torch device", "max abs err", "ORT ms", "torch ms", "reason"], rows, classes)
+
+
+def locate_section_html(loc: dict) -> str:
+    """The per-layer part of a check report (also usable alone)."""
+    parts = ["<h2>Per-layer parity (locate)</h2>"]
+    status = loc.get("status")
+    layers = loc.get("layers") or []
+    fd = loc.get("first_divergent")
+    if status == "unavailable":
+        parts.append('<div class="callout warn">No requested provider could run, so no layer was compared.</div>')
+        parts.append(_list(f"{k}: {v}" for k, v in (loc.get("unavailable") or {}).items()))
+        return "".join(parts)
+    if fd:
+        parts.append(
+            '<div class="callout"><b>First divergent layer:</b> '
+            f'<span class="name">{_name(fd.get("name"))}</span> ({_e(fd.get("type"))}, layer #{_e(fd.get("index"))}'
+            + (f', with {_name(", ".join(fd.get("fused") or []))} folded in' if fd.get("fused") else "") + "): "
+            f'own error <b>{_fmt(fd.get("own_max_abs"))}</b> (relative {_fmt(fd.get("own_rel"))}) &gt; tolerance '
+            f'{_fmt(fd.get("tolerance"))}; accumulated error there {_fmt(fd.get("acc_max_abs"))}. '
+            f'ONNX ops: <code>{_e(" ".join(_ops_short(fd.get("onnx_nodes") or [])))}</code>; output value '
+            f'<code>{_e(fd.get("onnx_output"))}</code>.</div>'
+        )
+    elif loc.get("passed"):
+        parts.append(f'<div class="callout ok">{_e(loc.get("summary") or "No divergence.")}</div>')
+    else:
+        parts.append(f'<div class="callout warn">{_e(loc.get("summary") or "")}</div>')
+    parts.append(_kv([
+        ("provider", f'{loc.get("provider")} ({loc.get("ran")})' if loc.get("provider") else None),
+        ("PyTorch device", loc.get("torch_device")),
+        ("criterion", loc.get("criterion")),
+        ("atol / rtol", f'{_fmt(loc.get("atol"))} / {_fmt(loc.get("rtol"))}'),
+        ("mapping", f'{loc.get("mapping")}: {len(layers)} layers mapped, {len(loc.get("unmapped") or [])} not mapped'),
+    ]))
+    if layers:
+        own = [lp.get("own_max_abs") for lp in layers]
+        acc = [lp.get("acc_max_abs") for lp in layers]
+        hi = fd.get("index") if fd else None
+        parts.append(
+            log_plot_svg(
+                [
+                    {"name": "accumulated error (full ORT run vs torch)", "values": acc, "color": ACC_COLOR, "marker": "square"},
+                    {"name": "own error (layer alone on torch's input)", "values": own, "color": OWN_COLOR},
+                ],
+                len(layers),
+                tooltips=[f'#{lp.get("index")} {lp.get("name")} ({lp.get("type")})' for lp in layers],
+                tolerance=[lp.get("tolerance") for lp in layers],
+                highlight=hi,
+                highlight_label=f'#{hi} {fd.get("name")}' if fd else None,
+                ylabel="max abs error",
+            )
+        )
+        rows, classes = [], []
+        for lp in layers:
+            if lp.get("own_passed") is False:
+                st, cls = '<span class="badge fail">diverges</span>', "bad"
+            elif lp.get("inherited"):
+                st, cls = '<span class="badge warn">inherited</span>', "inh"
+            elif not lp.get("acc_passed"):
+                st, cls = '<span class="badge warn">over tol</span>', "inh"
+            else:
+                st, cls = '<span class="badge pass">ok</span>', ""
+            fused = lp.get("fused") or []
+            name = _name(lp.get("name")) + (f'<br><span class="muted">+ fused {_name(", ".join(fused))}</span>' if fused else "")
+            if lp.get("own_max_abs") is not None:
+                own_txt = f'{_fmt(lp.get("own_max_abs"))}<br><span class="muted small">rel {_fmt(lp.get("own_rel"))}</span>'
+            else:
+                own_txt = f'<span class="muted">—</span><br><span class="muted small" style="white-space:normal">{_e(lp.get("own_reason") or "")}</span>'
+            acc_txt = f'{_fmt(lp.get("acc_max_abs"))}<br><span class="muted small">rel {_fmt(lp.get("acc_rel"))}</span>'
+            rows.append([
+                ("num", _e(lp.get("index"))), ("name", name), ("", _e(lp.get("type"))),
+                ("ops", _e(" ".join(_ops_short(lp.get("onnx_nodes") or [])))), ("num", _e(lp.get("shape"))),
+                ("num", own_txt), ("num", acc_txt), ("num", _fmt(lp.get("tolerance"))), ("", st),
+            ])
+            classes.append(cls)
+        parts.append(_table(
+            ["#", "layer", "type", "ONNX ops", "shape", "own error (max abs)", "accumulated (max abs)", "tolerance", "status"],
+            rows, classes,
+        ))
+    outs = loc.get("outputs") or []
+    if outs:
+        parts.append("<h3>Model outputs (full run)</h3>")
+        parts.append(_table(
+            ["output", "max abs", "rel", "tolerance", ""],
+            [[("name", _name(o.get("name"))), ("num", _fmt(o.get("max_abs"))), ("num", _fmt(o.get("rel"))),
+              ("num", _fmt(o.get("tolerance"))), ("", _badge(o.get("passed"), "ok", "fail"))] for o in outs],
+            ["" if o.get("passed") else "bad" for o in outs],
+        ))
+    if loc.get("unmapped"):
+        parts.append("<h3>Layers not mapped</h3>" + _list(loc.get("unmapped")))
+    if loc.get("unavailable"):
+        parts.append("<h3>Providers not used</h3>" + _list(f"{k}: {v}" for k, v in loc["unavailable"].items()))
+    if loc.get("notes"):
+        parts.append("<h3>Notes</h3>" + _list(loc.get("notes")))
+    return "".join(parts)
+
+
+def _ops_short(ops: Sequence[str]) -> list[str]:
+    """Op types with runs collapsed: Reshape Reshape Mul -> Reshape×2 Mul."""
+    out: list[str] = []
+    for op in ops:
+        if out and out[-1].split("×")[0] == op:
+            base, _, k = out[-1].partition("×")
+            out[-1] = f"{base}×{int(k or 1) + 1}"
+        else:
+            out.append(op)
+    return out
+
+
+def check_report_html(parity_dict: dict | None, locate_result_dict: dict | None = None) -> str:
+    """HTML for a check report (``ParityReport.to_dict()``), with the locate table if given.
+
+    ``locate_result_dict`` defaults to ``parity_dict["locate"]`` when present.
+    """
+    parity = parity_dict or {}
+    loc = locate_result_dict if locate_result_dict is not None else parity.get("locate")
+    name = Path(str(parity.get("onnx_path") or (loc or {}).get("onnx_path") or "model.onnx")).name
+    passed = parity.get("passed") if parity else (loc or {}).get("passed")
+    body = [f"<h1>normswap check — {_e(name)} {_badge(passed)}</h1>"]
+    if parity:
+        body.append(_kv([
+            ("ONNX file", parity.get("onnx_path")),
+            ("criterion", parity.get("criterion")),
+            ("atol / rtol", f'{_fmt(parity.get("atol"))} / {_fmt(parity.get("rtol"))}'),
+            ("batch sizes", ", ".join(str(b) for b in parity.get("batch_sizes") or []) + (
+                " (dynamic batch)" if parity.get("dynamic_batch") else " (static batch)")),
+            ("inputs", "; ".join(
+                f'{i.get("name")} {i.get("given_shape")} {i.get("dtype")} (ONNX {i.get("onnx_shape")})' for i in parity.get("inputs") or []
+            )),
+        ]))
+        body.append("<h2>Providers</h2>" + _providers_table(parity))
+        body.append(_outputs_section(parity))
+        if parity.get("notes"):
+            body.append("<h2>Notes</h2>" + _list(parity["notes"]))
+    if loc:
+        body.append(locate_section_html(loc))
+    return _page(f"normswap check — {name}", "\n".join(body))
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool) -> str:
+    cols = [("after calibration", cal)] + ([("final (after distillation)", fin)] if distilled and fin else [])
+    if not distilled and fin and not cal:
+        cols = [("final", fin)]
+    cols = [(h, d) for h, d in cols if d]
+    if not cols:
+        return '<p class="muted">No fidelity numbers (no calibration data).</p>'
+    rows = [
+        ("samples", "samples", lambda v: _fmt(v)),
+        ("top-1 agreement with the original", "top1_agreement", _pct),
+        ("mean KL(original ‖ converted)", "kl", _fmt),
+        ("relative output error", "rel_output_error", _fmt),
+        ("accuracy of the original", "accuracy_original", _pct),
+        ("accuracy of the converted model", "accuracy_converted", _pct),
+    ]
+    out = ["<table><tr><th></th>" + "".join(f"<th>{_e(h)}</th>" for h, _ in cols) + "</tr>"]
+    for label, key, f in rows:
+        if all(d.get(key) is None for _, d in cols):
+            continue
+        out.append(f"<tr><th>{_e(label)}</th>" + "".join(f'<td class="num">{f(d.get(key))}</td>' for _, d in cols) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def convert_report_html(convert_report_dict: dict) -> str:
+    """HTML for a convert report (``ConvertReport.to_dict()``)."""
+    r = convert_report_dict or {}
+    layers = r.get("layers") or []
+    srcs = "/".join(r.get("sources") or []) or "?"
+    passed = r.get("passed")
+    title = f"normswap convert — {srcs} → {r.get('target')}"
+    body = [f"<h1>{_e(title)} {_badge(passed, 'OK', 'PARITY FAILED') if r.get('parity') is not None else ''}</h1>"]
+    calib = "no (uncalibrated)" if not r.get("calibrated") else (
+        f'yes: {r.get("calib_samples")} samples from {r.get("calib_source")}'
+        + (" (with labels)" if r.get("calib_labels") else "")
+    )
+    timing = None
+    if r.get("calib_seconds") is not None:
+        timing = f'{_fmt(r.get("calib_seconds"))} s'
+        if r.get("calib_ratio") is not None:
+            timing += f' ({_fmt(r.get("calib_ratio"))}× one forward pass of {_fmt(r.get("forward_seconds"))} s)'
+    body.append(_kv([
+        ("sites converted", f'{r.get("sites", len(layers))} ({srcs} → {r.get("target")})'),
+        ("mode", r.get("mode")),
+        ("groups", r.get("groups")),
+        ("calibrated", calib),
+        ("passes over the data", r.get("passes")),
+        ("calibration time", timing),
+        ("distillation", f'{r.get("distill_steps")} steps, loss {_fmt(r.get("distill_loss"))}, {_fmt(r.get("distill_seconds"))} s'
+         if r.get("distill_steps") else None),
+        ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
+    ]))
+    body.append("<h2>Fidelity</h2>")
+    body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(r.get("distill_steps"))))
+
+    if layers:
+        body.append("<h2>Per-layer reconstruction error</h2>")
+        body.append(
+            '<p class="muted small">Relative error ‖y<sub>new</sub> − y<sub>orig</sub>‖ / ‖y<sub>orig</sub>‖ over the calibration data: '
+            "naive = a fresh replacement (γ=1, β=0, gcd(32, C) groups); fitted = the calibrated replacement.</p>"
+        )
+        naive = [lf.get("err_naive") for lf in layers]
+        fitted = [lf.get("err_fitted") for lf in layers]
+        tips = [f'#{i} {lf.get("name")}' for i, lf in enumerate(layers)]
+        if any(_num(v) is not None for v in naive + fitted):
+            body.append(log_plot_svg(
+                [
+                    {"name": "naive replacement", "values": naive, "color": NAIVE_COLOR, "marker": "square"},
+                    {"name": "fitted replacement", "values": fitted, "color": FITTED_COLOR},
+                ],
+                len(layers), tooltips=tips, ylabel="relative error", xlabel="converted layer (model order)",
+            ))
+        groups = [lf.get("groups") for lf in layers]
+        if any(g is not None for g in groups):
+            body.append("<h3>Group counts chosen</h3>")
+            body.append(bar_plot_svg(groups, tooltips=tips, color=ACC_COLOR, ylabel="groups", xlabel="converted layer (model order)"))
+        rows = []
+        for i, lf in enumerate(layers):
+            en, ef = _num(lf.get("err_naive")), _num(lf.get("err_fitted"))
+            gain = "—"
+            if en is not None and ef is not None and ef > 0 and math.isfinite(en):
+                g = en / ef
+                gain = f"{g:,.0f}×" if g >= 100 else f"{g:.3g}×"
+            cand = lf.get("group_errors") or {}
+            chosen = str(lf.get("groups"))
+            cand_txt = ", ".join(
+                (f"<b>{_e(k)}: {_fmt(v)}</b>" if str(k) == chosen else f"{_e(k)}: {_fmt(v)}")
+                for k, v in sorted(cand.items(), key=lambda kv: _num(kv[0]) or 0)
+            )
+            rows.append([
+                ("num", str(i)), ("name", _name(lf.get("name"))), ("", _e(f'{lf.get("source_type")} → {lf.get("target_type")}')),
+                ("num", _e(lf.get("channels"))), ("num", _e(lf.get("groups") if lf.get("groups") is not None else "—")),
+                ("", _e(lf.get("method"))), ("num", _fmt(en)), ("num", _fmt(ef)), ("num", gain),
+                ("small", cand_txt), ("", _e(lf.get("note") or "")),
+            ])
+        body.append(_table(
+            ["#", "layer", "replacement", "channels", "groups", "method", "err naive", "err fitted", "naive/fitted",
+             "candidates (groups: error)", "note"], rows,
+        ))
+    if r.get("warnings"):
+        body.append("<h2>Warnings</h2>" + _list(r["warnings"]))
+    files = r.get("files") or {}
+    if files:
+        body.append("<h2>Files</h2>" + _table(["what", "path"], [[("", _e(k)), ("name", _name(v))] for k, v in files.items()]))
+    exp = r.get("export")
+    if isinstance(exp, dict) and exp:
+        body.append("<h2>Export</h2>" + _kv([
+            ("path", exp.get("path")), ("exporter", exp.get("exporter")), ("opset", exp.get("opset")),
+            ("dynamic batch", exp.get("dynamic_batch")), ("warnings", "; ".join(exp.get("warnings") or [])),
+        ]))
+    par = r.get("parity")
+    if isinstance(par, dict) and par:
+        body.append(f"<h2>ONNX parity {_badge(par.get('passed'))}</h2>" + _providers_table(par) + _outputs_section(par))
+        if par.get("locate"):
+            body.append(locate_section_html(par["locate"]))
+    return _page(title, "\n".join(body))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_html(path, html: str, force: bool = False) -> str:
+    """Write ``html`` to ``path`` atomically; refuse to overwrite unless ``force``. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise NormswapError(f"report path {path} is a directory; give a file name like report.html")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise NormswapError(f"report folder {folder} does not exist")
+    if path.exists() and not force:
+        raise NormswapError(f"{path} exists; pass force=True (--force) to overwrite it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(html)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        if not force and path.exists():  # appeared meanwhile
+            raise NormswapError(f"{path} exists; pass force=True (--force) to overwrite it")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(path)

@@ -1,0 +1,631 @@
+"""Find the first layer where onnxruntime and PyTorch diverge.
+
+``locate(model, onnx_path, inputs)`` returns a :class:`LocateResult`: one
+:class:`LayerParity` per mapped leaf module, in execution order, with
+
+* the **accumulated** error: the layer's output in a full onnxruntime run (the
+  intermediate exposed as an extra graph output) vs the same module's output in
+  PyTorch (forward hook), on the same inputs;
+* the layer's **own** error: the ONNX nodes of that layer alone, run in
+  onnxruntime on PyTorch's input activation to the layer, vs PyTorch's output of
+  the layer.  Errors inherited from earlier layers do not enter it.
+
+The first layer whose own error exceeds the tolerance is ``first_divergent``.
+
+Mapping ONNX to modules (``normswap.locate_map``): the dynamo exporter (torch
+>= 2.5) writes ``pkg.torch.onnx.name_scopes`` on every node (``['', 'b1',
+'b1.conv', 'conv2d_1']``: the module path, then the FX node); the TorchScript
+exporter names nodes ``/b1/conv/Conv``, which is used when the metadata is
+missing.  A leaf module's nodes are those whose scope contains its path; its
+output is the value those nodes produce for the rest of the graph, checked
+against the PyTorch output's shape.  Modules without nodes of their own (Conv
+folded into the following BatchNormalization by the exporter's optimiser,
+Identity, eval Dropout), modules called more than once, modules whose nodes
+produce no single output of the PyTorch shape are listed in ``unmapped`` with
+the reason.  A layer whose input comes from an absorbed module (Conv folded into
+BN) is compared as the fused pair: ``fused`` names the absorbed modules.
+
+Tolerance per layer: ``max|onnx - torch| <= atol + rtol * max|torch|`` (the
+criterion of ``normswap check``; defaults atol 1e-4, rtol 1e-3).
+
+Providers: ``"cpu"`` and ``"cuda"`` (CUDAExecutionProvider with ``use_tf32=0``,
+PyTorch on the GPU with TF32 off).  The first requested provider that really
+runs (``session.get_providers()[0]``) is used; the others are reported in
+``unavailable`` with the reason.  If none runs, ``status`` is ``unavailable``
+and the result is falsy (nothing was shown to agree).
+
+Caveat: exposing intermediates as graph outputs can keep onnxruntime from
+fusing across them (e.g. Conv+Relu), so the instrumented full run may differ
+from the plain run in the last bits; the own-error runs are unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from normswap.errors import NormswapError
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+CRITERION = "max|onnx - torch| <= atol + rtol * max|torch| per layer output"
+_TWO_GB = 2_000_000_000
+
+__all__ = ["locate", "locate_text", "LocateResult", "LayerParity", "DEFAULT_ATOL", "DEFAULT_RTOL", "CRITERION"]
+
+
+# --------------------------------------------------------------------------- result types
+
+
+@dataclass
+class LayerParity:
+    """One mapped leaf module."""
+
+    name: str  # module path, e.g. "features.3.conv"
+    type: str  # class name, e.g. "Conv2d"
+    index: int  # execution order (0-based) among mapped layers
+    onnx_output: str  # the ONNX value compared with the module's output
+    onnx_nodes: list[str]  # op types of the layer's nodes (in graph order)
+    shape: list[int]
+    max_abs_torch: float  # max |y| of the PyTorch output
+    tolerance: float
+    #: full onnxruntime run vs PyTorch: the error accumulated up to this layer
+    acc_max_abs: float
+    acc_rel: float  # acc_max_abs / max|y|
+    acc_passed: bool
+    #: the layer's nodes alone on PyTorch's input activation vs PyTorch's output
+    own_max_abs: float | None = None
+    own_rel: float | None = None
+    own_passed: bool | None = None
+    own_reason: str | None = None  # why the own error could not be measured
+    #: modules with no ONNX nodes of their own that were absorbed into this layer (Conv+BN fold)
+    fused: list[str] = field(default_factory=list)
+
+    @property
+    def diverges(self) -> bool:
+        return self.own_passed is False
+
+    @property
+    def inherited(self) -> bool:
+        """Accumulated error over the tolerance while the layer itself is fine."""
+        return (not self.acc_passed) and self.own_passed is True
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["diverges"] = self.diverges
+        d["inherited"] = self.inherited
+        return _finite(d)
+
+
+@dataclass
+class LocateResult:
+    onnx_path: str
+    provider: str | None  # label of the provider that ran ("cpu", "cuda"), None if none ran
+    ran: str | None  # onnxruntime's provider name (session.get_providers()[0])
+    status: str  # "ok" | "diverged" | "unavailable"
+    atol: float
+    rtol: float
+    criterion: str
+    torch_device: str | None
+    layers: list[LayerParity]
+    unmapped: list[str]  # "name (Type): reason"
+    unavailable: dict[str, str] = field(default_factory=dict)  # provider label -> reason
+    outputs: list[dict] = field(default_factory=list)  # final outputs, ORT vs torch
+    mapping: str = "none"  # "name_scopes" | "node_names" | "none"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_divergent(self) -> LayerParity | None:
+        """First layer (execution order) whose own error exceeds the tolerance."""
+        return next((lp for lp in self.layers if lp.own_passed is False), None)
+
+    @property
+    def first_accumulated(self) -> LayerParity | None:
+        """First layer whose accumulated error exceeds the tolerance."""
+        return next((lp for lp in self.layers if not lp.acc_passed), None)
+
+    def __bool__(self) -> bool:
+        if self.status == "unavailable":
+            return False
+        return (
+            self.first_divergent is None
+            and self.first_accumulated is None
+            and all(o.get("passed", True) for o in self.outputs)
+        )
+
+    @property
+    def passed(self) -> bool:
+        return bool(self)
+
+    def layer(self, name: str) -> LayerParity | None:
+        return next((lp for lp in self.layers if lp.name == name), None)
+
+    def summary_text(self) -> str:
+        if self.status == "unavailable":
+            return "locate: no provider ran (" + "; ".join(f"{k}: {v}" for k, v in self.unavailable.items()) + ")"
+        fd = self.first_divergent
+        n = len(self.layers)
+        tail = f" ({n} layers mapped, {len(self.unmapped)} not mapped, {self.provider})"
+        if fd is not None:
+            fused = f", with {', '.join(fd.fused)} folded in" if fd.fused else ""
+            return (
+                f"first divergent layer: {fd.name} ({fd.type}{fused}) own error {fd.own_max_abs:.3g} "
+                f"> tol {fd.tolerance:.3g} (accumulated {fd.acc_max_abs:.3g})" + tail
+            )
+        fa = self.first_accumulated
+        if fa is not None:
+            return (
+                f"no layer diverges on its own, but the error exceeds the tolerance first at {fa.name} "
+                f"({fa.acc_max_abs:.3g} > {fa.tolerance:.3g}): the cause lies in ops outside mapped layers" + tail
+            )
+        bad = [o for o in self.outputs if not o.get("passed", True)]
+        if bad:
+            return f"all layers agree but output {bad[0]['name']} differs ({bad[0]['max_abs']:.3g}): ops after the last mapped layer" + tail
+        return "no divergence: every mapped layer within tolerance" + tail
+
+    def to_dict(self) -> dict:
+        fd, fa = self.first_divergent, self.first_accumulated
+        return _finite(
+            {
+                "onnx_path": self.onnx_path,
+                "passed": bool(self),
+                "status": self.status,
+                "provider": self.provider,
+                "ran": self.ran,
+                "torch_device": self.torch_device,
+                "atol": self.atol,
+                "rtol": self.rtol,
+                "criterion": self.criterion,
+                "mapping": self.mapping,
+                "first_divergent": fd.to_dict() if fd else None,
+                "first_accumulated": fa.name if fa else None,
+                "layers": [lp.to_dict() for lp in self.layers],
+                "unmapped": list(self.unmapped),
+                "unavailable": dict(self.unavailable),
+                "outputs": list(self.outputs),
+                "notes": list(self.notes),
+                "summary": self.summary_text(),
+            }
+        )
+
+
+def _finite(obj):
+    """JSON-safe: inf/nan floats become strings ("inf", "nan")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _err(ref, got, atol: float, rtol: float) -> tuple[float, float, float, float, bool]:
+    """(max_abs, rel, ref_max, tol, passed) of ``got`` vs the PyTorch ``ref``."""
+    import numpy as np
+
+    r = np.asarray(ref, dtype=np.float64)
+    g = np.asarray(got, dtype=np.float64)
+    if r.shape != g.shape:
+        return float("inf"), float("inf"), float("nan"), float("nan"), False
+    if r.size == 0:
+        return 0.0, 0.0, 0.0, atol, True
+    fin_r, fin_g = np.isfinite(r), np.isfinite(g)
+    same_nonfinite = bool(np.array_equal(fin_r, fin_g))
+    m = fin_r & fin_g
+    ref_max = float(np.abs(r[m]).max()) if m.any() else 0.0
+    max_abs = float(np.abs(r[m] - g[m]).max()) if m.any() else (0.0 if same_nonfinite else float("inf"))
+    if not same_nonfinite:
+        max_abs = float("inf")
+    tol = atol + rtol * ref_max
+    rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return max_abs, rel, ref_max, tol, bool(max_abs <= tol)
+
+
+# --------------------------------------------------------------------------- providers
+
+
+@dataclass
+class _Provider:
+    label: str
+    provider: str
+    options: dict
+    torch_device: str
+
+
+def _provider(label) -> _Provider:
+    try:  # the shared provider table of normswap check
+        from normswap.check import provider_spec
+
+        s = label if hasattr(label, "provider") and hasattr(label, "label") else provider_spec(label)
+        return _Provider(s.label, s.provider, dict(s.options), s.torch_device)
+    except ImportError:  # pragma: no cover
+        key = str(label).lower()
+        if key == "cuda":
+            return _Provider("cuda", "CUDAExecutionProvider", {"use_tf32": "0"}, "cuda")
+        return _Provider("cpu", "CPUExecutionProvider", {}, "cpu")
+
+
+def _session(model_bytes_or_path, spec: _Provider):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    providers: list[Any] = [(spec.provider, spec.options) if spec.options else spec.provider]
+    if spec.provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    return ort.InferenceSession(model_bytes_or_path, sess_options=so, providers=providers)
+
+
+def _why_not(spec: _Provider, onnx_path: str) -> str | None:
+    """None if ``spec`` really runs here (probing with the ONNX file), else the reason."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if spec.provider not in available:
+        hint = ""
+        if spec.provider == "CUDAExecutionProvider":
+            hint = "; the plain 'onnxruntime' package is CPU-only, install 'onnxruntime-gpu'"
+        return f"not installed: onnxruntime {ort.__version__} offers only {', '.join(available)}{hint}"
+    try:
+        sess = _session(onnx_path, spec)
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime could not build a {spec.provider} session: {_short(e)}"
+    ran = (sess.get_providers() or [None])[0]
+    if ran != spec.provider:
+        return f"fell back to {ran}: onnxruntime lists {spec.provider} but could not use it (no GPU, or CUDA/cuDNN missing)"
+    return None
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    import torch
+
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+# --------------------------------------------------------------------------- main entry point
+
+
+def locate(
+    model,
+    onnx_path,
+    inputs: tuple,
+    *,
+    providers: str | Sequence[str] = ("cpu",),
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> LocateResult:
+    """Compare ``model`` (in eval mode) with ``onnx_path`` layer by layer; see the module docstring.
+
+    ``inputs``: a tensor or a tuple of tensors, one per model input, in order.
+    """
+    import onnx
+    import torch
+
+    from normswap.locate_map import map_layers, torch_trace
+
+    atol = DEFAULT_ATOL if atol is None else float(atol)
+    rtol = DEFAULT_RTOL if rtol is None else float(rtol)
+    if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):
+        raise NormswapError(f"atol and rtol must be finite numbers >= 0 (got atol {atol:g}, rtol {rtol:g})")
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    specs = [_provider(p) for p in providers]
+    if not specs:
+        raise NormswapError("no providers given; use e.g. providers=('cpu',)")
+    try:
+        from normswap.export import _as_module
+
+        model = _as_module(model)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    inputs = tuple(inputs)
+    path = str(onnx_path)
+    if not os.path.isfile(path):
+        raise NormswapError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(path)
+    except Exception as e:  # noqa: BLE001
+        raise NormswapError(f"{path} is not an ONNX model (cannot parse it: {type(e).__name__})") from e
+
+    graph_inputs = [i for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
+    if len(graph_inputs) != len(inputs):
+        raise NormswapError(
+            f"the ONNX file expects {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}) "
+            f"but {len(inputs)} were given"
+        )
+
+    result = LocateResult(path, None, None, "unavailable", atol, rtol, CRITERION, None, [], [])
+    spec = None
+    for s in specs:
+        why = _why_not(s, path)
+        if why is None:
+            spec = s
+            break
+        result.unavailable[s.label] = why
+    if spec is None:
+        result.notes.append("no requested provider could run; nothing was compared")
+        return result
+    result.provider, result.ran = spec.label, spec.provider
+
+    device = spec.torch_device
+    if device == "cuda" and not torch.cuda.is_available():
+        result.notes.append("torch has no CUDA device: the CUDA provider is compared against PyTorch on the CPU")
+        device = "cpu"
+    result.torch_device = device
+
+    # ---- PyTorch: hooks on every leaf module
+    flags = {m: m.training for m in model.modules()}
+    run_model = model if device == "cpu" else copy.deepcopy(model).to(device)
+    try:
+        run_model.eval()
+        ctx = _no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            try:
+                trace = torch_trace(run_model, tuple(t.to(device) for t in inputs))
+            except Exception as e:  # noqa: BLE001
+                raise NormswapError(
+                    f"the PyTorch model does not run on the inputs (shapes {[tuple(t.shape) for t in inputs]}): {_short(e)}"
+                ) from e
+    finally:
+        for m, f in flags.items():
+            m.training = f
+    if any(flags.values()):
+        result.notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
+
+    # ---- ONNX: map leaf modules to values
+    feeds = {}
+    for gi, t in zip(graph_inputs, inputs):
+        arr = t.detach().cpu().numpy()
+        et = gi.type.tensor_type.elem_type
+        if et:
+            arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(et), copy=False)
+        feeds[gi.name] = arr
+    mapping = map_layers(proto, trace, [gi.name for gi in graph_inputs])
+    result.mapping = mapping.method
+    result.unmapped = list(mapping.unmapped)
+    result.notes.extend(mapping.notes)
+
+    # ---- full onnxruntime run with the intermediates exposed
+    wanted = []
+    for lm in mapping.layers:
+        for v in [lm.output, *lm.external_inputs]:
+            if v not in wanted and v not in feeds:
+                wanted.append(v)
+    values = _run_with_outputs(proto, wanted, feeds, spec)
+    values.update({k: v for k, v in feeds.items() if k not in values})
+
+    # ---- PyTorch tensors for ONNX values (graph inputs and mapped layer outputs)
+    torch_values: dict[str, Any] = {gi.name: t.detach().cpu() for gi, t in zip(graph_inputs, inputs)}
+    for lm in mapping.layers:
+        torch_values.setdefault(lm.output, lm.call.output)
+
+    for i, lm in enumerate(mapping.layers):
+        ref = lm.call.output.float().numpy() if lm.call.output.is_floating_point() else lm.call.output.numpy()
+        got = values.get(lm.output)
+        acc_abs, acc_rel, ref_max, tol, acc_ok = _err(ref, got, atol, rtol)
+        lp = LayerParity(
+            name=lm.name,
+            type=lm.call.type,
+            index=i,
+            onnx_output=lm.output,
+            onnx_nodes=[n.op_type for n in lm.nodes if n.op_type != "Constant"],
+            shape=list(ref.shape),
+            max_abs_torch=ref_max,
+            tolerance=tol,
+            acc_max_abs=acc_abs,
+            acc_rel=acc_rel,
+            acc_passed=acc_ok,
+            fused=list(lm.fused),
+        )
+        own_feeds, why = _own_feeds(lm, values, torch_values, trace)
+        if why is None:
+            try:
+                own = _run_subgraph(proto, lm, own_feeds, spec)
+                o_abs, o_rel, _, _, o_ok = _err(ref, own, atol, rtol)
+                lp.own_max_abs, lp.own_rel, lp.own_passed = o_abs, o_rel, o_ok
+            except Exception as e:  # noqa: BLE001
+                lp.own_reason = f"the layer's nodes do not run alone: {_short(e)}"
+        else:
+            lp.own_reason = why
+        result.layers.append(lp)
+
+    # ---- final outputs
+    for j, (go, t) in enumerate(zip(proto.graph.output, trace.outputs)):
+        got = values.get(go.name)
+        ref = t.float().numpy() if t.is_floating_point() else t.numpy()
+        a, r, _, tol, ok = _err(ref, got, atol, rtol)
+        result.outputs.append({"name": go.name, "max_abs": a, "rel": r, "tolerance": tol, "passed": ok})
+
+    bad_own = [lp for lp in result.layers if lp.own_passed is None]
+    if bad_own:
+        result.notes.append(
+            f"own error not measured for {len(bad_own)} layer(s): "
+            + "; ".join(f"{lp.name}: {lp.own_reason}" for lp in bad_own[:5])
+            + (" ..." if len(bad_own) > 5 else "")
+        )
+    result.status = "ok" if bool(dataclasses.replace(result, status="ok")) else "diverged"
+    del values
+    if device.startswith("cuda"):
+        del run_model
+        torch.cuda.empty_cache()
+    return result
+
+
+# --------------------------------------------------------------------------- onnxruntime runs
+
+
+def _session_for(model_proto, spec: _Provider):
+    """An onnxruntime session for an in-memory model (a temp file, deleted after, above 2 GB)."""
+    import onnx
+
+    if model_proto.ByteSize() < _TWO_GB:
+        return _session(model_proto.SerializeToString(), spec), None
+    tmpdir = tempfile.mkdtemp(prefix="normswap-locate-")
+    p = os.path.join(tmpdir, "model.onnx")
+    onnx.save(model_proto, p, save_as_external_data=True, location="model.onnx.data")
+    return _session(p, spec), tmpdir
+
+
+def _cleanup(tmpdir):
+    if tmpdir:
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _run_with_outputs(proto, names: list[str], feeds: dict, spec: _Provider) -> dict:
+    """Values of the graph outputs and of ``names`` in one run of ``proto`` with those names exposed."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    have = {o.name for o in m.graph.output}
+    vi = {v.name: v for v in m.graph.value_info}
+    for n in names:
+        if n in have:
+            continue
+        if n in vi:
+            m.graph.output.append(vi[n])
+        else:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+        have.add(n)
+    sess, tmp = _session_for(m, spec)
+    try:
+        outs = [o.name for o in sess.get_outputs()]
+        vals = sess.run(outs, feeds)
+    finally:
+        del sess
+        _cleanup(tmp)
+    return dict(zip(outs, vals))
+
+
+def _own_feeds(lm, values: dict, torch_values: dict, trace) -> tuple[dict | None, str | None]:
+    """Feeds for the layer's nodes alone: PyTorch activations for its float inputs, and the
+    full run's values for integer side inputs (shapes computed elsewhere in the graph)."""
+    import numpy as np
+
+    feeds = {}
+    floats = [v for v in lm.external_inputs if v in values and np.issubdtype(np.asarray(values[v]).dtype, np.floating)]
+    for v in lm.external_inputs:
+        if v not in values:
+            return None, f"input {v} of the layer's nodes is not available"
+        if v not in floats:
+            feeds[v] = values[v]
+    for v in floats:
+        t = lm.torch_inputs.get(v)
+        if t is None:
+            t = torch_values.get(v)
+        if t is None:
+            return None, f"no PyTorch activation corresponds to the ONNX input {v} of the layer"
+        arr = t.detach().cpu()
+        arr = arr.float().numpy() if arr.is_floating_point() else arr.numpy()
+        want = np.asarray(values[v])
+        if tuple(arr.shape) != tuple(want.shape):
+            return None, f"PyTorch input {tuple(arr.shape)} does not match ONNX input {v} {tuple(want.shape)}"
+        feeds[v] = arr.astype(want.dtype, copy=False)
+    return feeds, None
+
+
+def _run_subgraph(proto, lm, feeds: dict, spec: _Provider):
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    init = {t.name: t for t in proto.graph.initializer}
+    vi = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.output)}
+    used_inits = []
+    seen = set()
+    for n in lm.nodes:
+        for i in n.input:
+            if i in init and i not in seen:
+                used_inits.append(init[i])
+                seen.add(i)
+    ginputs = []
+    for name, arr in feeds.items():
+        arr = np.asarray(arr)
+        ginputs.append(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+        )
+    out = vi.get(lm.output) or onnx.ValueInfoProto(name=lm.output)
+    graph = helper.make_graph(list(lm.nodes) + list(lm.constants), f"layer_{lm.name}", ginputs, [out], initializer=used_inits)
+    # constants first: keep the topological order
+    del graph.node[:]
+    graph.node.extend(list(lm.constants) + list(lm.nodes))
+    sub = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    sub.functions.extend(proto.functions)
+    sess, tmp = _session_for(sub, spec)
+    try:
+        return sess.run([lm.output], feeds)[0]
+    finally:
+        del sess
+        _cleanup(tmp)
+
+
+# --------------------------------------------------------------------------- CLI text
+
+
+def locate_text(loc: dict, width: int = 80) -> str:
+    """The located layer for the CLI, wrapped at ``width`` columns; names are never cut
+    (a name longer than the line stands on a line of its own)."""
+    import textwrap
+
+    def wrap(text: str, indent: str = "  ") -> list[str]:
+        return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent + "  ",
+                             break_long_words=False, break_on_hyphens=False) or [indent]
+
+    if loc.get("status") == "unavailable":
+        lines = ["locate: no requested provider ran"]
+        for k, v in (loc.get("unavailable") or {}).items():
+            lines += wrap(f"{k}: {v}")
+        return "\n".join(lines)
+    layers = loc.get("layers") or []
+    fd = loc.get("first_divergent")
+    head = f"locate ({loc.get('provider')}, {len(layers)} layers mapped, {len(loc.get('unmapped') or [])} not mapped):"
+    lines = [head]
+    if fd:
+        lines.append("  first divergent layer:")
+        lines += wrap(f"{fd['name']} ({fd['type']}, #{fd['index']})", "    ")
+        if fd.get("fused"):
+            lines += wrap("with " + ", ".join(fd["fused"]) + " folded in", "    ")
+        lines += wrap(
+            f"own error {_g(fd.get('own_max_abs'))} > tol {_g(fd.get('tolerance'))} "
+            f"(rel {_g(fd.get('own_rel'))}); accumulated {_g(fd.get('acc_max_abs'))}", "    ")
+        after = [lp for lp in layers if lp.get("index", -1) > fd.get("index", 0)]
+        inh = sum(1 for lp in after if lp.get("inherited"))
+        if after:
+            lines += wrap(f"{inh} of the {len(after)} later layers only inherit the error", "    ")
+    else:
+        lines += wrap(loc.get("summary") or "no divergence")
+    return "\n".join(lines)
+
+
+def _g(v) -> str:
+    if isinstance(v, (int, float)):
+        return f"{v:.3g}"
+    return str(v)
