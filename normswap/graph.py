@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from normswap.norm_ops import op_signature
-from normswap.norms import classify
+from normswap.norms import classify, is_weight_std_conv
 
 __all__ = [
     "Region",
@@ -129,6 +129,8 @@ class _LeafTracer(fx.Tracer):
             return True
         if classify(m) is not None:
             return True
+        if is_weight_std_conv(m):
+            return True  # its forward standardises its weight: a weight site, not a functional BN
         if isinstance(m, torch.jit.ScriptModule):
             return True  # analysed from its own TorchScript graph
         return super().is_leaf_module(m, module_qualified_name)
@@ -136,7 +138,7 @@ class _LeafTracer(fx.Tracer):
 
 def _is_default_leaf(m: nn.Module) -> bool:
     """Would the tracer treat ``m`` as a leaf without our extra leaves?"""
-    if classify(m) is not None or isinstance(m, torch.jit.ScriptModule):
+    if classify(m) is not None or isinstance(m, torch.jit.ScriptModule) or is_weight_std_conv(m):
         return True
     try:
         return fx.Tracer().is_leaf_module(m, "")

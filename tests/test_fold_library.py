@@ -214,3 +214,52 @@ def test_traced_and_same_padding_convs_fold_exactly(k, stride, groups, bias, pad
     folded, rep = fold(m, (x,))
     assert len(rep.folded) == 1 and not rep.skipped
     assert (folded(x).double() - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+
+
+# --------------------------------------------------------------------------- weight standardization, FRN+act, EvoNorm
+
+def test_weight_standardization_is_audited_on_the_conv_weight_not_as_a_train_mode_bn():
+    from normswap.audit import audit
+
+    m, x = T.stdconv_net()
+    rep = audit(m, x)
+    assert {(s.name, s.kind) for s in rep.sites} == {("0.weight", "weight_std"), ("2.weight", "weight_std")}
+    assert all("--bake-weight-std" in s.reason for s in rep.sites)
+
+
+@pytest.mark.parametrize("cls", [T.StdConv2d, T.ScaledStdConv2d])
+def test_weight_standardization_bakes_exactly_and_then_the_bn_folds(cls):
+    torch.manual_seed(0)
+    conv = cls(3, 8, 3)
+    if hasattr(conv, "gain"):
+        with torch.no_grad():
+            conv.gain.uniform_(0.5, 1.5)
+    m = nn.Sequential(conv, _bn(8), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ref = m.double()(x.double())
+    m.float()
+    _, rep = fold(m, (x,))
+    assert rep.folded == [] and "bake_weight_std" in " ".join(d["reason"] for d in rep.skipped)
+    folded, rep = fold(m, (x,), bake_weight_std=True)
+    assert {d["pattern"] for d in rep.folded} == {"conv_bn", "bake_weight_std"}
+    assert type(folded[0]) is nn.Conv2d
+    assert (folded(x).double() - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
+
+
+def test_weight_standardization_with_dynamic_same_padding_is_not_baked():
+    class StdConv2dSame(T.StdConv2d):
+        pass
+
+    m = nn.Sequential(StdConv2dSame(3, 4, 3)).eval()
+    _, rep = fold(m, (torch.randn(1, 3, 5, 5),), bake_weight_std=True)
+    assert "'same' padding" in rep.skipped[0]["reason"]
+
+
+def test_frn_act_and_evonorm_are_audited_and_explained():
+    from normswap.audit import audit
+
+    for factory, kind in ((T.frn_act_net, "frn_act"), (T.evonorm_net, "evonorm")):
+        m, x = factory()
+        rep = audit(m, x)
+        assert [s.kind for s in rep.sites] == [kind, kind]
+        assert all(not s.foldable and "not a fixed affine" in s.reason for s in rep.sites)

@@ -38,6 +38,8 @@ norms become nn.Identity.
               help="Switch the model to eval mode first (fold its eval-mode behaviour).")
 @click.option("--bake-spectral-norm", is_flag=True, default=False,
               help="Replace spectral-norm weights by their eval-time value W/sigma.")
+@click.option("--bake-weight-std", is_flag=True, default=False,
+              help="Replace weight-standardised convs (timm StdConv2d) by plain Conv2d.")
 @input_options(data_option="--data",
                input_shape_help="Example input shape (random data): input ranks and an output check.",
                data_help="Example inputs from data (.npz/.npy/.pt/image folder); the first batch is used.")
@@ -47,7 +49,7 @@ norms become nn.Identity.
 @write_options
 @output_options
 @pass_settings
-def command(model_path, output, eval_, bake_spectral_norm, input_shape, data, onnx_path, trust, imports, arch,
+def command(model_path, output, eval_, bake_spectral_norm, bake_weight_std, input_shape, data, onnx_path, trust, imports, arch,
             arch_kwargs, force, opts):
     """Fold the normalization layers of MODEL into neighbouring layers, exactly."""
 
@@ -55,7 +57,7 @@ def command(model_path, output, eval_, bake_spectral_norm, input_shape, data, on
         from normswap.fold.pipeline import fold_file
 
         return fold_file(model_path, output=output, eval=eval_, bake_spectral_norm=bake_spectral_norm,
-                         input_shape=input_shape, data=data, onnx_path=onnx_path, force=force, arch=arch,
+                         bake_weight_std=bake_weight_std, input_shape=input_shape, data=data, onnx_path=onnx_path, force=force, arch=arch,
                          arch_kwargs=arch_kwargs, trust=trust, imports=imports)
 
     run_job(job, render, opts)

@@ -131,7 +131,7 @@ def _skip_reason(site: Site, ctx: Ctx, rules: list, reasons: list[str]) -> str:
     return reasons[0]
 
 
-def _reparam_decisions(model: nn.Module, bake: bool) -> list[FoldDecision]:
+def _reparam_decisions(model: nn.Module, bake: bool, bake_ws: bool = False) -> list[FoldDecision]:
     out = []
     for site_name, mod, r in iter_weight_reparams(model):
         owner = site_name.rsplit(".", 1)[0] if "." in site_name else ""
@@ -144,11 +144,49 @@ def _reparam_decisions(model: nn.Module, bake: bool) -> list[FoldDecision]:
                 reason = "other parametrizations on the same weight"
             else:
                 reason = None
+        elif r.kind == "weight_std":
+            if not bake_ws:
+                reason = ("weight standardization: pass bake_weight_std=True / --bake-weight-std to bake "
+                          "the standardised weight into a plain Conv2d")
+            elif type(mod).__name__.endswith("Same"):
+                reason = (f"{type(mod).__name__}: its 'same' padding depends on the input size, so it "
+                          f"cannot become a plain Conv2d")
+            elif mod._forward_hooks or mod._forward_pre_hooks:
+                reason = "the conv has hooks registered"
+            else:
+                reason = None
         else:
-            reason = f"{r.kind}: not baked (only spectral norm is)"
+            reason = f"{r.kind}: not baked (only spectral norm and weight standardization are)"
+        pattern = "bake_weight_std" if r.kind == "weight_std" else "bake_spectral_norm"
         out.append(FoldDecision(site_name, r.kind, owner if reason is None else None,
-                                "bake_spectral_norm" if reason is None else None, reason))
+                                pattern if reason is None else None, reason))
     return out
+
+
+def _bake_weight_std(work: nn.Module, mod: nn.Module) -> None:
+    """Replace a weight-standardised conv (timm StdConv2d / ScaledStdConv2d) by an ``nn.Conv2d``
+    holding the standardised weight, computed in float64 exactly as its forward does
+    (per output channel: biased variance, ``eps``; times ``gain * scale`` when scaled)."""
+    w = mod.weight.detach().to(torch.float64)
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    var = flat.var(dim=1, unbiased=False, keepdim=True)
+    std_w = (flat - mean) / torch.sqrt(var + float(mod.eps))
+    gain = getattr(mod, "gain", None)
+    if isinstance(gain, torch.Tensor):
+        std_w = std_w * (gain.detach().to(torch.float64).reshape(-1, 1) * float(mod.scale))
+    new = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                    dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None,
+                    padding_mode=mod.padding_mode, device=mod.weight.device, dtype=mod.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(std_w.reshape(w.shape).to(mod.weight.dtype))
+        if mod.bias is not None:
+            new.bias.copy_(mod.bias.detach())
+    new.train(mod.training)
+    for name, m in list(work.named_modules(remove_duplicate=False)):
+        if m is mod and name:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(work.get_submodule(parent_name) if parent_name else work, leaf, new)
 
 
 def _plan(model, regions, ranks, allow_training, apply: bool = False):
@@ -177,7 +215,7 @@ def _plan(model, regions, ranks, allow_training, apply: bool = False):
 
 
 def plan(model: nn.Module, regions: list[Region] | None = None, *, example_inputs=None,
-         eval: bool = False, bake_spectral_norm: bool = False) -> list[FoldDecision]:
+         eval: bool = False, bake_spectral_norm: bool = False, bake_weight_std: bool = False) -> list[FoldDecision]:
     """What :func:`fold` would do with each norm site of ``model`` (not modified).
 
     One :class:`FoldDecision` per module norm (``iter_norms`` order), per functional norm call
@@ -188,11 +226,11 @@ def plan(model: nn.Module, regions: list[Region] | None = None, *, example_input
     from normswap.io import as_module
 
     model = as_module(model, require_eager=True) if not isinstance(model, nn.Module) else model
-    reparams = _reparam_decisions(model if not eval else _evaled(model), bake_spectral_norm)
+    reparams = _reparam_decisions(model if not eval else _evaled(model), bake_spectral_norm, bake_weight_std)
     work = model
-    if bake_spectral_norm and any(d.reason is None for d in reparams):
+    if (bake_spectral_norm or bake_weight_std) and any(d.reason is None for d in reparams):
         work = _evaled(model) if eval else deepcopy_model(model)
-        _bake(work, None)
+        _bake(work, None, bake_spectral_norm, bake_weight_std)
         regions = None
     elif eval and _any_training(model):
         work = _evaled(model)
@@ -232,15 +270,20 @@ def _evaled(model: nn.Module) -> nn.Module:
     return m
 
 
-def _bake(work: nn.Module, report: FoldReport | None) -> None:
+def _bake(work: nn.Module, report: FoldReport | None, spectral: bool = True, weight_std: bool = False) -> None:
     from torch.nn.utils import parametrize
 
-    for d in _reparam_decisions(work, True):
-        if d.reason is not None:
+    for d in _reparam_decisions(work, spectral, weight_std):
+        if d.reason is not None or (d.kind == "spectral" and not spectral):
             continue
         owner, _, pname = d.norm.rpartition(".")
         mod = work.get_submodule(owner) if owner else work
         api = None
+        if d.kind == "weight_std":
+            _bake_weight_std(work, mod)
+            if report is not None:
+                report.baked.append({"norm": d.norm, "into": d.into, "api": "forward"})
+            continue
         if getattr(mod, "parametrizations", None) is not None and pname in mod.parametrizations:
             api = "parametrization"
             mod.parametrizations[pname].eval()  # no power-iteration step while removing
@@ -309,7 +352,8 @@ def _gc_paused():
 
 
 def fold(model: nn.Module, example_inputs: Any = None, *, eval: bool = False,
-         bake_spectral_norm: bool = False, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
+         bake_spectral_norm: bool = False, inplace: bool = False,
+         bake_weight_std: bool = False) -> tuple[nn.Module, FoldReport]:
     """Fold every norm that can be folded exactly; skip (with a reason) every other one.
 
     Returns ``(folded_model, FoldReport)``.  The folded model keeps the user's module classes
@@ -321,10 +365,11 @@ def fold(model: nn.Module, example_inputs: Any = None, *, eval: bool = False,
     ``example_inputs`` give input ranks (Linear -> BatchNorm1d) and a verification run.
     """
     with _gc_paused():
-        return _fold(model, example_inputs, eval=eval, bake_spectral_norm=bake_spectral_norm, inplace=inplace)
+        return _fold(model, example_inputs, eval=eval, bake_spectral_norm=bake_spectral_norm, inplace=inplace,
+                     bake_weight_std=bake_weight_std)
 
 
-def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace):
+def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weight_std=False):
     from normswap.io import as_module
 
     if not isinstance(model, nn.Module):
@@ -346,9 +391,9 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace):
                 ref_out = _flat(work(*ex))
             except Exception as e:  # noqa: BLE001
                 raise NormswapError(f"the example inputs do not run through the model: {type(e).__name__}: {e}") from e
-    reparams = _reparam_decisions(work, bake_spectral_norm)
-    if bake_spectral_norm:
-        _bake(work, report)
+    reparams = _reparam_decisions(work, bake_spectral_norm, bake_weight_std)
+    if bake_spectral_norm or bake_weight_std:
+        _bake(work, report, bake_spectral_norm, bake_weight_std)
     regions = trace_regions(work)
     ranks = _record_ranks(work, ex) if ex is not None else None
     ctx, rows = _plan(work, regions, ranks, allow_training=False, apply=True)

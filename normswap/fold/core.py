@@ -306,7 +306,8 @@ def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
     name = ctx.name_of(m)
     rp = weight_reparam(m)
     if rp is not None:
-        hint = " (pass bake_spectral_norm=True / --bake-spectral-norm)" if rp == "spectral" else ""
+        hint = {"spectral": " (pass bake_spectral_norm=True / --bake-spectral-norm)",
+                "weight_std": " (pass bake_weight_std=True / --bake-weight-std)"}.get(rp, "")
         return f"'{name}' has a reparametrised weight ({rp}), not a plain parameter{hint}"
     if getattr(m, "parametrizations", None) is not None:
         return f"'{name}' has parametrized weights, not plain parameters"

@@ -11,7 +11,8 @@ def _default_output(model_path: str) -> str:
     return str(p.with_name(p.stem + ".folded" + suffix))
 
 
-def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, input_shape=None, data=None,
+def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, bake_weight_std=False,
+              input_shape=None, data=None,
               onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=()):
     """Load MODEL, fold it, save it (and export it to ONNX); returns the FoldReport."""
     import torch
@@ -30,7 +31,8 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
     if inputs is None and onnx_path:
         raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
     # (a model rebuilt from a state dict with --arch is already in eval mode: see normswap.io)
-    folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm)
+    folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm,
+                          bake_weight_std=bake_weight_std)
     report.model = str(model_path)
     report.notes[:0] = list(getattr(loaded, "notes", None) or [])  # e.g. keys a state dict load ignored
     changed = bool(report.folded)
