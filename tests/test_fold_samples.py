@@ -52,7 +52,8 @@ def test_sample_folded(name):
     # folded norms are nn.Identity in the folded model (module norms that were removed)
     for f in d["folded"]:
         if f["pattern"] in ("conv_bn", "convtranspose_bn", "linear_bn", "bn_next"):
-            assert isinstance(folded.get_submodule(f["norm"]), nn.Identity)
+            kept = folded.get_submodule(f["norm"])  # what a norm with post ops (bn_act) keeps
+            assert isinstance(kept, nn.Identity) or type(kept).__name__ == "PostOps"
         if f["pattern"] == "composite_bn":
             assert isinstance(folded.get_submodule(f["norm"] + ".bn"), nn.Identity)
 

@@ -49,8 +49,10 @@ def _any_training(model: nn.Module) -> bool:
     return any(m.training for m in model.modules())
 
 
-def _record_ranks(model: nn.Module, inputs: tuple) -> dict[int, set[int]]:
-    """Input rank of every module call on ``inputs`` (like ShapeProp, across untraceable parts)."""
+def _record_ranks(model: nn.Module, inputs: tuple, outputs: list | None = None) -> dict[int, set[int]]:
+    """Input rank of every module call on ``inputs`` (like ShapeProp, across untraceable parts).
+    With ``outputs`` (a list), the run's flattened outputs are appended to it: one forward pass
+    gives both the reference outputs and the ranks."""
     run = deepcopy_model(model) if _any_training(model) else model
     ids = {id(m): id(o) for m, o in zip(run.modules(), model.modules())}
     ranks: dict[int, set[int]] = {}
@@ -67,7 +69,9 @@ def _record_ranks(model: nn.Module, inputs: tuple) -> dict[int, set[int]]:
         handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            run(*inputs)
+            y = run(*inputs)
+        if outputs is not None:
+            outputs.extend(_flat(y))
     except Exception as e:  # noqa: BLE001
         raise NormswapError(f"the example inputs do not run through the model: {type(e).__name__}: {e}") from e
     finally:
@@ -385,17 +389,20 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weig
     ex = _as_inputs(example_inputs)
     ref_out = None
     can_run = ex is not None and not _any_training(work)
-    if can_run:
-        with torch.no_grad():
-            try:
-                ref_out = _flat(work(*ex))
-            except Exception as e:  # noqa: BLE001
-                raise NormswapError(f"the example inputs do not run through the model: {type(e).__name__}: {e}") from e
     reparams = _reparam_decisions(work, bake_spectral_norm, bake_weight_std)
-    if bake_spectral_norm or bake_weight_std:
+    baking = (bake_spectral_norm or bake_weight_std) and any(d.reason is None for d in reparams)
+    ranks = None
+    if can_run:
+        # one forward pass of the original gives the reference outputs and the input ranks
+        # (a bake replaces modules, so their ranks are recorded after it, in a second pass)
+        ref_out = []
+        recorded = _record_ranks(work, ex, ref_out)
+        ranks = None if baking else recorded
+    if baking:
         _bake(work, report, bake_spectral_norm, bake_weight_std)
     regions = trace_regions(work)
-    ranks = _record_ranks(work, ex) if ex is not None else None
+    if ranks is None and ex is not None:
+        ranks = _record_ranks(work, ex)
     ctx, rows = _plan(work, regions, ranks, allow_training=False, apply=True)
     for site, d, rule, m in rows:
         if rule is None:
