@@ -504,6 +504,11 @@ def _copy_program(ep):
     """A copy of ``ep`` whose graph, signature and state can be changed without touching ``ep``
     (tensors are shared until replaced; nothing is modified in place)."""
     gm = copy.deepcopy(ep.graph_module)
+    # the copy may rename nodes whose names shadow builtins ("input" -> "input_1"): the
+    # signature and module call graph refer to the original names, so restore them
+    for old, new in zip(ep.graph_module.graph.nodes, gm.graph.nodes):
+        if new.name != old.name:
+            new.name = old.name
     sig = copy.deepcopy(ep.graph_signature)
     state = dict(ep.state_dict)
     constants = dict(getattr(ep, "constants", {}) or {})
@@ -545,12 +550,17 @@ def _new_param(gm: fx.GraphModule, sig, state: dict, key: str, value: torch.Tens
     for n in phs:
         if kinds.get(n.name) == InputKind.PARAMETER:
             last_param = n
+    names = {n.name for n in g.nodes}
+    base = "p_" + "".join(ch if ch.isalnum() else "_" for ch in key)
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
     if last_param is not None:
         with g.inserting_after(last_param):
-            ph = g.placeholder("p_" + key.replace(".", "_"))
+            ph = g.placeholder(name)
     else:
         with g.inserting_before(phs[0] if phs else None):
-            ph = g.placeholder("p_" + key.replace(".", "_"))
+            ph = g.placeholder(name)
     ph.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", "stack_trace")})
     ph.meta["val"] = _fake(like, value)
     spec = InputSpec(kind=InputKind.PARAMETER, arg=TensorArgument(name=ph.name), target=key, persistent=None)
