@@ -443,7 +443,11 @@ def test_property_conv_bn_through_pt2(cfg):
 #: graph proves more than the module structure: the plain BatchNorm inside a conditional /
 #: sandwich BatchNorm is followed by its (input-dependent) affine as separate graph ops, so
 #: its statistics fold exactly into the conv before it; the eager fold refuses the whole module.
-_PT2_EXTRA = {"cond_generator": {"cbn1.bn", "cbn2.bn"}, "sabn_net": {"sabn1.bn", "sabn2.bn"}}
+#: Likewise a timm-style BatchNormAct2d (a BatchNorm2d subclass whose forward also applies an
+#: activation): eager refuses the subclass (it would replace the module, act included); in the
+#: program the activation is its own op after the BatchNorm op, so the BatchNorm op folds.
+_PT2_EXTRA = {"cond_generator": {"cbn1.bn", "cbn2.bn"}, "sabn_net": {"sabn1.bn", "sabn2.bn"},
+              "timm_bnact": {"1"}}
 
 
 def _exportable():
@@ -476,6 +480,6 @@ def test_eager_and_program_fold_agree(name):
     # every eager BatchNorm site is a program site with the same verdict
     for site, ok in eager.items():
         assert site in prog, (site, sorted(prog))
-        assert prog[site] == ok, (site, prep.skipped, erep.skipped)
+        assert prog[site] == ok or site in extra, (site, prep.skipped, erep.skipped)
     if prep.verification is not None:
         assert prep.verification["ok"]
