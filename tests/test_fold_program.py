@@ -483,3 +483,16 @@ def test_eager_and_program_fold_agree(name):
         assert prog[site] == ok or site in extra, (site, prep.skipped, erep.skipped)
     if prep.verification is not None:
         assert prep.verification["ok"]
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["training_ir", "decomposed"])
+def test_bn_output_is_program_output(decompose):
+    m = randomize_norm_stats(nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3))).eval()
+    x = torch.randn(2, 2, 9)
+    _, folded, rep = _fold(m, (x,), decompose)
+    assert rep.verification["ok"] and _bn_count(folded) == 0
+    buf = io.BytesIO()
+    torch.export.save(folded, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        assert _close(m(x), torch.export.load(buf).module()(x))

@@ -670,11 +670,16 @@ def _apply(ep, sites: list[ProgramSite]):
                 pnode = add
             # the BatchNorm's output is now the producer's
             out = new_nodes[c.out.name] if c.out is not None else None
+            is_output = out is not None and any(u.op == "output" for u in out.users)
             if out is not None:
                 out.replace_all_uses_with(pnode)
             for u in list(bn.users):
                 gm.graph.erase_node(u)
             gm.graph.erase_node(bn)
+            if is_output:
+                # the signature (and module call graph) name the program's outputs: the producer
+                # takes over the folded BatchNorm's output name
+                pnode.name = out.name
             for role in ("weight", "bias", "running_mean", "running_var"):
                 v = c.roles.get(role)
                 if v is not None and v.name in prog_tensors.target:
