@@ -470,7 +470,7 @@ def test_eager_and_program_fold_agree(name):
         pytest.skip(f"torch.export cannot export {name}: {type(e).__name__}")
     _, prep = fold_program(ep)
     _, erep = fold(m, ex)
-    bn_kinds = {"bn", "functional_bn"}
+    bn_kinds = {"bn", "functional_bn", "ln", "rms", "functional_ln", "functional_rms"}
     eager = {d["norm"]: True for d in erep.folded if d["kind"] in bn_kinds}
     eager.update({d["norm"]: False for d in erep.skipped if d["kind"] in bn_kinds})
     prog = {d["norm"]: True for d in prep.folded}
@@ -496,3 +496,33 @@ def test_bn_output_is_program_output(decompose):
     buf.seek(0)
     with torch.no_grad():
         assert _close(m(x), torch.export.load(buf).module()(x))
+
+
+def test_norm_affines_into_following_linear():
+    m, ex = ALL_SAMPLES["transformer"]()
+    ep, folded, rep = _fold(m, ex)
+    got = {d["norm"]: d["into"] for d in rep.folded}
+    assert got == {"block.norm2": "block.mlp.0", "norm": "head"}
+    assert "block.attn" in _reason(rep, "block.norm1")
+    assert "norm.weight" not in folded.state_dict and "block.norm2.weight" not in folded.state_dict
+    _consistent(folded)
+    with torch.no_grad():
+        assert _close(m(*ex), folded.module()(*ex))
+
+
+def test_norm_affine_into_tied_linear_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(6)
+            self.fc = nn.Linear(6, 6)
+            self.fc2 = nn.Linear(6, 6)
+            self.fc2.weight = self.fc.weight
+
+        def forward(self, x):
+            return self.fc(self.ln(x)) + self.fc2(x)
+
+    m = randomize_norm_stats(Tied()).eval()
+    x = torch.randn(3, 6)
+    _, folded, rep = _fold(m, (x,))
+    assert "shared (tied)" in _reason(rep, "ln")

@@ -691,6 +691,152 @@ def _apply(ep, sites: list[ProgramSite]):
     return _rebuild(ep, gm, sig, state, constants), removed
 
 
+# --------------------------------------------------------------------------- norm affines into the next linear
+
+
+@dataclass
+class _AffCall:
+    node: fx.Node
+    site: str
+    kind: str
+    roles: dict
+    out: fx.Node | None = None
+    consumers: list = field(default_factory=list)  # linear nodes
+    reason: str | None = None
+
+
+def _affine_site(node: fx.Node, sig_kind: str, roles: dict, prog: _Prog) -> tuple[str, str]:
+    path, _ = module_of(node)
+    w = roles.get("weight") if roles.get("weight") is not None else roles.get("bias")
+    key = prog.target.get(w.name) if isinstance(w, fx.Node) else None
+    if path and key is not None and key.rsplit(".", 1)[0] == path:
+        return path, sig_kind
+    if path and key is None and w is None:
+        return path, sig_kind  # a module without affine (still a module site)
+    return (f"{path}.{node.name}" if path else node.name), f"functional_{sig_kind}"
+
+
+def _affine_problem(c: _AffCall, prog: _Prog) -> str | None:
+    r = c.roles
+    if c.kind.startswith("functional_"):
+        return f"functional {c.kind[len('functional_'):]} norm: only functional batch_norm is folded"
+    w, b = r.get("weight"), r.get("bias")
+    if w is None and b is None:
+        return "no affine to fold (elementwise_affine/affine is off)"
+    for role, v in (("weight", w), ("bias", b)):
+        if v is not None and not prog.is_state(v):
+            return f"its {role} is {_describe(v, prog)}, not a parameter/buffer of the program"
+    shape = r.get("normalized_shape") if "normalized_shape" in r else _get_arg(c.node, "normalized_shape")
+    shape = tuple(shape) if isinstance(shape, (list, tuple)) else None
+    if shape is None or len(shape) != 1:
+        return f"normalized_shape {shape} spans several dims: its affine is not per-feature of one layer"
+    n = int(shape[0])
+    st = [prog.tensor(v) for v in (w, b) if v is not None]
+    if not arith.is_finite(*st):
+        return "non-finite affine parameters"
+    sv = arith.f64(prog.tensor(w)) if w is not None else torch.ones(n, dtype=torch.float64)
+    tv = arith.f64(prog.tensor(b)) if b is not None else torch.zeros(n, dtype=torch.float64)
+    if bool((sv == 1).all()) and bool((tv == 0).all()):
+        return "its affine is already the identity: nothing to fold"
+    out = _bn_output(c.node)
+    if isinstance(out, str):
+        return out
+    c.out = out
+    users = list(out.users)
+    if not users:
+        return "its output is unused"
+    for u in users:
+        if not (u.op == "call_function" and _schema_name(u.target) == "aten::linear"):
+            return f"its output feeds {_describe(u, prog)}, not a Linear"
+        if _get_arg(u, "input") is not out or _get_arg(u, "weight") is out or _get_arg(u, "bias") is out:
+            return f"its output feeds {_describe(u, prog)} in a non-input position"
+        lname = module_of(u)[0] or u.name
+        lw, lb = _get_arg(u, "weight"), _get_arg(u, "bias")
+        if not prog.is_param(lw):
+            return f"the weight of '{lname}' is {_describe(lw, prog)}, not a parameter of the program"
+        if len(lw.users) != 1:
+            others = ", ".join(_describe(x, prog) for x in lw.users if x is not u)
+            return f"the weight of '{lname}' is shared (tied) with {others}: changing it would change that use"
+        if lb is not None and (not prog.is_param(lb) or len(lb.users) != 1):
+            return f"the bias of '{lname}' is also used elsewhere or not a parameter"
+        inf = int(prog.tensor(lw).shape[1])
+        if inf != n:
+            return f"channel mismatch: {n} vs in_features {inf} of '{lname}'"
+        c.consumers.append(u)
+    return None
+
+
+def _plan_affine(ep):
+    prog = _Prog(ep)
+    calls: list[_AffCall] = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        sig = op_signature(node.target)
+        if sig is None or sig.kind not in ("ln", "rms"):
+            continue
+        roles = bind(sig, node.args, node.kwargs)
+        roles["normalized_shape"] = _get_arg(node, "normalized_shape")
+        name, kind = _affine_site(node, sig.kind, roles, prog)
+        c = _AffCall(node, name, kind, roles)
+        c.reason = _affine_problem(c, prog)
+        calls.append(c)
+    sites: dict[str, ProgramSite] = {}
+    for c in calls:
+        s = sites.setdefault(c.site, ProgramSite(c.site, c.kind))
+        s.calls.append(c)
+        if c.reason is not None and s.reason is None:
+            s.reason = c.reason
+    for s in sites.values():
+        if s.reason is None:
+            into = []
+            for c in s.calls:
+                for u in c.consumers:
+                    n = module_of(u)[0] or u.name
+                    if n not in into:
+                        into.append(n)
+            s.into, s.pattern = ", ".join(into), "norm_affine_linear"
+    return prog, list(sites.values())
+
+
+def _apply_affine(ep, sites: list[ProgramSite]):
+    gm, sig, state, constants = _copy_program(ep)
+    new_nodes = {n.name: n for n in gm.graph.nodes}
+    prog = _Prog(ep)
+    touched: set[str] = set()
+    for s in sites:
+        if s.reason is not None:
+            continue
+        for c in s.calls:
+            w, b = c.roles.get("weight"), c.roles.get("bias")
+            n = int(tuple(c.roles["normalized_shape"])[0])
+            sv = arith.f64(prog.tensor(w)) if w is not None else torch.ones(n, dtype=torch.float64)
+            tv = arith.f64(prog.tensor(b)) if b is not None else torch.zeros(n, dtype=torch.float64)
+            for u in c.consumers:
+                lw, lb = _get_arg(u, "weight"), _get_arg(u, "bias")
+                W = prog.tensor(lw)
+                B = prog.tensor(lb) if lb is not None else None
+                w2, b2 = arith.fold_affine_before_linear(W, B, sv, tv)
+                wkey = prog.target[lw.name]
+                state[wkey] = torch.nn.Parameter(arith.cast_like(w2, W), requires_grad=W.requires_grad)
+                if lb is not None:
+                    state[prog.target[lb.name]] = torch.nn.Parameter(arith.cast_like(b2, B),
+                                                                     requires_grad=B.requires_grad)
+                else:
+                    base = wkey[:-len(".weight")] + ".bias" if wkey.endswith(".weight") else wkey + "_bias"
+                    bkey = _unique_key(state, constants, base)
+                    ph = _new_param(gm, sig, state, bkey, arith.cast_like(b2, W), new_nodes[lw.name])
+                    state[bkey].requires_grad_(W.requires_grad)
+                    _set_arg(new_nodes[u.name], "bias", ph)
+            nn_ = new_nodes[c.node.name]
+            for role, v in (("weight", w), ("bias", b)):
+                if v is not None:
+                    _set_arg(nn_, role, None)
+                    touched.add(prog.target[v.name])
+    removed = _drop_unused_state(gm, sig, state, constants, touched)
+    return _rebuild(ep, gm, sig, state, constants), removed
+
+
 # --------------------------------------------------------------------------- verification
 
 
@@ -775,6 +921,16 @@ def fold_program(ep, example_inputs=None, *, eval: bool = False):
         removed: list[str] = []
     else:
         result, removed = _apply(ep, sites)
+    # second step: LayerNorm / RMSNorm affines into the following linear(s)
+    _, asites = _plan_affine(result)
+    for s in asites:
+        if s.reason is None:
+            report.folded.append({"norm": s.norm, "kind": s.kind, "into": s.into, "pattern": s.pattern})
+        else:
+            report.skipped.append({"norm": s.norm, "kind": s.kind, "reason": s.reason})
+    if any(s.reason is None for s in asites):
+        result, removed2 = _apply_affine(result, asites)
+        removed = removed + removed2
     if removed:
         report.notes.append(f"removed {len(removed)} unused parameters/buffers of folded BatchNorms "
                             f"from the program's state")
