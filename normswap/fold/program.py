@@ -381,8 +381,6 @@ def _group_problem(call: _BNCall, calls_by_out: dict, prog: _Prog) -> str | None
         if u is prod.node:
             continue
         uname = module_of(u)[0] or u.name
-        if view is not None and len(view.users) != 1 and view is prod.weight_view:
-            pass
         other = calls_by_out.get(u)
         if other is None or other.producer is None:
             if uname == prod.name:
@@ -687,7 +685,6 @@ def _apply(ep, sites: list[ProgramSite]):
             if s.kind == "bn":
                 touched.add(f"{s.norm}.num_batches_tracked")
     removed = _drop_unused_state(gm, sig, state, constants, touched)
-    gm.graph.eliminate_dead_code() if False else None
     return _rebuild(ep, gm, sig, state, constants), removed
 
 
