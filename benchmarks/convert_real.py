@@ -110,11 +110,36 @@ def run_method(method: str, model, to, calib, args):
         conv, _ = normswap.convert(model, to, calib, mode=method, batch_size=64)
     elif method == "seq-normtarget":  # the proposed fix: target original_norm(x_conv)
         conv, _ = normswap.convert(model, to, calib, mode="sequential", batch_size=64, _target="norm")
+    elif method == "seq-moments":  # alternative fix: match per-channel moments instead of least squares
+        import importlib
+        S = importlib.import_module("normswap.convert.stats")
+        # moments need sum y^2 per channel, which fit_affine does not receive: wrap fit_candidate instead
+        orig_fc = S.ConvSiteStats.fit_candidate
+
+        def fit_candidate(self, k):
+            n = self.n.clamp_min(1.0)
+            mz, my = self.sz[k] / n, self.sy / n
+            var_z = (self.szz[k] / n - mz * mz).clamp_min(1e-30)
+            var_y = (self.syy / n - my * my).clamp_min(0.0)
+            cov = self.szy[k] / n - mz * my
+            gamma = torch.sign(cov) * (var_y / var_z).sqrt()
+            beta = my - gamma * mz
+            sse = S.sse_affine(gamma, beta, self.n, self.sz[k], self.szz[k], self.sy, self.szy[k], self.syy)
+            return gamma, beta, sse
+
+        S.ConvSiteStats.fit_candidate = fit_candidate
+        try:
+            conv, _ = normswap.convert(model, to, calib, mode="sequential", batch_size=64)
+        finally:
+            S.ConvSiteStats.fit_candidate = orig_fc
     elif method.startswith("recon"):
         from normswap.convert.reconstruct import reconstruct
-        conv, _ = normswap.convert(model, to, calib, mode="fast", batch_size=64)
+        if method.startswith("recon-nt"):  # start from the error-correcting fit with the norm target
+            conv, _ = normswap.convert(model, to, calib, mode="sequential", batch_size=64, _target="norm")
+        else:
+            conv, _ = normswap.convert(model, to, calib, mode="fast", batch_size=64)
         info = reconstruct(model, conv, calib, steps_per_block=args.steps, lr=args.lr, batch_size=args.bs,
-                           distill_steps=args.distill if method == "recon+kd" else 0,
+                           distill_steps=args.distill if method.endswith("+kd") else 0,
                            distill_lr=args.distill_lr, time_budget_s=args.budget)
     else:
         raise SystemExit(f"unknown method {method}")
