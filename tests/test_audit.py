@@ -47,9 +47,9 @@ EXPECTED = {
     "nan_stats": {"bn1": "bn", "bn2": "bn"},
     "tiny_var": {"bn1": "bn", "bn2": "bn"},
     "untrained_stats": {"bn1": "bn", "bn2": "bn"},
-    "timm_bnact": {"1": "unsupported_subclass", "3": "bn"},
+    "timm_bnact": {"1": "bn_act", "3": "bn"},  # timm BatchNormAct2d: recognised by structure
     "frozen_bn": {"1": "frozen_bn"},
-    "layernorm2d": {"1": "unsupported_subclass"},
+    "layernorm2d": {"1": "ln2d"},
 }
 
 # the risk flags each sample must show (site -> flags); every other site has none
@@ -109,8 +109,17 @@ def test_producer_kinds_and_blocking_facts():
     rep = audit(*S.preact())
     assert rep.site("bn").producer["op"] == "other" and not rep.site("bn").foldable
     rep = audit(*S.timm_bnact())
-    s = rep.site("1")
-    assert s.module_type == "BatchNormAct2d(BatchNorm2d)" and not s.foldable and s.reason
+    s = rep.site("1")  # BN + act: its BN part folds into the conv, its activation stays
+    assert s.kind == "bn_act" and s.module_type == "BatchNormAct2d" and s.foldable and s.fold_into == "0"
+
+    class MoreThanTimm(S.BatchNormAct2d):  # a subclass with more than timm's structure
+        def __init__(self, c):
+            super().__init__(c)
+            self.gate = nn.Sigmoid()
+
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), MoreThanTimm(6)).eval()
+    s = audit(m, (torch.randn(1, 3, 6, 6),)).site("1")
+    assert s.kind == "unsupported_subclass" and s.module_type == "MoreThanTimm(BatchNorm2d)" and not s.foldable
 
 
 def test_bn1d_input_rank_from_example_inputs():

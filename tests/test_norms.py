@@ -26,7 +26,9 @@ from samples.models import BatchNormAct2d, FrozenBatchNorm2d, LayerNorm2d, Llama
 
 def test_registry_covers_all_kinds():
     expected = {"bn", "frozen_bn", "in", "ln", "gn", "rms", "lrn", "spectral", "weight_norm", "frn",
-                "powernorm", "bgn", "cbn", "sabn", "custom", "unsupported_subclass"}
+                "powernorm", "bgn", "cbn", "sabn", "custom", "unsupported_subclass",
+                # other libraries' norms recognised by structure, weight standardization (issue 11)
+                "bn_act", "gn_act", "ln2d", "frn_act", "evonorm", "weight_std"}
     assert set(NORMS) == expected == set(KIND_NAMES)
     for name, k in NORMS.items():
         assert k.name == name
@@ -71,9 +73,14 @@ def test_subclasses_are_unsupported_never_their_base():
     class MyBN(nn.BatchNorm2d):
         pass
 
-    assert classify(BatchNormAct2d(4)) == "unsupported_subclass"
+    # timm's BatchNormAct2d / LayerNorm2d are their own kinds, recognised by structure, never
+    # as their base; anything else deriving from a known norm stays unsupported
+    assert classify(BatchNormAct2d(4)) == "bn_act"
     assert classify(MyBN(4)) == "unsupported_subclass"
-    assert classify(LayerNorm2d(4)) == "unsupported_subclass"
+    assert classify(LayerNorm2d(4)) == "ln2d"
+    extra = BatchNormAct2d(4)
+    extra.gate = nn.Sigmoid()  # more than timm's structure
+    assert classify(extra) == "unsupported_subclass"
     assert known_base(BatchNormAct2d(4)) is nn.BatchNorm2d
     assert known_base(LayerNorm2d(4)) is nn.LayerNorm
     assert known_base(nn.BatchNorm2d(4)) is None

@@ -13,12 +13,12 @@ def test_torchvision_frozen_bn_and_layernorm2d():
     ops = pytest.importorskip("torchvision.ops.misc")
     assert classify(ops.FrozenBatchNorm2d(8)) == "frozen_bn"
     convnext = pytest.importorskip("torchvision.models.convnext")
-    assert classify(convnext.LayerNorm2d(8)) == "unsupported_subclass"
+    assert classify(convnext.LayerNorm2d(8)) == "ln2d"
 
 
 def test_timm_batchnormact_is_not_plain_bn():
     norm_act = pytest.importorskip("timm.layers.norm_act")
-    assert classify(norm_act.BatchNormAct2d(8)) == "unsupported_subclass"
+    assert classify(norm_act.BatchNormAct2d(8)) == "bn_act"
 
 
 def test_hf_llama_rmsnorm_is_custom():
@@ -30,8 +30,43 @@ def test_rebuilds_match_the_same_verdicts():
     from samples.models import BatchNormAct2d, FrozenBatchNorm2d, LayerNorm2d, LlamaRMSNorm
 
     assert classify(FrozenBatchNorm2d(8)) == "frozen_bn"
-    assert classify(BatchNormAct2d(8)) == "unsupported_subclass"
-    assert classify(LayerNorm2d(8)) == "unsupported_subclass"
+    assert classify(BatchNormAct2d(8)) == "bn_act"
+    assert classify(LayerNorm2d(8)) == "ln2d"
     assert classify(LlamaRMSNorm(16)) == "custom"
     x = torch.randn(2, 8, 4, 4)
     assert torch.allclose(LayerNorm2d(8)(x), torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2), atol=1e-6)
+
+
+def test_timm_structures_are_recognised_like_their_rebuilds():
+    layers = pytest.importorskip("timm.layers")
+    from normswap.library_norms import is_same_padding_conv
+    from normswap.norms import is_weight_std_conv
+
+    assert classify(layers.GroupNormAct(8, num_groups=4)) == "gn_act"
+    assert classify(layers.FilterResponseNormAct2d(8)) == "frn_act"
+    assert classify(layers.FilterResponseNormTlu2d(8)) == "frn_act"
+    assert classify(layers.EvoNorm2dB0(8)) == "evonorm"
+    assert classify(layers.EvoNorm2dS0(8)) == "evonorm"
+    assert classify(layers.LayerNorm2d(8)) == "ln2d"
+    assert is_weight_std_conv(layers.StdConv2d(3, 8, 3)) and is_weight_std_conv(layers.ScaledStdConv2d(3, 8, 3))
+    assert is_same_padding_conv(layers.Conv2dSame(3, 8, 3))
+
+
+def test_timm_batchnormact_folds_exactly():
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    from torch import nn
+
+    from normswap.fold import fold
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), norm_act.BatchNormAct2d(8, act_layer=nn.SiLU)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    folded, rep = fold(m, (x,))
+    assert len(rep.folded) == 1 and torch.allclose(folded(x), m(x), atol=1e-5)
+
+
+def test_hf_convnext_layernorm_channels_first():
+    cn = pytest.importorskip("transformers.models.convnext.modeling_convnext")
+    assert classify(cn.ConvNextLayerNorm(8, data_format="channels_first")) == "ln2d"

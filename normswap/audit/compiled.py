@@ -118,6 +118,38 @@ def finish_compiled(rep: AuditReport, sites: list, extras: dict | None = None) -
         into, _pattern, reason = compiled_decision(site_facts(s, extras.get(s.name, {})))
         s.reason, s.foldable, s.fold_into = reason, reason is None, into
         s.notes.append(COMPILED_NOTE)
+    _later_rounds(sites, extras)
     rep.sites = sites
     rep.regions = [{"path": "", "traced": True, "error": None, "untraceable_leaves": []}]
     return rep
+
+
+def _later_rounds(sites: list, extras: dict) -> None:
+    """What the eager planner's later rounds fold: a norm whose input is another norm that folds
+    into a layer (and feeds only this norm) folds into that same layer once the first one is gone
+    (``conv -> PowerNorm -> BatchNorm``: both into ``conv``).  Repeated until nothing changes."""
+    from dataclasses import replace
+
+    by_name = {s.name: s for s in sites}
+    facts = {s.name: site_facts(s, extras.get(s.name, {})) for s in sites
+             if not s.module_type.endswith("from parameter names)")}
+    changed = True
+    while changed:
+        changed = False
+        for s in sites:
+            f = facts.get(s.name)
+            if f is None or s.foldable or f.functional or f.producer_name not in by_name:
+                continue
+            prev = by_name[f.producer_name]
+            pf = facts.get(prev.name)
+            if not prev.foldable or pf is None or not prev.fold_into or pf.producer_name != prev.fold_into:
+                continue  # the input norm must itself fold into the layer before it
+            if f.producer_users:
+                continue  # the input norm's output also feeds something else
+            f2 = replace(f, producer_op=pf.producer_op, producer_name=pf.producer_name, producer=pf.producer,
+                         producer_users=[], producer_calls=pf.producer_calls, producer_dims=pf.producer_dims)
+            into, _pattern, reason = compiled_decision(f2)
+            if reason is None:
+                s.reason, s.foldable, s.fold_into = None, True, into
+                facts[s.name] = f2
+                changed = True

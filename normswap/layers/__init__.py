@@ -8,14 +8,13 @@ flow on tensor values.
 from .bgn import BatchGroupNorm2d
 from .conditional import ConditionalBatchNorm2d, SandwichBatchNorm2d
 from .frn import FilterResponseNorm2d
-from .postops import PostOps
+from .postops import PostOps  # noqa: F401  (fold's remainder of a norm with post ops; not a norm)
 from .powernorm import PowerNorm2d
 
 __all__ = [
     "BatchGroupNorm2d",
     "ConditionalBatchNorm2d",
     "FilterResponseNorm2d",
-    "PostOps",
     "PowerNorm2d",
     "SandwichBatchNorm2d",
 ]
