@@ -229,6 +229,11 @@ def plan(model: nn.Module, regions: list[Region] | None = None, *, example_input
     """
     from normswap.io import as_module
 
+    program = _as_program(model)
+    if program is not None:
+        from .program import plan_program
+
+        return [FoldDecision(s.norm, s.kind, s.into, s.pattern, s.reason) for s in plan_program(program)]
     model = as_module(model, require_eager=True) if not isinstance(model, nn.Module) else model
     reparams = _reparam_decisions(model if not eval else _evaled(model), bake_spectral_norm, bake_weight_std)
     work = model
@@ -368,9 +373,25 @@ def fold(model: nn.Module, example_inputs: Any = None, *, eval: bool = False,
     first (reported); otherwise a model in training mode folds nothing.
     ``example_inputs`` give input ranks (Linear -> BatchNorm1d) and a verification run.
     """
+    program = _as_program(model)
+    if program is not None:  # a torch.export program: folded in its own graph (normswap.fold.program)
+        if bake_spectral_norm or bake_weight_std:
+            raise NormswapError("baking a weight reparametrisation inside an exported program is not supported: "
+                                "bake it in the eager model, then export")
+        from .program import fold_program
+
+        return fold_program(program, example_inputs, eval=eval)
     with _gc_paused():
         return _fold(model, example_inputs, eval=eval, bake_spectral_norm=bake_spectral_norm, inplace=inplace,
                      bake_weight_std=bake_weight_std)
+
+
+def _as_program(model):
+    """The ExportedProgram ``model`` is (or a LoadedModel holds), else None."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model
+    ep = getattr(model, "module", None) if hasattr(model, "format") else None  # a LoadedModel
+    return ep if isinstance(ep, torch.export.ExportedProgram) else None
 
 
 def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weight_std=False):

@@ -1,0 +1,29 @@
+"""normswap.fold / plan accept a torch.export program (and a LoadedModel holding one)."""
+
+import io
+
+import pytest
+import torch
+
+from normswap.errors import NormswapError
+from normswap.fold import fold, plan
+from samples.models import ALL_SAMPLES
+
+
+def test_fold_and_plan_dispatch_on_an_exported_program():
+    m, x = ALL_SAMPLES["resnet_style"]()
+    ep = torch.export.export(m, x)
+    folded, rep = fold(ep)
+    assert isinstance(folded, torch.export.ExportedProgram) and rep.passed
+    assert {d["norm"] for d in rep.folded} == {d.norm for d in plan(ep) if d.reason is None}
+    assert torch.allclose(folded.module()(*x), m(*x), atol=1e-5)
+    buf = io.BytesIO()
+    torch.export.save(folded, buf)
+    buf.seek(0)
+    assert torch.allclose(torch.export.load(buf).module()(*x), m(*x), atol=1e-5)
+
+
+def test_baking_inside_a_program_is_refused():
+    m, x = ALL_SAMPLES["resnet_style"]()
+    with pytest.raises(NormswapError, match="bake it in the eager model"):
+        fold(torch.export.export(m, x), bake_spectral_norm=True)
