@@ -276,6 +276,30 @@ def main(argv=None) -> int:
                   f"{t / t_fx:.2f}x |")
     print()
 
+    # ---------------------------------------------------------------- 1b. with example inputs
+    print("## Fold with example inputs (input ranks + output check) vs FX fuse + two forward passes\n")
+    print("normswap runs the original once (reference outputs and input ranks in the same pass) and the "
+          "folded model once; the anchor is FX fuse plus the time of two forward passes of the model.\n")
+    tv, _ = resnet50_like(width=16 if quick else 64, num_classes=1000)  # torchvision widths: 64..2048
+    tv = tv.eval()
+    xin = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    fold(tv, (xin,))
+    tool_fx(tv)
+
+    def forward():
+        with torch.no_grad():
+            tv(xin)
+
+    tt = median_times({"ns": lambda: fold(tv, (xin,)), "ns0": lambda: tool_normswap(tv), "fx": lambda: tool_fx(tv),
+                       "fwd": forward}, 5 if quick else 9)
+    anchor = tt["fx"] + 2 * tt["fwd"]
+    print("| model | input | normswap.fold with inputs (ms) | without inputs (ms) | FX fuse (ms) | one forward (ms) "
+          "| with inputs / (FX fuse + 2 forwards) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| ResNet-50 (torchvision widths{', /4' if quick else ''}) | {tuple(xin.shape)} | {tt['ns'] * 1e3:.0f} | "
+          f"{tt['ns0'] * 1e3:.0f} | {tt['fx'] * 1e3:.0f} | {tt['fwd'] * 1e3:.0f} | {tt['ns'] / anchor:.2f}x |")
+    print()
+
     # ---------------------------------------------------------------- 2. scaling
     print("## Time to fold a deep conv-BN-ReLU chain\n")
     print("| norm layers | normswap.fold (ms) | per layer (ms) | fx.optimization.fuse (ms) | per layer (ms) | ratio |")

@@ -18,7 +18,7 @@ from torch import nn
 
 from normswap.norms import NormKind, _bn_eval, register
 
-__all__ = ["post_op_children", "is_same_padding_conv"]
+__all__ = ["post_op_children", "is_same_padding_conv", "probe_output_channel_affine"]
 
 
 def _names(m: nn.Module, kind: str) -> set[str]:
@@ -169,3 +169,47 @@ def is_same_padding_conv(m: nn.Module) -> bool:
     if type(pad) is nn.Identity or type(pad) is nn.ZeroPad2d:
         return True
     return type(pad) is nn.ConstantPad2d and float(pad.value) == 0.0
+
+
+def probe_output_channel_affine(m: nn.Module) -> str | None:
+    """Check on a random probe that ``m``'s output channel ``o`` is ``conv(x; weight[o], bias[o])``:
+    scaling weight row ``o`` by ``s[o]`` and mapping ``bias -> s*bias + t`` must give ``s*y + t``.
+    Backs up the structural recognition of a library conv (a class merely *named* Conv2dSame
+    whose forward does something else fails it).  The parameters are restored bit for bit."""
+    import torch
+
+    w, b = m.weight, m.bias
+    if w is None or w.dim() != 4:
+        return "weight is not a 4-D conv weight"
+    g = torch.Generator().manual_seed(0)
+    kh, kw = w.shape[-2:]
+    side = max(9, int(kh) * 2 + 3, int(kw) * 2 + 3)
+    x = torch.randn((1, w.shape[1] * m.groups, side, side), generator=g, dtype=w.dtype)
+    s = torch.rand(w.shape[0], generator=g, dtype=w.dtype) + 0.5
+    t = torch.randn(w.shape[0], generator=g, dtype=w.dtype)
+    w0 = w.detach().clone()
+    b0 = b.detach().clone() if b is not None else None
+    was = m.training
+    try:
+        m.eval()
+        with torch.no_grad():
+            y = m(x)
+            w.mul_(s.view(-1, 1, 1, 1))
+            if b is not None:
+                b.mul_(s).add_(t)
+            y2 = m(x)
+    except Exception as e:  # noqa: BLE001
+        return f"its forward failed on a probe input ({type(e).__name__})"
+    finally:
+        with torch.no_grad():
+            w.copy_(w0)
+            if b is not None:
+                b.copy_(b0)
+        m.train(was)
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[1] != w.shape[0]:
+        return "its output is not (N, out_channels, H, W)"
+    expect = y * s.view(1, -1, 1, 1) + (t.view(1, -1, 1, 1) if b is not None else 0)
+    tol = 1e-4 * (1 + float(expect.abs().max()))
+    if float((y2 - expect).abs().max()) > tol:
+        return "a probe shows its output channels are not an affine of its own weight rows"
+    return None

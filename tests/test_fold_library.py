@@ -263,3 +263,19 @@ def test_frn_act_and_evonorm_are_audited_and_explained():
         rep = audit(m, x)
         assert [s.kind for s in rep.sites] == [kind, kind]
         assert all(not s.foldable and "not a fixed affine" in s.reason for s in rep.sites)
+
+
+def test_a_class_merely_named_conv2dsame_is_caught_by_the_probe():
+    class Conv2dSame(nn.Conv2d):  # the name of timm's class, another forward
+        def forward(self, x):
+            return F.conv2d(x, self.weight.flip(0), self.bias, self.stride, 1, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(Conv2dSame(3, 4, 3), _bn(4)).eval()
+    # FX traces into it: refused by the traced rule (the weight is flipped, not read directly)
+    r = _refusal(m, torch.randn(2, 3, 6, 6))
+    assert "does not read a module's weight directly" in r or "not an affine" in r
+    from normswap.library_norms import probe_output_channel_affine
+
+    assert "not an affine" in probe_output_channel_affine(m[0])
+    assert probe_output_channel_affine(T.Conv2dSame(3, 4, 3, stride=2)) is None

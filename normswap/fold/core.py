@@ -314,7 +314,14 @@ def module_problem(m: nn.Module, ctx: Ctx, types=_ALL_LAYERS) -> str | None:
     t = type(m)
     from normswap.library_norms import is_same_padding_conv
 
-    if t not in types and not (nn.Conv2d in types and is_same_padding_conv(m)):
+    library_conv = t not in types and nn.Conv2d in types and is_same_padding_conv(m)
+    if library_conv:
+        from normswap.library_norms import probe_output_channel_affine
+
+        r = probe_output_channel_affine(m)
+        if r:
+            return f"'{name}' ({t.__name__}): {r}"
+    if t not in types and not library_conv:
         if "quant" in t.__module__ or hasattr(m, "weight_fake_quant") or hasattr(m, "qconfig") and m.qconfig is not None:
             return f"'{name}' ({t.__name__}) is quantized: its weights are not plain parameters"
         if isinstance(m, _ALL_LAYERS):
