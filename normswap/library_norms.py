@@ -119,8 +119,7 @@ register(NormKind(
     "LayerNorm2d (torchvision ConvNeXt, timm; HF ConvNextLayerNorm channels_first): LayerNorm over "
     "the channels of an NCHW tensor (recognised by structure)",
     layout="conv", recognise=_is_ln2d, class_names=("LayerNorm2d",), class_base=nn.LayerNorm,
-    no_fold_reason="{type}: per-position statistics over channels (its affine could move into a "
-                   "following 1x1 conv; not folded yet)",
+    fold_family="affine_only",  # its per-channel affine (dim 1) folds into the following conv / Linear
 ))
 register(NormKind(
     "frn_act", (), "sample", "spatial axes, per sample and channel (mean of x^2), then TLU / act",

@@ -279,3 +279,33 @@ def test_a_class_merely_named_conv2dsame_is_caught_by_the_probe():
 
     assert "not an affine" in probe_output_channel_affine(m[0])
     assert probe_output_channel_affine(T.Conv2dSame(3, 4, 3, stride=2)) is None
+
+
+# --------------------------------------------------------------------------- LayerNorm2d
+
+def test_layernorm2d_affine_folds_into_the_following_conv():
+    m, x = T.convnext_block()
+    y = m(*x)
+    folded, rep = fold(m, x)
+    assert [(d["norm"], d["into"]) for d in rep.folded] == [("norm", "pw")]
+    assert "not a Linear/conv" in _reasons(rep)["head_norm"]  # feeds a mean, not a layer
+    assert torch.allclose(folded(*x), y, atol=1e-5, rtol=1e-5)
+    assert type(folded.norm).__name__ == "LayerNorm2d" and bool((folded.norm.weight == 1).all())
+
+
+def test_layernorm2d_affine_not_into_a_zero_padded_conv():
+    m = nn.Sequential(T.LayerNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    T._randomize(m)
+    r = _refusal(m, torch.randn(2, 4, 6, 6))
+    assert "pad" in r
+
+
+def test_hf_convnext_layernorm_channels_first_folds_into_a_1x1_conv():
+    m = nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), T.ConvNextLayerNorm(4, data_format="channels_first"),
+                      nn.Conv2d(4, 6, 1)).eval()
+    T._randomize(m)
+    x = torch.randn(2, 3, 8, 8)
+    y = m(x)
+    folded, rep = fold(m, (x,))
+    assert [d["norm"] for d in rep.folded] == ["1"]
+    assert torch.allclose(folded(x), y, atol=1e-5)

@@ -5,8 +5,8 @@ before quantising transformers).  The norm stays (same class) with an identity a
 
 * LayerNorm / RMSNorm over the last dim (registry layout "token"): affine over the last dim
   -> Linear on the last dim.
-* GroupNorm (layout "conv"): per-channel affine (dim 1) -> conv on channels (exact without
-  zero padding) or Linear on (N, C) input.
+* GroupNorm, LayerNorm2d (layout "conv"): per-channel affine (dim 1) -> conv on channels (exact
+  without zero padding) or Linear on (N, C) input.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _affine(m, kind):
         if len(shape) != 1:
             return f"normalized_shape {shape} spans several dims: its affine is not per-feature of one layer"
         n = shape[0]
-    else:
-        n = m.num_channels
+    else:  # per channel on dim 1: GroupNorm's num_channels, LayerNorm2d's normalized_shape (C,)
+        n = getattr(m, "num_channels", None) or tuple(m.normalized_shape)[0]
     s = w.detach().double() if w is not None else torch.ones(n, dtype=torch.float64)
     t = b.detach().double() if b is not None else torch.zeros(n, dtype=torch.float64)
     if bool((s == 1).all()) and bool((t == 0).all()):
