@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job
+from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
   normswap check model.pt --trust model.onnx --input-shape 4,3,32,32
-  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx --calib test.npz --json parity.json
+  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx \\
+      --calib test.npz --json parity.json
   normswap check model.pt --trust model.onnx --providers cuda --atol 1e-3
 
 \b
@@ -34,9 +35,11 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
                input_shape_help="Random inputs of this shape (with --calib: the size to read an image folder at).")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
 @model_options
+@write_options
 @output_options
 @pass_settings
-def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, trust, imports, arch, arch_kwargs, opts):
+def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, trust, imports, arch, arch_kwargs,
+            force, opts):
     """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
 
     def job():
@@ -46,7 +49,9 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
                           input_shape=input_shape, repeats=repeats, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
                           imports=imports)
 
-    run_job(job, render, opts)
+    run_job(job, render, opts, outputs={},
+            inputs=[("the input model", model_path), ("the ONNX file being checked", onnx_path),
+                    ("the --calib data", calib)], force=force)
 
 
 def _fmt(x, spec=".2e") -> str:

@@ -37,14 +37,15 @@ atomically; an existing file is kept unless --force.
 def command(model_path, output, opset, input_shape, calib, static_batch, keep_norms, eval_, trust, imports, arch, arch_kwargs, force, opts):
     """Export MODEL to a single validated ONNX file."""
 
-    def job():
+    def job(outs):
         from normswap.export import export_file
 
         return export_file(model_path, output=output, opset=opset, input_shape=input_shape, data=calib,
                            dynamic_batch=not static_batch, keep_norms=keep_norms, eval=eval_, force=force,
-                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs)
 
-    run_job(job, render, opts)
+    run_job(job, render, opts, outputs={"-o": output},
+            inputs=[("the input model", model_path), ("the --calib data", calib)], force=force)
 
 
 def _shape(shape) -> str:

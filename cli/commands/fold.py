@@ -11,7 +11,8 @@ Examples:
   normswap fold samples/digits/digits_resnet_module.pt --trust -o digits.folded.pt
   normswap fold weights.pt --arch samples.digits:digits_resnet --input-shape 1,1,32,32 -o w.folded.pt
   normswap fold model.pt --trust --eval --bake-spectral-norm -o m.folded.pt --json fold.json
-  normswap fold model.pt --trust --input-shape 1,3,224,224 -o m.folded.pt --onnx m.folded.onnx
+  normswap fold model.pt --trust --input-shape 1,3,224,224 -o m.folded.pt \\
+      --onnx m.folded.onnx
 
 \b
 Folds exactly, in float64 arithmetic cast back to the weights' dtype:
@@ -51,14 +52,17 @@ def command(model_path, output, eval_, bake_spectral_norm, input_shape, data, on
             arch_kwargs, force, opts):
     """Fold the normalization layers of MODEL into neighbouring layers, exactly."""
 
-    def job():
-        from normswap.fold.pipeline import fold_file
+    from normswap.fold.pipeline import default_output, fold_file
 
-        return fold_file(model_path, output=output, eval=eval_, bake_spectral_norm=bake_spectral_norm,
+    out_path = output or default_output(model_path)
+
+    def job(outs):
+        return fold_file(model_path, output=out_path, eval=eval_, bake_spectral_norm=bake_spectral_norm,
                          input_shape=input_shape, data=data, onnx_path=onnx_path, force=force, arch=arch,
-                         arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+                         arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs)
 
-    run_job(job, render, opts)
+    run_job(job, render, opts, outputs={"-o": out_path, "--onnx": onnx_path},
+            inputs=[("the input model", model_path), ("the --data file", data)], force=force)
 
 
 #: the name the lead may wire under
