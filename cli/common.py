@@ -66,6 +66,46 @@ def input_options(*, data_option: str = "--calib", input_shape_help: str = INPUT
     return decorate
 
 
+def fit_epilog(text: str, width: int = 76) -> str:
+    """Make an epilog of ``\\b`` blocks fit an 80-column terminal (click indents it by 2 and
+    never rewraps a ``\\b`` block): prose lines are re-wrapped, a long example command is
+    continued on the next line with a trailing backslash."""
+    import textwrap
+
+    out_blocks = []
+    for block in text.strip("\n").split("\n\n"):
+        lines = block.split("\n")
+        head = lines[0] == "\b"
+        body = lines[1:] if head else lines
+        new: list[str] = []
+        prose: list[str] = []
+
+        def flush():
+            if prose:
+                new.extend(textwrap.wrap(" ".join(prose), width, break_on_hyphens=False))
+                prose.clear()
+
+        for ln in body:
+            stripped = ln.strip()
+            if ln.startswith("  normswap ") or ln.endswith(":") or not stripped:
+                flush()
+                if len(ln) <= width:
+                    new.append(ln)
+                    continue
+                words, cur = stripped.split(" "), "  "
+                for w in words:
+                    if len(cur) + len(w) + 3 > width and cur.strip():
+                        new.append(cur.rstrip() + " \\")
+                        cur = "      "
+                    cur += w + " "
+                new.append(cur.rstrip())
+            else:
+                prose.append(stripped)
+        flush()
+        out_blocks.append("\n".join((["\b"] if head else []) + new))
+    return "\n\n".join(out_blocks) + "\n"
+
+
 def write_options(f: Callable) -> Callable:
     f = click.option("--force", is_flag=True, default=False, help="Overwrite existing output files.")(f)
     return f

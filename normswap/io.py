@@ -432,7 +432,7 @@ def staged_output(path: str | os.PathLike, *, force: bool = False, protect: Iter
     from normswap.outputs import OutputSet
 
     path = Path(path)
-    outs = OutputSet({"output": path}, inputs=protect, force=force)
+    outs = OutputSet({"output": path}, inputs=protect, force=force, share=True)
     try:
         outs.claim()
         tmp = outs.staged("output")

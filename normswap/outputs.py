@@ -149,8 +149,12 @@ class OutputSet:
     context manager: ``with OutputSet(...) as outs: ...; outs.commit()``.
     """
 
-    def __init__(self, outputs: dict[str, str | os.PathLike | None], *, inputs: Iterable = (), force: bool = False):
+    def __init__(self, outputs: dict[str, str | os.PathLike | None], *, inputs: Iterable = (), force: bool = False,
+                 share: bool = False):
         self.force = bool(force)
+        #: share claims this process already holds (a single-file writer inside a run whose
+        #: OutputSet claimed the name, e.g. io.staged_output under the CLI's run_job)
+        self.share = bool(share)
         self.final: dict[str, Path] = {k: Path(v) for k, v in outputs.items() if v is not None and str(v) != ""}
         # inputs: paths, or (label, path) pairs ("the input model", "the --calib data", ...)
         self.inputs: list[tuple[str, Path]] = []
@@ -201,7 +205,7 @@ class OutputSet:
                 fd = os.open(c, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pid = _read_pid(c)
-                if pid == os.getpid():  # this process already holds it (an outer OutputSet): share it
+                if pid == os.getpid() and self.share:  # an outer OutputSet of this run holds it
                     continue
                 if not _claim_alive(c):  # died after our cleanup pass: take its claim over
                     with contextlib.suppress(OSError):

@@ -333,7 +333,9 @@ def test_an_unwritable_output_folder_is_reported_before_the_job(files, monkeypat
 
     ran = []
     monkeypatch.setattr(outputs.os, "access", lambda p, mode: False)
-    import normswap.fold.pipeline as pipeline
+    import importlib
+
+    pipeline = importlib.import_module("normswap.fold.pipeline")
 
     real = pipeline.fold_file
     monkeypatch.setattr(pipeline, "fold_file", lambda *a, **k: ran.append(1) or real(*a, **k))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
   normswap check model.pt --trust model.onnx --input-shape 4,3,32,32
-  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx \\
-      --calib test.npz --json parity.json
+  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx --calib test.npz --json parity.json
   normswap check model.pt --trust model.onnx --providers cuda --atol 1e-3
 
 \b
@@ -24,7 +23,7 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 """
 
 
-@click.command("check", epilog=EPILOG)
+@click.command("check", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.argument("onnx_path", metavar="OUT.onnx", type=click.Path(dir_okay=False))
 @click.option("--providers", default="cpu,cuda", show_default=True, help="onnxruntime providers to check (cpu, cuda).")

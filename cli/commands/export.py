@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -22,7 +22,7 @@ atomically; an existing file is kept unless --force.
 """
 
 
-@click.command("export", epilog=EPILOG)
+@click.command("export", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
   normswap fold samples/digits/digits_resnet_module.pt --trust -o digits.folded.pt
   normswap fold weights.pt --arch samples.digits:digits_resnet --input-shape 1,1,32,32 -o w.folded.pt
   normswap fold model.pt --trust --eval --bake-spectral-norm -o m.folded.pt --json fold.json
-  normswap fold model.pt --trust --input-shape 1,3,224,224 -o m.folded.pt \\
-      --onnx m.folded.onnx
+  normswap fold model.pt --trust --input-shape 1,3,224,224 -o m.folded.pt --onnx m.folded.onnx
 
 \b
 Folds exactly, in float64 arithmetic cast back to the weights' dtype:
@@ -31,7 +30,7 @@ norms become nn.Identity.
 """
 
 
-@click.command("fold", epilog=EPILOG)
+@click.command("fold", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Folded model file (default MODEL.folded.<ext>, same format as MODEL).")
