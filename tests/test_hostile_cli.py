@@ -332,7 +332,8 @@ def test_an_unwritable_output_folder_is_reported_before_the_job(files, monkeypat
     import normswap.outputs as outputs
 
     ran = []
-    monkeypatch.setattr(outputs.os, "access", lambda p, mode: False)
+    real_access = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode, **k: False if mode & os.W_OK else real_access(p, mode))
     import importlib
 
     pipeline = importlib.import_module("normswap.fold.pipeline")

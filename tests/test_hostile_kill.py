@@ -70,8 +70,13 @@ POINTS = {
 }
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-@pytest.mark.parametrize("point", list(POINTS))
+_FAST = {("SIGTERM", "onnx staged"), ("SIGKILL", "model staged")}  # the rest: -m slow
+CASES = [pytest.param(sig, point, id=f"{name}-{point.replace(' ', '_')}",
+                      marks=() if (name, point) in _FAST else pytest.mark.slow)
+         for name, sig in (("SIGTERM", signal.SIGTERM), ("SIGKILL", signal.SIGKILL)) for point in POINTS]
+
+
+@pytest.mark.parametrize("sig, point", CASES)
 def test_a_killed_fold_leaves_no_final_file_and_the_next_run_cleans_up(work, sig, point):
     before = _digest(work / "m.pt")
     proc = _start(work)
