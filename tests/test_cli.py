@@ -129,7 +129,7 @@ def test_json_never_overwrites_the_input_model(files):
     for args in (["audit", str(files / "whole.pt"), "--trust", "--json", str(files / "whole.pt")],
                  ["--json", str(files / "whole.pt"), "audit", str(files / "whole.pt"), "--trust"]):
         result = CliRunner().invoke(cli, args)
-        assert result.exit_code == 2 and "the MODEL file" in result.stderr
+        assert result.exit_code == 2 and "the input model" in result.stderr
     assert (files / "whole.pt").read_bytes() == before
     # an option value that is not a file (--providers cpu) does not block --json cpu
     assert "also" not in CliRunner().invoke(cli, ["check", str(files / "whole.pt"), "x.onnx", "--trust", "--json", "cpu"]).stderr
