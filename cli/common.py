@@ -181,7 +181,7 @@ def run_inputs_outputs(command: str, params: dict) -> tuple[list, dict]:
         if k in _INPUT_PARAMS:
             inputs.append((_INPUT_PARAMS[k], v))
         elif k == "onnx_path" and command in _ONNX_IS_INPUT:
-            inputs.append(("the ONNX file being checked", v))
+            inputs.append(("the ONNX file this run checks", v))
         elif k in _OUTPUT_PARAMS:
             outputs[_OUTPUT_PARAMS[k]] = v
     return inputs, outputs

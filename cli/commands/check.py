@@ -49,7 +49,7 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
                           imports=imports)
 
     run_job(job, render, opts, outputs={},
-            inputs=[("the input model", model_path), ("the ONNX file being checked", onnx_path),
+            inputs=[("the input model", model_path), ("the ONNX file this run checks", onnx_path),
                     ("the --calib data", calib)], force=force)
 
 
