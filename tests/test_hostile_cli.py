@@ -322,10 +322,37 @@ def test_help_fits_80_columns_and_descriptions_are_not_cut():
             assert "…" not in out.stdout and "..." not in out.stdout.split("Commands:")[1]
 
 
-def test_a_python_warning_of_the_job_becomes_a_note(files):
-    r = invoke("convert", files / "m.pt", "--arch", SMALL, "--to", "gn", "--calib", "random", "--input-shape",
-               "4,1,8,8", "-o", files / "c.pt", "--no-onnx")
-    assert "UserWarning" not in r.output and "warnings.warn" not in r.output, r.output
+def test_a_python_warning_of_the_job_becomes_a_note(tmp_path):
+    """(``--calib random`` warned with a raw ``UserWarning`` and its source path.)  A real
+    process, because pytest itself would capture the warning."""
+    code = """
+import warnings, click
+from dataclasses import dataclass, field
+from normswap.report import Report
+from normswap_cli import common
+
+@dataclass
+class R(Report):
+    job = "demo"
+    notes: list = field(default_factory=list)
+
+@click.command("demo")
+@common.output_options
+@common.pass_settings
+def demo(opts):
+    def job():
+        warnings.warn("calibrating on random inputs: noise, not real activations")
+        return R()
+    common.run_job(job, lambda r, c: [c.print("note: " + n) for n in r.notes], opts)
+
+demo.main([], standalone_mode=True)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "UserWarning" not in text and "warnings.warn" not in text, text
+    assert "note: calibrating on random inputs" in text, text
 
 
 def test_an_unwritable_output_folder_is_reported_before_the_job(files, monkeypatch):
