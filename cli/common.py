@@ -274,7 +274,10 @@ def run_job(
     derived_inputs, derived_outputs = run_inputs_outputs(command, params)
     inputs = derived_inputs if inputs is None else list(inputs)
     outputs = dict(derived_outputs if outputs is None else outputs)
-    force = bool(params.get("force", False)) if force is None else bool(force)
+    if force is None:
+        force = bool(params.get("force", False)) or bool(params.get("global_force", False))
+    else:
+        force = bool(force) or bool(params.get("global_force", False))
     all_outputs = dict(outputs)
     if opts.json_path:
         all_outputs["--json"] = opts.json_path

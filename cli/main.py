@@ -81,8 +81,10 @@ class JobGroup(click.Group):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON to FILE.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="Print only the final summary line.")
 @click.option("--debug", is_flag=True, default=False, help="Show tracebacks for errors.")
+@click.option("--force", "global_force", is_flag=True, default=False,
+              help="Overwrite existing output files (also for commands without --force).")
 @click.pass_context
-def cli(ctx, json_path, quiet, debug):
+def cli(ctx, json_path, quiet, debug, global_force):
     """normswap: normalization-layer surgery on trained PyTorch models.
 
     Audit the norms of a model, fold BatchNorm exactly, convert one norm into
@@ -90,7 +92,7 @@ def cli(ctx, json_path, quiet, debug):
     onnxruntime.  Global options may also be given after the command.
     """
     ctx.ensure_object(dict)
-    ctx.obj.update(json_path=json_path, quiet=quiet, debug=debug)
+    ctx.obj.update(json_path=json_path, quiet=quiet, debug=debug, force=global_force)
 
 
 def main(argv=None):

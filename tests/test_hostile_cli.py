@@ -381,3 +381,13 @@ def test_a_read_only_output_folder_is_exit_2_before_the_job(files):
         assert r.exit_code == 2 and "not writable" in r.output
     finally:
         ro.chmod(0o755)
+
+
+def test_global_force_lets_a_command_without_force_replace_its_json(files):
+    js = files / "a.json"
+    js.write_text("old")
+    r = invoke("audit", files / "m.pt", "--arch", SMALL, "--json", js)
+    assert r.exit_code == 2 and js.read_text() == "old"
+    r = invoke("--force", "audit", files / "m.pt", "--arch", SMALL, "--json", js)
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["job"] == "audit"
