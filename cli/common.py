@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Any, Callable
 
 import click
@@ -65,6 +66,46 @@ def input_options(*, data_option: str = "--calib", input_shape_help: str = INPUT
     return decorate
 
 
+def fit_epilog(text: str, width: int = 76) -> str:
+    """Make an epilog of ``\\b`` blocks fit an 80-column terminal (click indents it by 2 and
+    never rewraps a ``\\b`` block): prose lines are re-wrapped, a long example command is
+    continued on the next line with a trailing backslash."""
+    import textwrap
+
+    out_blocks = []
+    for block in text.strip("\n").split("\n\n"):
+        lines = block.split("\n")
+        head = lines[0] == "\b"
+        body = lines[1:] if head else lines
+        new: list[str] = []
+        prose: list[str] = []
+
+        def flush():
+            if prose:
+                new.extend(textwrap.wrap(" ".join(prose), width, break_on_hyphens=False))
+                prose.clear()
+
+        for ln in body:
+            stripped = ln.strip()
+            if ln.startswith("  normswap ") or ln.endswith(":") or not stripped:
+                flush()
+                if len(ln) <= width:
+                    new.append(ln)
+                    continue
+                words, cur = stripped.split(" "), "  "
+                for w in words:
+                    if len(cur) + len(w) + 3 > width and cur.strip():
+                        new.append(cur.rstrip() + " \\")
+                        cur = "      "
+                    cur += w + " "
+                new.append(cur.rstrip())
+            else:
+                prose.append(stripped)
+        flush()
+        out_blocks.append("\n".join((["\b"] if head else []) + new))
+    return "\n\n".join(out_blocks) + "\n"
+
+
 def write_options(f: Callable) -> Callable:
     f = click.option("--force", is_flag=True, default=False, help="Overwrite existing output files.")(f)
     return f
@@ -110,97 +151,212 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     sys.exit(code)
 
 
+#: how a command's file parameters are used: (inputs, outputs) by parameter name; a command may
+#: also pass ``inputs=`` / ``outputs=`` to :func:`run_job` (e.g. outputs with computed defaults)
+_INPUT_PARAMS = {"model_path": "the input model", "model": "the input model", "calib": "the --calib data",
+                 "data": "the --data file"}
+_OUTPUT_PARAMS = {"output": "-o", "onnx_path": "--onnx", "report_path": "--report"}
+#: commands whose ``onnx_path`` is an input (the file being checked), not an output
+_ONNX_IS_INPUT = frozenset({"check"})
+
+
+def _params() -> tuple[str, dict]:
+    ctx = click.get_current_context(silent=True)
+    name, params = "job", {}
+    while ctx is not None:
+        if ctx.parent is not None and name == "job":
+            name = ctx.info_name or ctx.command.name or "job"
+        for k, v in ctx.params.items():
+            params.setdefault(k, v)
+        ctx = ctx.parent
+    return name, params
+
+
+def run_inputs_outputs(command: str, params: dict) -> tuple[list, dict]:
+    """The run's input files ((label, path) pairs) and outputs ({option: path}) from its parameters."""
+    inputs, outputs = [], {}
+    for k, v in params.items():
+        if not isinstance(v, str) or not v:
+            continue
+        if k in _INPUT_PARAMS:
+            inputs.append((_INPUT_PARAMS[k], v))
+        elif k == "onnx_path" and command in _ONNX_IS_INPUT:
+            inputs.append(("the ONNX file this run checks", v))
+        elif k in _OUTPUT_PARAMS:
+            outputs[_OUTPUT_PARAMS[k]] = v
+    return inputs, outputs
+
+
+def _accepts_outputs(job) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(job).parameters) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _warnings_as_notes(caught, report) -> None:
+    """Python warnings raised by the job become plain notes (no source path, no class name)."""
+    seen = []
+    for w in caught:
+        if not issubclass(w.category, UserWarning) or issubclass(w.category, DeprecationWarning):
+            continue
+        msg = " ".join(str(w.message).split())
+        if msg and msg not in seen:
+            seen.append(msg)
+    if not seen:
+        return
+    target = getattr(report, "notes", None)
+    if not isinstance(target, list):
+        target = getattr(report, "warnings", None)
+    for msg in seen:
+        if isinstance(target, list):
+            if msg not in target:
+                target.append(msg)
+        else:
+            click.echo(f"note: {msg}", err=True)
+
+
+def _write_error_json(job_name: str, json_path, message: str, inputs, others: dict, force: bool) -> None:
+    """On exit 2/3 with --json: write ``{"job", "passed": false, "error"}`` under the same rules as
+    every output (never over an input, another output or, without --force, an existing file);
+    silently nothing when that is not possible (the error may be about the JSON path itself)."""
+    import json
+    from pathlib import Path
+
+    from normswap.errors import NormswapError
+    from normswap.outputs import OutputSet
+
+    if not json_path:
+        return
+    protect = list(inputs) + [("another output of this run", p) for p in others.values()]
+    outs = OutputSet({"--json": json_path}, inputs=protect, force=force)
+    try:
+        outs.claim()
+        Path(outs.staged("--json")).write_text(
+            json.dumps({"job": job_name, "passed": False, "error": message}, indent=2) + "\n")
+        outs.commit()
+    except (NormswapError, OSError):
+        pass
+    finally:
+        outs.release()
+
+
 def run_job(
-    job: Callable[[], Any],
+    job: Callable[..., Any],
     render: Callable[[Any, Any], None] | None,
     opts: Settings,
     *,
     notes: Callable[[], list[str]] | None = None,
+    inputs: list | None = None,
+    outputs: dict | None = None,
+    force: bool | None = None,
 ) -> None:
     """Run ``job()`` (which returns a Report), render it, write JSON, print the summary, exit.
 
-    ``NormswapError`` → one line on stderr, exit 2.  Any other exception → one
-    line naming it, exit 3 (``--debug`` shows the traceback instead).
+    Every output of the run (``-o``, ``--onnx``, ``--json``, ``--report``; taken from the
+    command's parameters unless ``outputs`` is given) is claimed as a whole before the job runs
+    (:class:`normswap.outputs.OutputSet`), with every input (MODEL, ``--calib``/``--data``, the
+    ONNX file being checked) protected even with ``--force``.  A job that takes one argument
+    gets the OutputSet and writes its files to ``outs.staged(option)``; the staged files and the
+    JSON report are committed together after the job, and only when the report passed (a
+    failed job's files are dropped, its JSON report is written).
+
+    ``NormswapError`` → one line on stderr, exit 2 (with --json: ``{"job", "passed": false,
+    "error"}``).  Any other exception → one line naming it, exit 3 (``--debug`` shows the
+    traceback instead).  Ctrl-C / SIGTERM → the staged files and claims are removed, exit 130.
     """
     from normswap.errors import NormswapError
+    from normswap.outputs import OutputSet
 
-    if opts.json_path:  # fail before the (possibly long) job, not after it
-        try:
-            _check_json_path(opts.json_path)
-        except NormswapError as e:
-            if opts.debug:
-                raise
-            fail(str(e), EXIT_USAGE)
-    try:
-        report = job()
-    except NormswapError as e:
-        if opts.debug:
-            raise
-        fail(str(e), EXIT_USAGE)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit:
-        raise
-    except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
-        if opts.debug:
-            raise
-        fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_INTERNAL)
-    out = console()
-    if not opts.quiet and render is not None:
-        try:
-            render(report, out)
-        except Exception as e:  # a rendering bug must not hide the result behind a traceback
-            if opts.debug:
-                raise
-            click.echo(f"warning: could not render the report ({type(e).__name__}: {e}); "
-                       "rerun with --debug for the traceback", err=True)
+    command, params = _params()
+    derived_inputs, derived_outputs = run_inputs_outputs(command, params)
+    inputs = derived_inputs if inputs is None else list(inputs)
+    outputs = dict(derived_outputs if outputs is None else outputs)
+    if force is None:
+        force = bool(params.get("force", False)) or bool(params.get("global_force", False))
+    else:
+        force = bool(force) or bool(params.get("global_force", False))
+    all_outputs = dict(outputs)
     if opts.json_path:
+        all_outputs["--json"] = opts.json_path
+    outs = OutputSet(all_outputs, inputs=inputs, force=force)
+
+    def user_error(e: Exception, code: int, message: str | None = None) -> None:
+        outs.release()
+        message = message or str(e)
+        if opts.json_path and getattr(e, "option", None) != "--json":
+            _write_error_json(command, opts.json_path, " ".join(message.split()), inputs, outputs, force)
+        fail(message, code)
+
+    try:
         try:
-            report.to_json(opts.json_path)
+            outs.claim()  # before the (possibly long) job, not after it
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                report = job(outs) if _accepts_outputs(job) else job()
+            _warnings_as_notes(caught, report)
         except NormswapError as e:
-            fail(str(e), EXIT_USAGE)
-        if not opts.quiet:
-            out.print(f"report written to {opts.json_path}")
-    line = report.summary_line()
-    style = "bold green" if report else "bold red"
-    out.print(line, style=style, markup=False, soft_wrap=True)  # one line, whatever the terminal width
-    sys.exit(EXIT_OK if report else EXIT_FAILED)
+            if opts.debug:
+                raise
+            user_error(e, EXIT_USAGE)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
+            if opts.debug:
+                raise
+            user_error(e, EXIT_INTERNAL,
+                       f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        out = console()
+        dropped = [o for o in outs.written() if o != "--json"] if not report else []
+        if dropped:  # a failed job hands over no files: only its report
+            outs.discard(*dropped)
+            msg = "nothing written for " + ", ".join(f"{o} {outs.final[o]}" for o in dropped) + ": the job failed"
+            if hasattr(report, "notes") and isinstance(report.notes, list):
+                report.notes.append(msg)
+        if opts.json_path:
+            try:
+                from normswap.report import json_bytes
 
-
-#: the command parameters that name files (inputs or outputs) --json must never write over
-_FILE_PARAMS = frozenset({"model_path", "onnx_path", "calib", "data", "output", "onnx", "model"})
+                outs.staged("--json").write_bytes(json_bytes(report))
+            except OSError as e:
+                user_error(e, EXIT_USAGE, f"--json {opts.json_path}: cannot write ({e.strerror or e})")
+        try:
+            outs.commit()  # the set together, before anything says it was written
+        except NormswapError as e:
+            user_error(e, EXIT_USAGE)
+        if not opts.quiet and render is not None:
+            try:
+                render(report, out)
+            except Exception as e:  # a rendering bug must not hide the result behind a traceback
+                if opts.debug:
+                    raise
+                click.echo(f"warning: could not render the report ({type(e).__name__}: {e}); "
+                           "rerun with --debug for the traceback", err=True)
+        if opts.json_path and not opts.quiet:
+            out.print(f"report written to {opts.json_path}", markup=False)
+        line = report.summary_line()
+        style = "bold green" if report else "bold red"
+        out.print(line, style=style, markup=False, soft_wrap=True)  # one line, whatever the terminal width
+        sys.exit(EXIT_OK if report else EXIT_FAILED)
+    except KeyboardInterrupt:
+        outs.release()
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    finally:
+        outs.release()
 
 
 def _check_json_path(json_path) -> None:
-    """--json FILE must be writable (an existing folder) and none of the command's files."""
-    import contextlib
-    import os
-    from pathlib import Path
+    """--json FILE must be writable and none of the command's files (kept for callers; run_job
+    now claims --json with the run's other outputs, see :class:`normswap.outputs.OutputSet`)."""
+    from normswap.outputs import OutputSet
 
-    from normswap.errors import NormswapError
-
-    path = Path(json_path)
-    if path.is_dir():
-        raise NormswapError(f"--json {path}: is a directory, expected a file path")
-    # never write the report over the command's own input (the model, the ONNX file, the data) or output
-    ctx = click.get_current_context(silent=True)
-    target = path.resolve()
-    while ctx is not None:
-        for name, value in ctx.params.items():
-            if name not in _FILE_PARAMS or not isinstance(value, (str, os.PathLike)) or not str(value):
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                if Path(value).resolve() == target:
-                    what = {"model_path": "the MODEL file", "model": "the MODEL file", "onnx_path": "the ONNX file",
-                            "onnx": "the ONNX file", "calib": "the --calib data", "data": "the --data file",
-                            "output": "the -o output"}[name]
-                    raise NormswapError(f"--json {path}: is also {what} of this command; choose another file")
-        ctx = ctx.parent
-    if not path.parent.is_dir():
-        raise NormswapError(f"--json {path}: output folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise NormswapError(f"--json {path}: output folder {path.parent} is not writable")
+    command, params = _params()
+    inputs, outputs = run_inputs_outputs(command, params)
+    outputs["--json"] = json_path
+    OutputSet(outputs, inputs=inputs, force=True).validate()
 
 
 def print_notes(notes: list[str], out=None) -> None:

@@ -51,6 +51,19 @@ class JobGroup(click.Group):
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    def format_commands(self, ctx, formatter):
+        """The command list with each command's whole first help line (wrapped, never cut with '…')."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            text = cmd.short_help or (cmd.help or "").strip().split("\n\n")[0]
+            rows.append((name, " ".join(text.split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
@@ -60,7 +73,7 @@ class JobGroup(click.Group):
 
 @click.group(
     cls=JobGroup,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80},
     epilog="Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 internal error.  "
     "Run `normswap COMMAND --help` for examples.",
 )
@@ -68,8 +81,10 @@ class JobGroup(click.Group):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON to FILE.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="Print only the final summary line.")
 @click.option("--debug", is_flag=True, default=False, help="Show tracebacks for errors.")
+@click.option("--force", "global_force", is_flag=True, default=False,
+              help="Overwrite existing output files (also for commands without --force).")
 @click.pass_context
-def cli(ctx, json_path, quiet, debug):
+def cli(ctx, json_path, quiet, debug, global_force):
     """normswap: normalization-layer surgery on trained PyTorch models.
 
     Audit the norms of a model, fold BatchNorm exactly, convert one norm into
@@ -77,10 +92,13 @@ def cli(ctx, json_path, quiet, debug):
     onnxruntime.  Global options may also be given after the command.
     """
     ctx.ensure_object(dict)
-    ctx.obj.update(json_path=json_path, quiet=quiet, debug=debug)
+    ctx.obj.update(json_path=json_path, quiet=quiet, debug=debug, force=global_force)
 
 
 def main(argv=None):
+    from normswap.outputs import install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM/SIGHUP like Ctrl-C: a killed run removes its staged files
     return cli.main(args=argv, prog_name="normswap")
 
 

@@ -186,6 +186,7 @@ class ParityReport(Report):
             "dynamic_batch": self.dynamic_batch,
             "providers": [jsonable(p.to_dict()) for p in self.providers],
             "notes": list(self.notes),
+            "load": getattr(self, "load", None),
         }
 
     def summary_text(self) -> str:
@@ -547,6 +548,10 @@ def _synth_inputs(meta: list[dict], input_shape, batch: int):
                         "pass inputs (--calib DATA) or --input-shape"
                     )
             shape = tuple(shape)
+        from normswap.inputs import check_shape_size
+
+        check_shape_size(shape, what=f"ONNX input {m['name']} shape" if not (i == 0 and input_shape is not None)
+                         else "--input-shape")
         dt = m["dtype"]
         if dt in _FLOAT:
             out.append(torch.randn(shape, generator=g))
@@ -750,11 +755,19 @@ def check_file(
     loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
     resolved = resolve_inputs(input_shape=input_shape, data=data, limit=MAX_SAMPLES, data_option="--calib",
                               example=False)
+    from normswap.report import attach_load
+
     if resolved.data is not None:  # the data set is the inputs; its shape was only for reading it
-        return check(loaded, onnx_path, resolved.data, providers=providers, atol=atol, rtol=rtol,
-                     repeats=repeats, warmup=warmup)
-    return check(loaded, onnx_path, None, providers=providers, atol=atol, rtol=rtol, input_shape=resolved.shape,
-                 repeats=repeats, warmup=warmup)
+        report = check(loaded, onnx_path, resolved.data, providers=providers, atol=atol, rtol=rtol,
+                       repeats=repeats, warmup=warmup)
+    else:
+        report = check(loaded, onnx_path, None, providers=providers, atol=atol, rtol=rtol,
+                       input_shape=resolved.shape, repeats=repeats, warmup=warmup)
+    attach_load(report, loaded)
+    for n in report.notes:
+        if n in (loaded.notes or []) and n not in report.warning_notes:
+            report.warning_notes.append(n)
+    return report
 
 
 __all__ = [

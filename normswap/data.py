@@ -63,7 +63,9 @@ class Dataset:
 
 
 def parse_shape(text: str | tuple | list) -> tuple[int, ...]:
-    """Parse ``"1,3,32,32"`` (or ``1x3x32x32``) into a tuple of positive ints."""
+    """Parse ``"1,3,32,32"`` (or ``1x3x32x32``) into a tuple of positive ints; a shape whose float32
+    tensor would exceed :data:`normswap.inputs.MAX_INPUT_BYTES` is refused (NormswapError with
+    the size)."""
     if isinstance(text, (tuple, list)):
         parts = list(text)
     else:
@@ -74,6 +76,9 @@ def parse_shape(text: str | tuple | list) -> tuple[int, ...]:
         raise NormswapError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,32,32") from None
     if not shape or any(d <= 0 for d in shape):
         raise NormswapError(f"--input-shape {text!r}: expected positive integers like 1,3,32,32")
+    from normswap.inputs import check_shape_size
+
+    check_shape_size(shape)  # every shape is checked before anything of that size is allocated
     return shape
 
 

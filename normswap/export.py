@@ -88,7 +88,10 @@ class ExportReport(Report):
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"job": self.job, "passed": self.passed, **super().to_dict()}
+        d = {"job": self.job, "passed": self.passed, **super().to_dict()}
+        if getattr(self, "load", None) is not None:
+            d["load"] = self.load
+        return d
 
     @property
     def num_nodes(self) -> int:
@@ -265,8 +268,12 @@ def export(
     keep_norms: bool = False,
     eval: bool = False,  # noqa: A002 - public API name
     force: bool = False,
+    staged: bool = False,
 ) -> ExportReport:
-    """Export ``model`` to the ONNX file ``path``; see the module docstring."""
+    """Export ``model`` to the ONNX file ``path``; see the module docstring.
+
+    ``staged=True``: ``path`` is a staged file of an :class:`normswap.outputs.OutputSet` (the
+    caller commits it): the file is written straight into it."""
     import onnx
     import torch
 
@@ -283,7 +290,7 @@ def export(
         raise NormswapError(f"output folder {path.parent} does not exist")
     if source_path is not None and path.exists() and Path(source_path).exists() and path.resolve() == Path(source_path).resolve():
         raise NormswapError(f"{path}: refusing to overwrite the input model file; choose another output with -o")
-    if path.exists() and not force:
+    if path.exists() and not force and not staged:
         raise NormswapError(f"{path} exists; pass force=True (--force) to overwrite it")
 
     if opset is None:
@@ -393,7 +400,10 @@ def export(
             raise NormswapError(f"the exported ONNX model fails onnx.checker: {exception_reason(e, 300)}") from e
 
     try:
-        atomic_save(path, writer, force=force)
+        if staged:
+            writer(path)
+        else:
+            atomic_save(path, writer, force=force, protect=[source_path] if source_path else ())
     except NormswapError:
         for p in external:
             Path(p).unlink(missing_ok=True)
@@ -463,23 +473,54 @@ def export_file(
     arch_kwargs=None,
     trust: bool = False,
     imports=(),
+    outputs=None,
 ) -> ExportReport:
     """The job behind ``normswap export``: load MODEL, resolve its example inputs
     (``input_shape`` / ``data``, see :func:`normswap.inputs.resolve_inputs`; with neither, the
     inputs a torch.export program was captured with or a shape guessed from the first layer)
     and :func:`export` it to ``output``.  The TorchScript fallback is reported in the
-    ExportReport (``fallback_reason``), not warned about."""
+    ExportReport (``fallback_reason``), not warned about.
+
+    ``outputs``: the run's claimed :class:`normswap.outputs.OutputSet` (with ``-o``): the file is
+    staged into it and the caller commits it; without it, export_file claims and commits its own.
+    MODEL and the ``--calib`` file are never overwritten, even with ``force``."""
     from normswap.inputs import resolve_inputs
     from normswap.io import load_model
+    from normswap.outputs import OutputSet
+    from normswap.report import add_summary_warning, attach_load
 
-    loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-    # with data, input_shape says how to read it (an image folder's size, 'random') and is checked against it
-    resolved = resolve_inputs(loaded.module, input_shape=input_shape, data=data, limit=8, batch=2, required=True,
-                              data_option="--calib")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is shown in the report
-        return export(loaded, output, resolved.example, opset=opset, dynamic_batch=dynamic_batch,
-                      keep_norms=keep_norms, eval=eval, force=force)
+    own = outputs is None
+    if own:
+        outputs = OutputSet({"-o": output}, inputs=[("the input model", model_path), ("the --calib data", data)],
+                            force=force)
+        outputs.claim()
+    try:
+        loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+        # with data, input_shape says how to read it (an image folder's size, 'random') and is checked against it
+        resolved = resolve_inputs(loaded.module, input_shape=input_shape, data=data, limit=8, batch=2,
+                                  required=True, data_option="--calib")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is shown in the report
+            report = export(loaded, outputs.staged("-o"), resolved.example, opset=opset,
+                            dynamic_batch=dynamic_batch, keep_norms=keep_norms, eval=eval, force=True, staged=True)
+        report.path = str(outputs.final["-o"])
+        attach_load(report, loaded)
+        module = getattr(loaded, "module", None)
+        if hasattr(module, "named_modules") and not hasattr(module, "graph_signature"):
+            from normswap.fold.pipeline import bad_statistics
+
+            bad = bad_statistics(module)
+            for name, problem in bad.items():
+                report.warnings.append(f"{name}: {problem}; the exported model computes with these statistics")
+            if bad:
+                add_summary_warning(report, f"broken running statistics (NaN/Inf or negative) in {len(bad)} "
+                                            f"modules: {', '.join(list(bad)[:3])}" + (" …" if len(bad) > 3 else ""))
+        if own:
+            outputs.commit()
+        return report
+    finally:
+        if own:
+            outputs.release()
 
 
 __all__ = ["export", "export_file", "ExportReport", "DEFAULT_OPSET", "training_norms", "has_kind", "onnx_io",

@@ -14,9 +14,9 @@ format          how it is recognised / loaded
 ``export``      a ``torch.export.save`` archive (``archive_format`` entry)
 ==============  ==========================================================
 
-Saving is atomic (temporary file in the destination folder, then rename),
-never touches the input file and refuses to overwrite an existing output
-unless ``force=True``.
+Saving is atomic (a staged hidden file in the destination folder, then rename;
+see :mod:`normswap.outputs`), never touches the input file and refuses to
+overwrite an existing output unless ``force=True``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -50,6 +49,10 @@ class LoadedModel:
     arch_kwargs: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     imports: tuple = ()
+    #: state-dict keys the model has but the file lacks (left at the factory's initial values)
+    missing_keys: list[str] = field(default_factory=list)
+    #: keys of the file the model has no place for (ignored)
+    unexpected_keys: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +62,8 @@ class LoadedModel:
             "arch_kwargs": self.arch_kwargs,
             "type": type(self.module).__name__,
             "notes": list(self.notes),
+            "missing_keys": list(self.missing_keys),
+            "unexpected_keys": list(self.unexpected_keys),
         }
 
 
@@ -208,6 +213,7 @@ def _load_state_dict_into(model, sd: dict, path: Path, arch: str, notes: list[st
         notes.append(f"missing keys (left at the factory's initial values): {', '.join(result.missing_keys)}")
     if result.unexpected_keys:
         notes.append(f"unexpected keys (ignored): {', '.join(result.unexpected_keys)}")
+    return list(result.missing_keys), list(result.unexpected_keys)
 
 
 def _safetensors_recipe(path: Path) -> str | None:
@@ -329,8 +335,8 @@ def load_model(
             )
         model = resolve_arch(arch, kwargs, imports)
         _apply_saved_recipe(model, _safetensors_recipe(path), path, notes)
-        _load_state_dict_into(model, sd, path, arch, notes)
-        return LoadedModel(model, "safetensors", path, arch, kwargs, notes, imports)
+        missing, unexpected = _load_state_dict_into(model, sd, path, arch, notes)
+        return LoadedModel(model, "safetensors", path, arch, kwargs, notes, imports, missing, unexpected)
 
     # torch.save archives (zip or legacy): weights-only first, never unpickle code unless trusted
     try:
@@ -358,8 +364,8 @@ def load_model(
     from normswap.recipe import RECIPE_KEY
 
     _apply_saved_recipe(model, obj.get(RECIPE_KEY) if isinstance(obj, dict) else None, path, notes)
-    _load_state_dict_into(model, sd, path, arch, notes)
-    return LoadedModel(model, "state_dict", path, arch, kwargs, notes, imports)
+    missing, unexpected = _load_state_dict_into(model, sd, path, arch, notes)
+    return LoadedModel(model, "state_dict", path, arch, kwargs, notes, imports, missing, unexpected)
 
 
 def pickle_errors():
@@ -415,38 +421,31 @@ def _check_output(path: Path, force: bool, protect: Iterable[Path] = ()) -> None
 
 
 @contextlib.contextmanager
-def staged_output(path: str | os.PathLike, *, force: bool = False):
-    """``with staged_output(out) as tmp:`` write ``tmp`` (a hidden file beside ``out`` with the
-    same suffix) and do any later steps (an ONNX export); only when the block succeeds is
-    ``tmp`` renamed to ``out`` (no-clobber unless ``force``), otherwise it is removed: nothing
-    partial is left behind and an existing ``out`` stays untouched.  OS errors (disk full,
-    permissions, a vanished folder) become one-line ``NormswapError``s."""
+def staged_output(path: str | os.PathLike, *, force: bool = False, protect: Iterable = ()):
+    """``with staged_output(out) as tmp:`` write ``tmp`` (a hidden, recognisable staged file beside
+    ``out``, see :class:`normswap.outputs.OutputSet`) and do any later steps; only when the block
+    succeeds is ``tmp`` moved to ``out`` (no-clobber unless ``force``), otherwise it is removed:
+    nothing partial is left behind and an existing ``out`` stays untouched.  ``out`` is claimed
+    for the whole block (a concurrent normswap run writing it stops at once).  OS errors become
+    one-line ``NormswapError``s.  Kept for callers that write one file; a run with several
+    outputs claims them together with one ``OutputSet``."""
+    from normswap.outputs import OutputSet
+
     path = Path(path)
+    outs = OutputSet({"output": path}, inputs=protect, force=force, share=True)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    except OSError as e:
-        raise NormswapError(f"{path}: cannot write in {path.parent} ({e.strerror or e})") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        outs.claim()
+        tmp = outs.staged("output")
+        try:
+            tmp.touch()
+        except OSError as e:
+            raise NormswapError(f"{path}: cannot write in {path.parent} ({e.strerror or e})") from None
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:  # no-clobber even against a racing writer
-                os.link(tmp, path)
-            except FileExistsError:
-                raise NormswapError(f"{path}: already exists; pass --force (force=True) to overwrite it") from None
-            except OSError:
-                os.replace(tmp, path)
+        outs.commit()
     except OSError as e:
         raise NormswapError(f"{path}: cannot write ({e.strerror or e})") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        outs.release()
 
 
 def atomic_save(
@@ -456,14 +455,14 @@ def atomic_save(
     force: bool = False,
     protect: Iterable[Path] = (),
 ) -> Path:
-    """Write a file atomically: ``writer(tmp)`` writes a temp file beside ``path``, then rename.
+    """Write a file atomically: ``writer(tmp)`` writes a staged file beside ``path``, then rename.
 
     Nothing partial is left behind if ``writer`` fails.  ``protect`` lists
     paths (inputs) that must never be overwritten, even with ``force``.
     """
     path = Path(path)
     _check_output(path, force, protect)
-    with staged_output(path, force=force) as tmp:
+    with staged_output(path, force=force, protect=protect) as tmp:
         writer(tmp)
     return path
 
@@ -486,10 +485,13 @@ def save_model(
     format: str | None = None,
     force: bool = False,
     architecture_changed: bool = False,
+    staged: bool = False,
 ) -> dict:
     """Save ``model`` atomically in ``format`` (default: the format of ``like``, else pickle).
 
-    Returns a dict describing what was written (path, format, notes).  A state
+    Returns a dict describing what was written (path, format, notes).  ``staged=True``: ``path``
+    is already a staged file of an :class:`normswap.outputs.OutputSet` (the caller commits it),
+    so the model is written straight into it, with no temporary file of its own.  A state
     dict / safetensors file of a model whose architecture differs from ``like``'s
     ``--arch`` factory carries a recipe (see :mod:`normswap.recipe`) so that
     ``load_model(path, arch=...)`` rebuilds it exactly.
@@ -544,6 +546,12 @@ def save_model(
             sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
             save_file(sd, str(tmp), metadata={RECIPE_KEY: recipe_text} if recipe_text else None)
 
+    if staged:
+        try:
+            writer(Path(path))
+        except OSError as e:
+            raise NormswapError(f"{path}: cannot write ({e.strerror or e})") from None
+        return {"path": str(path), "format": fmt, "notes": notes}
     out = atomic_save(path, writer, force=force, protect=protect)
     return {"path": str(out), "format": fmt, "notes": notes}
 
@@ -551,25 +559,14 @@ def save_model(
 # --------------------------------------------------------------------------- multi-file jobs
 
 
-def check_outputs(model_path, out_path, onnx_path=None, *, force=False) -> None:
+def check_outputs(model_path, out_path, onnx_path=None, *, force=False, inputs=(), json_path=None) -> None:
     """Refuse, before any work, outputs that would fail later (so nothing partial is written):
-    the input itself, the model and ONNX file on the same path, a missing folder, an existing
-    file without ``force``."""
-    from pathlib import Path
+    an input (``model_path`` and every path of ``inputs``, e.g. the calibration data) even with
+    ``force``, two outputs on one path, a missing or read-only folder, an existing file without
+    ``force``.  A thin wrapper over :meth:`normswap.outputs.OutputSet.validate`; a job that
+    writes its files through an ``OutputSet`` gets this (and the claim) from ``claim()``."""
+    from normswap.outputs import OutputSet
 
-    from normswap.errors import NormswapError
-
-    src = Path(model_path).resolve()
-    outs = [("-o", Path(out_path))] + ([("--onnx", Path(onnx_path))] if onnx_path is not None else [])
-    for opt, p in outs:
-        if p.resolve() == src:
-            raise NormswapError(f"{opt} {p} is the input model; choose another name")
-    if onnx_path is not None and Path(out_path).resolve() == Path(onnx_path).resolve():
-        raise NormswapError(f"the model and the ONNX file would both be {out_path}; use -o FILE.pt and --onnx FILE.onnx")
-    for opt, p in outs:
-        if p.is_dir():
-            raise NormswapError(f"{opt} {p} is a directory, expected a file path")
-        if not p.parent.is_dir():
-            raise NormswapError(f"{opt} {p}: output folder {p.parent} does not exist")
-        if p.exists() and not force:
-            raise NormswapError(f"{p} exists; pass --force to overwrite it")
+    outs = {"-o": out_path, "--onnx": onnx_path, "--json": json_path}
+    ins = [("the input model", model_path)] + [i if isinstance(i, tuple) else ("an input", i) for i in inputs]
+    OutputSet(outs, inputs=ins, force=force).validate()

@@ -194,6 +194,11 @@ class NormKind:
                 return "uninitialized lazy norm"
             if n not in stats:
                 return f"missing running statistic {n}"
+        for n in self.running_stat_names:
+            t = stats.get(n)
+            if n in ("running_var", "running_phi") and t is not None and t.is_floating_point() \
+                    and bool((t < 0).any()):
+                return f"negative {n} (min {float(t.min()):.3g}): broken statistics"
         eps = self.eps(module)
         out = self.eval_affine_fn(module, 1e-5 if eps is None else eps)
         if isinstance(out, str):

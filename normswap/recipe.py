@@ -94,14 +94,74 @@ def module_spec(module) -> dict:
     )
 
 
+#: the most elements one module of a recipe may allocate (a crafted recipe cannot exhaust memory)
+MAX_RECIPE_ELEMENTS = 1 << 28  # 268M float32 values = 1 GiB
+
+
+def _positive_int(name: str, value, what: str, zero_ok: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+        raise NormswapError(f"recipe for a {what}: {name} must be an integer >= {0 if zero_ok else 1}, got {value!r}")
+    return value
+
+
+def _check_elements(n: int, what: str) -> None:
+    if n > MAX_RECIPE_ELEMENTS:
+        raise NormswapError(f"recipe for a {what}: it would allocate {n:,} parameters ({n * 4 / 1024 ** 3:.3g} GiB), "
+                            f"more than the {MAX_RECIPE_ELEMENTS:,} allowed; the file's recipe is corrupt or crafted")
+
+
+def validate_spec(spec: dict) -> None:
+    """Check a recipe entry's constructor arguments before anything is built (clear errors,
+    no allocation of absurd sizes)."""
+    if not isinstance(spec, dict):
+        raise NormswapError("recipe entry is not an object")
+    what = str(spec.get("type"))
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise NormswapError(f"recipe for a {what}: args must be an object")
+    if what == "GroupNorm" or what == "BatchGroupNorm2d":
+        c = _positive_int("num_channels" if what == "GroupNorm" else "num_features",
+                          args.get("num_channels", args.get("num_features")), what)
+        g = _positive_int("num_groups", args.get("num_groups"), what)
+        if c % g:
+            raise NormswapError(f"recipe for a {what}: num_groups {g} does not divide the {c} channels")
+        _check_elements(2 * c, what)
+    elif what == "Linear":
+        i = _positive_int("in_features", args.get("in_features"), what, zero_ok=True)
+        o = _positive_int("out_features", args.get("out_features"), what, zero_ok=True)
+        _check_elements(i * o + o, what)
+    elif what.startswith(("Conv", "ConvTranspose")):
+        i = _positive_int("in_channels", args.get("in_channels"), what)
+        o = _positive_int("out_channels", args.get("out_channels"), what)
+        g = _positive_int("groups", args.get("groups", 1), what)
+        if i % g or o % g:
+            raise NormswapError(f"recipe for a {what}: groups {g} must divide in_channels {i} and out_channels {o}")
+        k = args.get("kernel_size", 1)
+        ks = k if isinstance(k, (list, tuple)) else [k]
+        n = i * o // g
+        for d in ks:
+            n *= _positive_int("kernel_size", d, what)
+        _check_elements(n, what)
+    elif what in ("LayerNorm", "RMSNorm"):
+        shape = args.get("normalized_shape")
+        dims = shape if isinstance(shape, (list, tuple)) else [shape]
+        n = 1
+        for d in dims:
+            n *= _positive_int("normalized_shape", d, what)
+        _check_elements(2 * n, what)
+    elif "num_features" in args:
+        _check_elements(4 * _positive_int("num_features", args.get("num_features"), what), what)
+
+
 def build_module(spec: dict):
     table = _builders()
     try:
         cls, _ = table[spec["type"]]
+        validate_spec(spec)
         return cls(**spec.get("args", {}))
     except KeyError:
         raise NormswapError(f"recipe names an unknown module type {spec.get('type')!r}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise NormswapError(f"recipe for a {spec.get('type')}: bad arguments ({e})") from None
 
 
@@ -130,6 +190,8 @@ def apply_recipe(model, entries: list[dict]) -> int:
     import torch.nn as nn
 
     for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("name", ""), str):
+            raise NormswapError("the file's normswap recipe is unreadable (an entry is not an object with a name)")
         name = e.get("name", "")
         parent_name, _, leaf = name.rpartition(".")
         try:
@@ -137,6 +199,13 @@ def apply_recipe(model, entries: list[dict]) -> int:
         except AttributeError:
             raise NormswapError(f"recipe: the model has no module {parent_name!r}; wrong --arch?") from None
         if "add_param" in e:
+            shape = e.get("shape")
+            if not isinstance(shape, list):
+                raise NormswapError(f"recipe: added parameter {name}.{e['add_param']}: shape must be a list")
+            n = 1
+            for d in shape:
+                n *= _positive_int("shape", d, f"parameter {name}.{e['add_param']}", zero_ok=True)
+            _check_elements(n, f"parameter {name}.{e['add_param']}")
             target = getattr(parent, leaf, None)
             if not isinstance(target, nn.Module):
                 raise NormswapError(f"recipe: the model has no module {name!r}; wrong --arch?")

@@ -75,11 +75,71 @@ class Report:
     def summary_line(self) -> str:
         status = "PASSED" if self.passed else "FAILED"
         text = self.summary_text()
-        return f"{status} | normswap {self.job}" + (f" | {text}" if text else "")
+        line = f"{status} | normswap {self.job}" + (f" | {text}" if text else "")
+        for w in summary_warnings(self):
+            line += f" | warning: {w}"
+        return line
 
-    def to_json(self, path: str | os.PathLike) -> None:
+    def to_json(self, path: str | os.PathLike, *, force: bool = True) -> None:
         """Write ``to_dict()`` as JSON atomically."""
         from normswap.io import atomic_write_bytes
 
-        data = json.dumps(jsonable(self.to_dict()), indent=2, sort_keys=False).encode()
-        atomic_write_bytes(Path(path), data + b"\n", force=True)
+        atomic_write_bytes(Path(path), json_bytes(self), force=force)
+
+
+def json_bytes(report) -> bytes:
+    """The JSON report of ``report``: ``to_dict()`` with ``job`` and ``passed`` always present,
+    plus the load notes (``load``) and summary-line warnings (``warnings_summary``) when set."""
+    d = jsonable(report.to_dict())
+    if not isinstance(d, dict):
+        d = {"report": d}
+    out = {"job": d.pop("job", getattr(report, "job", "job")),
+           "passed": d.pop("passed", bool(getattr(report, "passed", True)))}
+    out.update(d)
+    load = getattr(report, "load", None)
+    if load is not None and "load" not in out:
+        out["load"] = jsonable(load)
+    warns = summary_warnings(report)
+    if warns and "summary_warnings" not in out:
+        out["summary_warnings"] = warns
+    return json.dumps(out, indent=2, sort_keys=False).encode() + b"\n"
+
+
+def summary_warnings(report) -> list[str]:
+    return list(getattr(report, "_summary_warnings", None) or [])
+
+
+def add_summary_warning(report, text: str) -> None:
+    """A warning shown on the report's summary line (and in its JSON)."""
+    warns = getattr(report, "_summary_warnings", None)
+    if warns is None:
+        warns = []
+        object.__setattr__(report, "_summary_warnings", warns)
+    if text not in warns:
+        warns.append(text)
+
+
+def attach_load(report, loaded) -> None:
+    """Put what loading MODEL did into ``report``: ``report.load`` (JSON ``load``: format,
+    missing / unexpected state-dict keys, notes), the notes into ``report.notes`` (or
+    ``report.warnings``) and a summary-line warning when tensors were missing (left at the
+    factory's initial values) or ignored."""
+    if loaded is None:
+        return
+    missing = list(getattr(loaded, "missing_keys", None) or [])
+    unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+    notes = list(getattr(loaded, "notes", None) or [])
+    info = {"path": str(getattr(loaded, "path", "") or ""), "format": getattr(loaded, "format", None),
+            "missing_keys": missing, "unexpected_keys": unexpected, "notes": notes}
+    object.__setattr__(report, "load", info)
+    target = getattr(report, "notes", None)
+    if not isinstance(target, list):
+        target = getattr(report, "warnings", None)
+    if isinstance(target, list):
+        for n in notes:
+            if n not in target:
+                target.append(n)
+    if missing:
+        add_summary_warning(report, f"{len(missing)} tensors missing from the file, left at their initial values")
+    if unexpected:
+        add_summary_warning(report, f"{len(unexpected)} tensors of the file ignored (unexpected keys)")

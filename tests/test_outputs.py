@@ -21,7 +21,7 @@ def test_an_output_naming_an_input_is_refused_even_with_force(tmp_path):
 
 
 def test_two_outputs_on_one_file_are_refused(tmp_path):
-    with pytest.raises(NormswapError, match="both name"):
+    with pytest.raises(NormswapError, match="would both be"):
         OutputSet({"-o": tmp_path / "a.pt", "--json": tmp_path / "a.pt"}).claim()
 
 
@@ -93,3 +93,28 @@ def test_an_interrupted_commit_is_completed_by_the_next_run(tmp_path):
     done = clean_leftovers(tmp_path)
     assert any("completed" in d for d in done)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt"]
+
+
+def test_a_claim_whose_pid_was_reused_is_not_a_live_writer(tmp_path):
+    # a claim from a dead run whose pid now belongs to another process (start time differs)
+    (tmp_path / ".m.pt.normswap-claim").write_text(f"{os.getpid()} 1")
+    outs = OutputSet({"-o": tmp_path / "m.pt"}).claim()
+    outs.release()
+    assert os.listdir(tmp_path) == []
+
+
+def test_commit_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
+    outs = OutputSet({"-o": tmp_path / "m.pt", "--onnx": tmp_path / "m.onnx"}).claim()
+    outs.staged("-o").write_text("mine")
+    outs.staged("--onnx").write_text("mine")
+    (tmp_path / "m.onnx").write_text("someone else's")  # not a normswap run: no claim
+    with pytest.raises(NormswapError, match="exists"):
+        outs.commit()
+    outs.release()
+    assert (tmp_path / "m.onnx").read_text() == "someone else's"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # and no m.pt without its m.onnx
+
+
+def test_an_orphan_staged_file_without_its_claim_is_removed(tmp_path):
+    (tmp_path / f".m.normswap-{os.getppid()}.tmp.pt").write_text("partial")  # live pid, but no claim
+    assert clean_leftovers(tmp_path) and os.listdir(tmp_path) == []

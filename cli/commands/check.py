@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job
+from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -23,7 +23,7 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 """
 
 
-@click.command("check", epilog=EPILOG)
+@click.command("check", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.argument("onnx_path", metavar="OUT.onnx", type=click.Path(dir_okay=False))
 @click.option("--providers", default="cpu,cuda", show_default=True, help="onnxruntime providers to check (cpu, cuda).")
@@ -34,9 +34,11 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
                input_shape_help="Random inputs of this shape (with --calib: the size to read an image folder at).")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
 @model_options
+@write_options
 @output_options
 @pass_settings
-def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, trust, imports, arch, arch_kwargs, opts):
+def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, trust, imports, arch, arch_kwargs,
+            force, opts):
     """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
 
     def job():
@@ -46,7 +48,9 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
                           input_shape=input_shape, repeats=repeats, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
                           imports=imports)
 
-    run_job(job, render, opts)
+    run_job(job, render, opts, outputs={},
+            inputs=[("the input model", model_path), ("the ONNX file this run checks", onnx_path),
+                    ("the --calib data", calib)], force=force)
 
 
 def _fmt(x, spec=".2e") -> str:

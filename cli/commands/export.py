@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -22,7 +22,7 @@ atomically; an existing file is kept unless --force.
 """
 
 
-@click.command("export", epilog=EPILOG)
+@click.command("export", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
@@ -37,14 +37,15 @@ atomically; an existing file is kept unless --force.
 def command(model_path, output, opset, input_shape, calib, static_batch, keep_norms, eval_, trust, imports, arch, arch_kwargs, force, opts):
     """Export MODEL to a single validated ONNX file."""
 
-    def job():
+    def job(outs):
         from normswap.export import export_file
 
         return export_file(model_path, output=output, opset=opset, input_shape=input_shape, data=calib,
                            dynamic_batch=not static_batch, keep_norms=keep_norms, eval=eval_, force=force,
-                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs)
 
-    run_job(job, render, opts)
+    run_job(job, render, opts, outputs={"-o": output},
+            inputs=[("the input model", model_path), ("the --calib data", calib)], force=force)
 
 
 def _shape(shape) -> str:

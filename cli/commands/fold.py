@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -30,7 +30,7 @@ norms become nn.Identity.
 """
 
 
-@click.command("fold", epilog=EPILOG)
+@click.command("fold", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Folded model file (default MODEL.folded.<ext>, same format as MODEL).")
@@ -49,18 +49,21 @@ norms become nn.Identity.
 @write_options
 @output_options
 @pass_settings
-def command(model_path, output, eval_, bake_spectral_norm, bake_weight_std, input_shape, data, onnx_path, trust, imports, arch,
-            arch_kwargs, force, opts):
+def command(model_path, output, eval_, bake_spectral_norm, bake_weight_std, input_shape, data, onnx_path, trust,
+            imports, arch, arch_kwargs, force, opts):
     """Fold the normalization layers of MODEL into neighbouring layers, exactly."""
 
-    def job():
-        from normswap.fold.pipeline import fold_file
+    from normswap.fold.pipeline import default_output, fold_file
 
-        return fold_file(model_path, output=output, eval=eval_, bake_spectral_norm=bake_spectral_norm,
-                         bake_weight_std=bake_weight_std, input_shape=input_shape, data=data, onnx_path=onnx_path, force=force, arch=arch,
-                         arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+    out_path = output or default_output(model_path)
 
-    run_job(job, render, opts)
+    def job(outs):
+        return fold_file(model_path, output=out_path, eval=eval_, bake_spectral_norm=bake_spectral_norm,
+                         bake_weight_std=bake_weight_std, input_shape=input_shape, data=data, onnx_path=onnx_path,
+                         force=force, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs)
+
+    run_job(job, render, opts, outputs={"-o": out_path, "--onnx": onnx_path},
+            inputs=[("the input model", model_path), ("the --data file", data)], force=force)
 
 
 #: the name the lead may wire under

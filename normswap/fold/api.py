@@ -445,6 +445,7 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weig
         with torch.no_grad():
             out = _flat(work(*ex))
         err, scale = 0.0, 0.0
+        compared, floating = 0, 0
         ok = len(out) == len(ref_out)
         for a, b in zip(ref_out, out):
             if a.shape != b.shape:
@@ -457,6 +458,8 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weig
                 if not torch.equal(fin, torch.isfinite(b)) or not torch.equal(a[~fin].nan_to_num(), b[~fin].nan_to_num()):
                     ok = False  # NaN / Inf in different places
                 a, b = a[fin], b[fin]
+                floating += 1
+                compared += a.numel()
                 err = max(err, float((a - b).abs().max()) if a.numel() else 0.0)
                 scale = max(scale, float(a.abs().max()) if a.numel() else 0.0)
                 tol = (2e-2 if low_precision else 1e-4) * (1 + scale)
@@ -464,6 +467,11 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weig
             else:
                 ok = ok and bool((a == b).all())
         report.verification = {"max_abs_error": err, "max_abs_output": scale, "ok": ok}
+        if floating and not compared:  # all NaN/Inf: nothing was proven
+            report.verification = {"max_abs_error": float("nan"), "max_abs_output": float("nan"), "ok": False,
+                                   "reason": "no finite values to compare"}
+            report.notes.append("the verification compared nothing: the model's outputs on the example inputs "
+                                "are all NaN/Inf")
         if not ok:
             report.notes.append("the folded model's outputs differ from the original's on the example inputs")
     return work, report

@@ -1,9 +1,14 @@
-"""``fold_file``: the file-to-file fold job behind ``normswap fold`` (load, fold, save, export)."""
+"""``fold_file``: the file-to-file fold job behind ``normswap fold`` (load, fold, save, export).
+
+Outputs (``-o``, ``--onnx``) go through one :class:`normswap.outputs.OutputSet`: claimed as a
+whole before any work (MODEL and ``--data`` protected even with ``--force``), staged, and
+committed together only when the fold, its verification and the export all succeeded.
+"""
 
 from __future__ import annotations
 
 
-def _default_output(model_path: str) -> str:
+def default_output(model_path: str) -> str:
     from pathlib import Path
 
     p = Path(model_path)
@@ -11,54 +16,110 @@ def _default_output(model_path: str) -> str:
     return str(p.with_name(p.stem + ".folded" + suffix))
 
 
+_default_output = default_output  # the old private name
+
+
+def bad_statistics(model) -> dict[str, str]:
+    """{qualified name: problem} of modules whose running statistics are NaN/Inf or negative
+    (``running_var`` / ``running_phi`` < 0, any non-finite ``running_*`` buffer)."""
+    import torch
+
+    bad: dict[str, str] = {}
+    for name, m in model.named_modules():
+        problems = []
+        for bname, b in m.named_buffers(recurse=False):
+            if not bname.startswith("running_") or not isinstance(b, torch.Tensor) or not b.is_floating_point():
+                continue
+            if not bool(torch.isfinite(b).all()):
+                problems.append(f"{bname} has NaN/Inf")
+            elif bname in ("running_var", "running_phi") and bool((b < 0).any()):
+                problems.append(f"{bname} has negative values (min {float(b.min()):.3g})")
+        if problems:
+            bad[name or "<model>"] = "; ".join(problems)
+    return bad
+
+
 def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, bake_weight_std=False,
               input_shape=None, data=None,
-              onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=()):
-    """Load MODEL, fold it, save it (and export it to ONNX); returns the FoldReport."""
+              onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=(), outputs=None):
+    """Load MODEL, fold it, save it (and export it to ONNX); returns the FoldReport.
+
+    ``outputs``: the run's :class:`normswap.outputs.OutputSet` (the CLI's, already claimed, with
+    ``-o`` and ``--onnx``); the files are staged into it and the caller commits them.  Without
+    it, ``fold_file`` claims, stages and commits its own set.
+    """
     import torch
 
     from normswap.errors import NormswapError
     from normswap.fold import fold
     from normswap.inputs import resolve_inputs
-    from normswap.io import as_module, check_outputs, save_model, staged_output
+    from normswap.io import as_module, save_model
     from normswap.io import load_model as load
+    from normswap.outputs import OutputSet
+    from normswap.report import attach_load
 
-    out_path = output or _default_output(model_path)
-    check_outputs(model_path, out_path, onnx_path or None, force=force)
-    loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-    module = as_module(loaded, require_eager=True, job="fold")
-    inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8).example
-    if inputs is None and onnx_path:
-        raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
-    # (a model rebuilt from a state dict with --arch is already in eval mode: see normswap.io)
-    folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm,
-                          bake_weight_std=bake_weight_std)
-    report.model = str(model_path)
-    report.notes[:0] = list(getattr(loaded, "notes", None) or [])  # e.g. keys a state dict load ignored
-    changed = bool(report.folded)
-    fmt = None
-    if isinstance(folded, torch.fx.GraphModule) and loaded.format in ("state_dict", "safetensors"):
-        fmt = "pickle"
-        report.notes.append("the folded model is a GraphModule: saved as a pickled module (load with --trust)")
-    if report.verification is not None and not report.verification.get("ok"):
-        # never hand over a model known to compute something else: write nothing, report FAILED
-        report.notes.append(f"nothing written: the folded model's outputs differ from the original's on the "
-                            f"example inputs (max |diff| {report.verification['max_abs_error']:.3g})")
-        return report
-    # the model is staged beside OUT and renamed into place only once the ONNX export (if any)
-    # succeeded: a failed export leaves neither a model nor an ONNX file behind
-    with staged_output(out_path, force=force) as tmp:
-        info = save_model(folded, tmp, like=loaded, format=fmt, force=True, architecture_changed=changed)
+    out_path = output or default_output(model_path)
+    own = outputs is None
+    if own:
+        outputs = OutputSet({"-o": out_path, "--onnx": onnx_path or None},
+                            inputs=[("the input model", model_path), ("the --data file", data)], force=force)
+        outputs.claim()
+    elif "-o" not in outputs.final:
+        raise NormswapError("internal: fold_file got an OutputSet without -o")
+    try:
+        loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+        module = as_module(loaded, require_eager=True, job="fold")
+        inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8).example
+        if inputs is None and onnx_path:
+            raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
+        # norms with NaN/Inf or negative running statistics are never folded (the registry's eval
+        # affine refuses them); they are also named on the summary line
+        bad = bad_statistics(module)
+        # (a model rebuilt from a state dict with --arch is already in eval mode: see normswap.io)
+        folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm,
+                              bake_weight_std=bake_weight_std)
+        for s in report.skipped:
+            if s["norm"] in bad:
+                s["reason"] = f"{bad[s['norm']]}: not folded (the statistics are broken)"
+        if bad:
+            from normswap.report import add_summary_warning
+
+            add_summary_warning(report, f"broken running statistics (NaN/Inf or negative) in {len(bad)} "
+                                        f"modules, not folded: {', '.join(list(bad)[:3])}"
+                                        + (" …" if len(bad) > 3 else ""))
+        report.model = str(model_path)
+        report.notes[:0] = list(getattr(loaded, "notes", None) or [])  # e.g. keys a state dict load ignored
+        attach_load(report, loaded)
+        changed = bool(report.folded)
+        fmt = None
+        if isinstance(folded, torch.fx.GraphModule) and loaded.format in ("state_dict", "safetensors"):
+            fmt = "pickle"
+            report.notes.append("the folded model is a GraphModule: saved as a pickled module (load with --trust)")
+        if report.verification is not None and not report.verification.get("ok"):
+            # never hand over a model known to compute something else: write nothing, report FAILED
+            err = report.verification["max_abs_error"]
+            report.notes.append(f"nothing written: the folded model's outputs differ from the original's on the "
+                                f"example inputs (max |diff| {err:.3g})" if err == err else
+                                "nothing written: the folded model could not be verified on the example inputs")
+            return report
+        info = save_model(folded, outputs.staged("-o"), like=loaded, format=fmt, force=True,
+                          architecture_changed=changed, staged=True)
         if onnx_path:
             from normswap.export import export
 
-            erep = export(folded, onnx_path, inputs, force=force)
-    info = dict(info) if isinstance(info, dict) else {}
-    info["path"] = str(out_path)
-    report.output = info
-    for n in info.get("notes", []):
-        report.notes.append(n)
-    if onnx_path:
-        report.export = erep.to_dict()
-        report.export_passed = bool(erep)
-    return report
+            erep = export(folded, outputs.staged("--onnx"), inputs, force=True, staged=True)
+            erep.path = str(outputs.final["--onnx"])
+        info = dict(info) if isinstance(info, dict) else {}
+        info["path"] = str(outputs.final["-o"])
+        report.output = info
+        for n in info.get("notes", []):
+            report.notes.append(n)
+        if onnx_path:
+            report.export = erep.to_dict()
+            report.export_passed = bool(erep)
+        if own and report:
+            outputs.commit()
+        return report
+    finally:
+        if own:
+            outputs.release()
