@@ -309,7 +309,8 @@ def run_job(
             user_error(e, EXIT_INTERNAL,
                        f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         out = console()
-        dropped = [o for o in outs.written() if o != "--json"] if not report else []
+        # a failed job hands over no files, only its reports (--json, --report HTML)
+        dropped = [o for o in outs.written() if o not in ("--json", "--report")] if not report else []
         if dropped:  # a failed job hands over no files: only its report
             outs.discard(*dropped)
             msg = "nothing written for " + ", ".join(f"{o} {outs.final[o]}" for o in dropped) + ": the job failed"

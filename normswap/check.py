@@ -162,6 +162,8 @@ class ParityReport(Report):
     notes: list[str] = field(default_factory=list)
     #: the notes that are warnings (a static ONNX batch, no provider ran): shown highlighted
     warning_notes: list[str] = field(default_factory=list, repr=False)
+    #: with ``locate=True``: the per-layer divergence (:class:`normswap.locate.LocateResult`)
+    locate: Any = None
 
     @property
     def passed(self) -> bool:
@@ -187,6 +189,7 @@ class ParityReport(Report):
             "providers": [jsonable(p.to_dict()) for p in self.providers],
             "notes": list(self.notes),
             "load": getattr(self, "load", None),
+            "locate": self.locate.to_dict() if self.locate is not None else None,
         }
 
     def summary_text(self) -> str:
@@ -199,7 +202,11 @@ class ParityReport(Report):
         if not any(p.status != "unavailable" for p in self.providers):
             parts.append("no requested provider ran")
         sizes = ", ".join(str(b) for b in self.batch_sizes)
-        return f"{Path(self.onnx_path).name}: " + ", ".join(parts) + f" | batch {sizes}"
+        text = f"{Path(self.onnx_path).name}: " + ", ".join(parts) + f" | batch {sizes}"
+        if self.locate is not None:
+            first = getattr(self.locate, "first_divergent", None)
+            text += (f" | diverges first at {first.name}" if first is not None else " | no layer diverges")
+        return text
 
 
 # --------------------------------------------------------------------------- metrics
@@ -625,8 +632,14 @@ def check(
     input_shape=None,
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
+    locate: bool = False,
 ) -> ParityReport:
     """Compare ``model`` (run in eval mode) with the ONNX file under onnxruntime.
+
+    ``locate=True`` also maps the ONNX tensors back to the model's layers and reports, per
+    layer, the accumulated error and the layer's *own* error (its ONNX subgraph fed with
+    PyTorch's input activation), naming the first layer whose own error exceeds the tolerance
+    (:func:`normswap.locate.locate`; ``report.locate``).
 
     ``inputs``: a tensor, a tuple of tensors (one per model input, in order), a
     ``normswap.data.Dataset`` or None (random inputs shaped like the ONNX
@@ -696,6 +709,12 @@ def check(
         runner = _TorchRunner(model)
         for spec in specs:
             results.append(compare_provider(path, spec, batches, runner, atol=atol, rtol=rtol, repeats=repeats, warmup=warmup))
+        located = None
+        if locate:
+            from normswap.locate import locate as _locate
+
+            ran = [r.label for r in results if r.status != "unavailable"] or [s.label for s in specs]
+            located = _locate(model, path, batches[0][1], providers=ran, atol=atol, rtol=rtol)
     notes.extend(runner.notes)
     if not any(r.status != "unavailable" for r in results):
         warning_notes.append(
@@ -721,6 +740,7 @@ def check(
         providers=results,
         notes=notes,
         warning_notes=warning_notes,
+        locate=located,
     )
 
 
@@ -735,6 +755,7 @@ def check_file(
     input_shape=None,
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
+    locate: bool = False,
     arch: str | None = None,
     arch_kwargs=None,
     trust: bool = False,
@@ -759,10 +780,10 @@ def check_file(
 
     if resolved.data is not None:  # the data set is the inputs; its shape was only for reading it
         report = check(loaded, onnx_path, resolved.data, providers=providers, atol=atol, rtol=rtol,
-                       repeats=repeats, warmup=warmup)
+                       repeats=repeats, warmup=warmup, locate=locate)
     else:
         report = check(loaded, onnx_path, None, providers=providers, atol=atol, rtol=rtol,
-                       input_shape=resolved.shape, repeats=repeats, warmup=warmup)
+                       input_shape=resolved.shape, repeats=repeats, warmup=warmup, locate=locate)
     attach_load(report, loaded)
     for n in report.notes:
         if n in (loaded.notes or []) and n not in report.warning_notes:

@@ -33,22 +33,31 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
                data_help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).",
                input_shape_help="Random inputs of this shape (with --calib: the size to read an image folder at).")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
+@click.option("--locate", is_flag=True, default=False,
+              help="Find the first layer whose own ONNX error exceeds the tolerance.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), metavar="FILE.html",
+              help="Write a self-contained HTML report with plots.")
 @model_options
 @write_options
 @output_options
 @pass_settings
-def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, trust, imports, arch, arch_kwargs,
-            force, opts):
+def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, locate, report_path, trust,
+            imports, arch, arch_kwargs, force, opts):
     """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
 
-    def job():
+    def job(outs):
         from normswap.check import check_file
 
-        return check_file(model_path, onnx_path, providers=providers, atol=atol, rtol=rtol, data=calib,
-                          input_shape=input_shape, repeats=repeats, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
-                          imports=imports)
+        report = check_file(model_path, onnx_path, providers=providers, atol=atol, rtol=rtol, data=calib,
+                            input_shape=input_shape, repeats=repeats, locate=locate, arch=arch,
+                            arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+        if report_path:
+            from normswap.html_report import check_report_html
 
-    run_job(job, render, opts, outputs={},
+            outs.staged("--report").write_text(check_report_html(report.to_dict()), encoding="utf-8")
+        return report
+
+    run_job(job, render, opts, outputs={"--report": report_path} if report_path else {},
             inputs=[("the input model", model_path), ("the ONNX file this run checks", onnx_path),
                     ("the --calib data", calib)], force=force)
 
@@ -124,5 +133,9 @@ def render(report, console) -> None:
             for o in b.outputs:
                 if not o.passed and o.reason:
                     console.print(f"{r.label} N={b.batch_size} {o.name}: {o.reason}", style="red", markup=False)
+    if getattr(report, "locate", None) is not None:
+        from normswap.locate import locate_text
+
+        console.print(locate_text(report.locate.to_dict(), width=80), markup=False, soft_wrap=True)
     for n in report.notes:
         console.print(f"note: {n}", style="yellow" if n in report.warning_notes else "dim", markup=False)
