@@ -68,6 +68,12 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
         raise NormswapError("internal: fold_file got an OutputSet without -o")
     try:
         loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+        if loaded.format == "export":  # a torch.export program: folded in its own graph
+            report = _fold_program_file(loaded, outputs, input_shape=input_shape, data=data, onnx_path=onnx_path,
+                                        eval=eval, bake=bake_spectral_norm or bake_weight_std)
+            if own and report:
+                outputs.commit()
+            return report
         module = as_module(loaded, require_eager=True, job="fold")
         inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8).example
         if inputs is None and onnx_path:
@@ -123,3 +129,53 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
     finally:
         if own:
             outputs.release()
+
+
+def _fold_program_file(loaded, outputs, *, input_shape, data, onnx_path, eval, bake):
+    """fold_file for a ``.pt2``: :func:`normswap.fold.program.fold_program`, saved with
+    ``torch.export.save`` (and exported from the folded program with ``--onnx``)."""
+    import torch
+
+    from normswap.errors import NormswapError
+    from normswap.fold.program import fold_program
+    from normswap.inputs import resolve_inputs
+    from normswap.report import attach_load
+
+    out = outputs.final["-o"]
+    if out.suffix != ".pt2":
+        raise NormswapError(f"-o {out}: a folded torch.export program is saved with torch.export.save; "
+                            f"give a .pt2 file name")
+    if bake:
+        raise NormswapError("--bake-spectral-norm / --bake-weight-std inside an exported program is not "
+                            "supported: bake in the eager model, then export")
+    ep = loaded.module
+    inputs = resolve_inputs(ep, input_shape=input_shape, data=data, limit=8).example
+    folded, report = fold_program(ep, inputs, eval=eval)
+    report.model = str(loaded.path)
+    report.notes[:0] = list(getattr(loaded, "notes", None) or [])
+    attach_load(report, loaded)
+    if inputs is None and report.verification is None:
+        report.notes.append("the program has no stored example inputs: pass --input-shape or --data to verify "
+                            "the folded program")
+    if report.verification is not None and not report.verification.get("ok"):
+        report.notes.append("nothing written: the folded program's outputs differ from the original's")
+        return report
+    try:
+        torch.export.save(folded, str(outputs.staged("-o")))
+    except Exception as e:  # noqa: BLE001
+        raise NormswapError(f"-o {out}: torch.export.save failed ({type(e).__name__}: {e})") from None
+    report.output = {"path": str(out), "format": "export"}
+    if onnx_path:
+        from normswap.export import export
+
+        ex = inputs
+        if ex is None:
+            args, kwargs = getattr(ep, "example_inputs", None) or ((), {})
+            ex = tuple(args) if args and not kwargs else None
+        if ex is None:
+            raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
+        erep = export(folded, outputs.staged("--onnx"), ex, force=True, staged=True)
+        erep.path = str(outputs.final["--onnx"])
+        report.export = erep.to_dict()
+        report.export_passed = bool(erep)
+    return report
