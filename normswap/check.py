@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 from normswap.errors import NormswapError
 from normswap.inputs import normalize_inputs
-from normswap.onnx_utils import eval_mode, exception_reason, flatten_outputs, onnx_io, torch_module
+from normswap.onnx_utils import eval_mode, exception_reason, flatten_outputs, no_cache, onnx_io, torch_module
 from normswap.report import Report
 
 DEFAULT_ATOL = 1e-4
@@ -705,7 +705,7 @@ def check(
     if any(m.training for m in model.modules()) and not isinstance(model, torch.fx.GraphModule):
         notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
     results = []
-    with eval_mode(model, True):
+    with no_cache(model, notes), eval_mode(model, True):
         runner = _TorchRunner(model)
         for spec in specs:
             results.append(compare_provider(path, spec, batches, runner, atol=atol, rtol=rtol, repeats=repeats, warmup=warmup))

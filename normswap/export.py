@@ -48,6 +48,7 @@ from normswap.inputs import normalize_inputs
 from normswap.io import atomic_save
 from normswap.onnx_utils import (
     eval_mode,
+    no_cache,
     exception_reason,
     flatten_outputs,
     human_size,
@@ -323,7 +324,8 @@ def export(
             f"(default {DEFAULT_OPSET}) for the precise decomposition"
         )
 
-    with eval_mode(model, eval and not is_program), torch.no_grad():
+    cache_notes: list[str] = []
+    with no_cache(model, cache_notes), eval_mode(model, eval and not is_program), torch.no_grad():
         try:
             ref = model(*inputs)
         except Exception as e:  # noqa: BLE001
@@ -448,7 +450,7 @@ def export(
         inputs=ins,
         outputs=outs_info,
         external_data=external,
-        warnings=report_warnings,
+        warnings=report_warnings + cache_notes,
         switched_to_eval=switched,
         switched_layers=in_training if switched else [],
         seconds=round(time.perf_counter() - t0, 3),

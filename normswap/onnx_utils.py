@@ -161,3 +161,22 @@ def onnx_io(proto) -> tuple[list[dict], list[dict]]:
     inputs = [value_info(v) for v in proto.graph.input if v.name not in inits]
     outputs = [value_info(v) for v in proto.graph.output]
     return inputs, outputs
+
+
+@contextlib.contextmanager
+def no_cache(model, notes: list | None = None):
+    """Hugging Face decoders return a ``DynamicCache`` (not a tensor) while ``config.use_cache``
+    is true; exporters and parity checks need tensors.  Set ``use_cache=False`` for the duration
+    (restored after) and say so in ``notes``."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not isinstance(getattr(cfg, "use_cache", None), bool) or not cfg.use_cache:
+        yield
+        return
+    cfg.use_cache = False
+    if notes is not None:
+        notes.append("the model's config.use_cache was set to False while exporting/checking: a decoder "
+                     "returns a key/value cache object otherwise, which is not a tensor output")
+    try:
+        yield
+    finally:
+        cfg.use_cache = True
