@@ -47,10 +47,10 @@ class BaseModelOutput:
 torch.utils._pytree.register_dataclass(BaseModelOutput)
 
 
-def _check_len(ids: torch.Tensor, max_len: int) -> None:
+def _check_len(x: torch.Tensor, max_len: int) -> None:
     # control flow on an input's shape (HF checks sequence lengths like this): FX cannot trace it
-    if ids.shape[-1] > max_len:
-        raise ValueError(f"sequence length {ids.shape[-1]} > {max_len}")
+    if x.shape[1] > max_len:
+        raise ValueError(f"sequence length {x.shape[1]} > {max_len}")
 
 
 class Conv1D(nn.Module):
@@ -161,7 +161,7 @@ class BertLikeSelfAttention(nn.Module):
         self.value = nn.Linear(hidden, hidden)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        _check_len(hidden_states[..., 0], 4096)
+        _check_len(hidden_states, 4096)
         return _attention(self.query(hidden_states), self.key(hidden_states), self.value(hidden_states),
                           self.heads, attention_mask)
 
@@ -179,7 +179,7 @@ class BertLikeLayer(nn.Module):
         self.dropout = nn.Dropout(0.1)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        _check_len(hidden_states[..., 0], 4096)
+        _check_len(hidden_states, 4096)
         if self.pre_ln:  # h + attn(ln(h)); a + ffn(ln(a))
             a = hidden_states + self.dropout(self.attention_output(
                 self.attention(self.attention_LayerNorm(hidden_states), attention_mask)))
@@ -222,7 +222,7 @@ class GPT2LikeAttention(nn.Module):
         self.c_proj = Conv1D(hidden, hidden)
 
     def forward(self, hidden_states, **kwargs):
-        _check_len(hidden_states[..., 0], 4096)
+        _check_len(hidden_states, 4096)
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
         return self.c_proj(_attention(q, k, v, self.heads, causal=True))
 
@@ -246,7 +246,7 @@ class GPT2LikeBlock(nn.Module):
         self.mlp = GPT2LikeMLP(hidden, inter)
 
     def forward(self, hidden_states, **kwargs):
-        _check_len(hidden_states[..., 0], 4096)
+        _check_len(hidden_states, 4096)
         residual = hidden_states  # pre-LN: the residual is the LayerNorm's *input*
         hidden_states = self.attn(self.ln_1(hidden_states)) + residual
         return hidden_states + self.mlp(self.ln_2(hidden_states))
@@ -288,9 +288,9 @@ class GPT2LikeLMHeadModel(nn.Module):
                 self.lm_head.weight.copy_(self.transformer.wte.weight)
         self.eval()
 
-    def forward(self, input_ids, **kwargs) -> BaseModelOutput:
+    def forward(self, input_ids, **kwargs) -> torch.Tensor:
         h = self.transformer(input_ids, **kwargs).last_hidden_state
-        return BaseModelOutput(last_hidden_state=h, logits=self.lm_head(h))
+        return self.lm_head(h)  # logits only (as GPT2LMHeadModel's loss-free output without hidden states)
 
 
 # --------------------------------------------------------------------------- Llama-like
@@ -306,7 +306,7 @@ class LlamaLikeAttention(nn.Module):
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, hidden_states, **kwargs):
-        _check_len(hidden_states[..., 0], 4096)
+        _check_len(hidden_states, 4096)
         return self.o_proj(_attention(self.q_proj(hidden_states), self.k_proj(hidden_states),
                                       self.v_proj(hidden_states), self.heads, causal=True))
 
@@ -331,7 +331,7 @@ class LlamaLikeDecoderLayer(nn.Module):
         self.post_attention_layernorm = norm_cls(hidden)
 
     def forward(self, hidden_states, **kwargs):
-        _check_len(hidden_states[..., 0], 4096)
+        _check_len(hidden_states, 4096)
         residual = hidden_states
         hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states), **kwargs)
         residual = hidden_states
