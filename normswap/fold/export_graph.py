@@ -635,25 +635,34 @@ def refine(site, ctx, reason: str) -> str:
         return reason
     if p.startswith("torch.export"):
         return f"{reason}; {p}"
+    if site.kind == "custom" and not p.startswith("custom norm"):
+        p = f"custom norm {type(site.module).__name__}: {p}"
     return f"{p} (proven on the torch.export graph of the example inputs)"
 
 
 def apply_match(site, ctx, m) -> None:
     """Fold the norm's affine into every consumer (Linear or HF Conv1D) and reset it to identity."""
+    from .core import set_params
+
     s, t = m.data["s"], m.data["t"]
+    no_shift = bool((t == 0).all())
     for layer in m.data["consumers"]:
         if isinstance(layer, nn.Linear):
             w2, b2 = arith.fold_affine_before_linear(layer.weight, layer.bias, s, t)
-            from .core import set_params
-
-            set_params(layer, w2, b2)
+            if no_shift and layer.bias is None:  # an RMSNorm: no bias appears (state dict keys kept)
+                with torch.no_grad():
+                    layer.weight.copy_(arith.cast_like(w2, layer.weight))
+            else:
+                set_params(layer, w2, b2)
             continue
         # Conv1D: y = x @ W + b with W (in, out): a Linear with weight W.T
         W = layer.weight
         w2, b2 = arith.fold_affine_before_linear(W.detach().t(), layer.bias, s, t)
         with torch.no_grad():
             W.copy_(arith.cast_like(w2.t(), W))
-            if layer.bias is None:
+            if layer.bias is None and no_shift:
+                pass
+            elif layer.bias is None:
                 layer.bias = nn.Parameter(arith.cast_like(b2, W), requires_grad=W.requires_grad)
             else:
                 layer.bias.copy_(arith.cast_like(b2, layer.bias))
