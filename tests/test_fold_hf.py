@@ -239,7 +239,7 @@ def test_refused_linear_also_called_on_another_input():
     folded, rep = fold(model, x)
     r = _skipped(rep)["ln"]
     assert "also called on another input" in r
-    assert float((model(x) - folded(x)).abs().max()) == 0
+    assert float((_run(model, x) - _run(folded, x)).abs().max()) == 0
 
 
 def test_refused_custom_norm_not_proven_rms():
@@ -302,3 +302,85 @@ def test_real_transformers(name, expect):
             "embeddings.LayerNorm"]
     ref, out = _run(model, ids), _run(folded, ids)
     assert _max_rel_diff(ref.last_hidden_state, out.last_hidden_state) <= 1e-5
+
+
+# --------------------------------------------------------------------------- graph boundaries, export failures
+
+
+class _UntraceableAttention(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, h, **kwargs):
+        if h.shape[1] > 100:
+            raise ValueError
+        return (self.q(h) @ self.k(h).transpose(-1, -2)).softmax(-1) @ self.v(h)
+
+
+def test_norm_in_traced_root_feeding_an_untraceable_block():
+    """The root traces (the attention is an untraceable leaf): FX sees the LayerNorm feed the
+    leaf; the export graph proves it feeds exactly q/k/v inside it."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.attn = nn.LayerNorm(8), _UntraceableAttention()
+            with torch.no_grad():
+                self.ln.weight.uniform_(0.5, 1.5)
+                self.ln.bias.uniform_(-1, 1)
+
+        def forward(self, x):
+            return x + self.attn(self.ln(x))
+
+    model, x = M().eval(), torch.randn(2, 5, 8)
+    _, rep = fold(model)
+    assert "not a Linear" in _skipped(rep)["ln"]
+    folded, rep = fold(model, x)
+    assert _folded(rep)["ln"]["into"] == "attn.q, attn.k, attn.v"
+    assert _max_rel_diff(_run(model, x), _run(folded, x)) <= 1e-5
+
+
+def test_norm_called_twice_folds_when_every_call_feeds_linears_only():
+    class M(nn.Module):
+        def __init__(self, residual=False):
+            super().__init__()
+            self.residual = residual
+            self.ln, self.a, self.b = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 8)
+            with torch.no_grad():
+                self.ln.weight.uniform_(0.5, 1.5)
+                self.ln.bias.uniform_(-1, 1)
+
+        def forward(self, x, **kwargs):
+            if x.shape[1] > 100:
+                raise ValueError
+            h = self.a(self.ln(x))
+            y = self.ln(h)
+            return self.b(y) + (y if self.residual else 0)
+
+    x = torch.randn(2, 5, 8)
+    model = M().eval()
+    folded, rep = fold(model, x)
+    assert _folded(rep)["ln"]["into"] == "a, b"
+    assert _max_rel_diff(_run(model, x), _run(folded, x)) <= 1e-5
+    _, rep = fold(M(residual=True).eval(), x)
+    assert "residual" in _skipped(rep)["ln"]
+
+
+def test_export_failure_is_reported():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 3)
+            with torch.no_grad():
+                self.ln.weight.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: neither FX nor torch.export can trace it
+                return self.fc(self.ln(x))
+            return self.fc(self.ln(-x))
+
+    x = torch.ones(2, 3, 8)
+    folded, rep = fold(M().eval(), x)
+    r = _skipped(rep)["ln"]
+    assert "inside untraceable region" in r and "torch.export on the example inputs failed too" in r

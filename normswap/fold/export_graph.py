@@ -238,7 +238,24 @@ def wants_export(site, ctx) -> bool:
         return False
     if site.kind == "custom":
         return True
-    return not site.calls and any(r.gm is None for r in ctx.regions)
+    if not site.calls:
+        return any(r.gm is None for r in ctx.regions)
+    return _fx_boundary(site, ctx)
+
+
+def _fx_boundary(site, ctx) -> bool:
+    """An FX call of the norm whose output leaves the traced graph into code FX could not trace:
+    an untraceable leaf module, or the output of a region other than the model's."""
+    from normswap.graph import qualname
+
+    for ref in site.calls:
+        leaves = set(ref.region.untraceable_leaves)
+        for u in ctx.users_of(ref.node):
+            if u.op == "output" and ref.region.path != "":
+                return True
+            if u.op == "call_module" and qualname(ref.region, str(u.target)) in leaves:
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------- proofs
@@ -611,14 +628,20 @@ def _proof(site, ctx):
 
 
 def export_match(site, ctx):
-    """The rule's hook: a Match proven on the export graph, or None (the FX path decides, and
-    :func:`refine` gives its reason)."""
+    """The rule's hook: a Match proven on the export graph; for a norm FX sees whose output
+    crosses into untraceable code, the export graph's reason; else None (the FX path decides,
+    and :func:`refine` gives its reason)."""
     from .core import Match
 
     if not wants_export(site, ctx) or ctx.example_inputs is None:
         return None
     p = _proof(site, ctx)
-    return p if isinstance(p, Match) else None
+    if isinstance(p, Match):
+        return p
+    if site.calls and site.kind != "custom" and not p.startswith("torch.export"):
+        # an FX call at a graph boundary: the export graph's reason says more than "feeds <leaf>"
+        return f"{p} (proven on the torch.export graph of the example inputs)"
+    return None
 
 
 def refine(site, ctx, reason: str) -> str:

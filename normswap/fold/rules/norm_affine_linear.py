@@ -60,7 +60,7 @@ class NormAffineLinearRule(FoldRule):
         # torch.export graph of the example inputs (normswap.fold.export_graph); its reasons come
         # back through norm_problem
         m = export_match(site, ctx)
-        if m is not None:
+        if m is not None:  # a Match, or the export graph's reason
             return m
         # ---
         r = norm_problem(site, ctx)
