@@ -193,11 +193,13 @@ def _bake_weight_std(work: nn.Module, mod: nn.Module) -> None:
             setattr(work.get_submodule(parent_name) if parent_name else work, leaf, new)
 
 
-def _plan(model, regions, ranks, allow_training, apply: bool = False):
+def _plan(model, regions, ranks, allow_training, apply: bool = False, example_inputs=None):
     """Decide every site; while a round folded something, mark its norms' calls as the
     identity (applying the matches first when ``apply``) and decide the sites still skipped
-    again.  Returns the context and one (site, decision, rule, match) row per site."""
+    again.  Returns the context and one (site, decision, rule, match) row per site.
+    ``example_inputs`` (a tuple): sites FX cannot prove are proven on a torch.export graph."""
     ctx = build_ctx(model, regions, ranks, allow_training)
+    ctx.example_inputs = example_inputs  # issue 11: normswap.fold.export_graph
     rows = [(site, *_decide(site, ctx)) for site in _sites(model, regions, ctx)]
     pending = list(range(len(rows)))
     while True:
@@ -248,7 +250,7 @@ def plan(model: nn.Module, regions: list[Region] | None = None, *, example_input
     if regions is None:
         regions = trace_regions(work)
     ranks = _record_ranks(work, ex) if ex is not None else None
-    _, rows = _plan(work, regions, ranks, allow_training=False)
+    _, rows = _plan(work, regions, ranks, allow_training=False, example_inputs=ex)
     return [d for _, d, _, _ in rows] + reparams
 
 
@@ -424,7 +426,7 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weig
     regions = trace_regions(work)
     if ranks is None and ex is not None:
         ranks = _record_ranks(work, ex)
-    ctx, rows = _plan(work, regions, ranks, allow_training=False, apply=True)
+    ctx, rows = _plan(work, regions, ranks, allow_training=False, apply=True, example_inputs=ex)
     for site, d, rule, m in rows:
         if rule is None:
             report.skipped.append({"norm": d.norm, "kind": d.kind, "reason": d.reason})
@@ -435,6 +437,10 @@ def _fold(model, example_inputs, *, eval, bake_spectral_norm, inplace, bake_weig
             report.folded.append({"norm": d.norm, "kind": d.kind, "into": d.into, "pattern": d.pattern})
         else:
             report.skipped.append({"norm": d.norm, "kind": d.kind, "reason": d.reason})
+    n_export = sum(1 for _, _, _, m in rows if m is not None and m.data.get("graph") == "torch.export")
+    if n_export:  # issue 11
+        report.notes.append(f"{n_export} norm affine(s) folded where FX could not trace: proven on a "
+                            f"torch.export (non-strict) graph of the example inputs")
     if ctx.rewritten:
         work = _install(ctx, regions, work)
         report.graph_rewritten = sorted(r.path for r in ctx.rewritten.values())

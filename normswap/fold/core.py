@@ -89,6 +89,13 @@ class Ctx:
     #: ids of the graph nodes of norms already folded away (earlier rounds): they act as
     #: the identity, so the graph helpers look through them
     removed: set[int] = field(default_factory=set)
+    # --- issue 11 (normswap.fold.export_graph): sites FX cannot prove are proven on a
+    # torch.export graph of the example inputs
+    #: the example inputs (positional, a tuple) when given
+    example_inputs: tuple | None = None
+    #: per-context caches of helpers (export_graph: the exported program and its proofs)
+    cache: dict = field(default_factory=dict)
+    # ---
 
     def name_of(self, m: nn.Module) -> str:
         n = self.names.get(id(m))
@@ -253,7 +260,7 @@ def norm_problem(site: Site, ctx: Ctx) -> str | None:
     m, kind = site.module, site.kind
     r = kind_problem(kind, m)
     if r:
-        return r
+        return _export_refine(site, ctx, r)  # issue 11: custom forward proven on torch.export
     if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
         return "the norm has hooks registered"
     if site.calls:
@@ -279,12 +286,21 @@ def norm_problem(site: Site, ctx: Ctx) -> str | None:
         bad = [rg for rg in ctx.regions if rg.gm is None and (rg.path == "" or site.name.startswith(rg.path + "."))]
         if bad:
             rg = max(bad, key=lambda x: len(x.path))
-            return (f"inside untraceable region '{rg.path or '<model>'}' ({rg.error}): its producer "
-                    f"cannot be proven")
+            return _export_refine(site, ctx, f"inside untraceable region '{rg.path or '<model>'}' ({rg.error}): "
+                                  f"its producer cannot be proven")
         if reg is not None and reg.gm is None:
-            return f"inside untraceable region '{reg.path}': its producer cannot be proven"
+            return _export_refine(site, ctx, f"inside untraceable region '{reg.path}': its producer cannot be "
+                                  f"proven")
         return "not called in the traced graph"
     return None
+
+
+def _export_refine(site: Site, ctx: Ctx, reason: str) -> str:
+    """issue 11: for a LayerNorm/RMSNorm/custom norm FX cannot prove, the reason the torch.export
+    graph gives (or a hint to pass example inputs): :func:`normswap.fold.export_graph.refine`."""
+    from .export_graph import refine
+
+    return refine(site, ctx, reason)
 
 
 # --------------------------------------------------------------------------- layer checks

@@ -17,6 +17,8 @@ from normswap.norms import NORMS
 
 from ..core import (CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site, family, find_consumers,
                     module_problem, norm_problem)
+from ..export_graph import apply_match as export_apply
+from ..export_graph import export_match
 from .base import FoldRule
 from .bn_next import apply_to_consumers, consumer_exact
 
@@ -50,9 +52,17 @@ class NormAffineLinearRule(FoldRule):
     REMOVES_NORM = False  # the norm stays, with an identity affine
 
     def applies(self, site: Site, ctx: Ctx) -> bool:
-        return site.functional is None and family(site.kind) == "affine_only"
+        # issue 11: custom norms too (an RMSNorm forward proven on a torch.export graph)
+        return site.functional is None and (family(site.kind) == "affine_only" or site.kind == "custom")
 
     def match(self, site: Site, ctx: Ctx) -> Match | str:
+        # --- issue 11: sites FX cannot prove (untraceable region, custom forward), proven on the
+        # torch.export graph of the example inputs (normswap.fold.export_graph); its reasons come
+        # back through norm_problem
+        m = export_match(site, ctx)
+        if m is not None:  # a Match, or the export graph's reason
+            return m
+        # ---
         r = norm_problem(site, ctx)
         if r:
             return r
@@ -79,6 +89,9 @@ class NormAffineLinearRule(FoldRule):
         return Match([ctx.name_of(c) for c in cons], NAME, {"consumers": cons})
 
     def apply(self, site: Site, ctx: Ctx, m: Match) -> None:
+        if m.data.get("graph") == "torch.export":  # issue 11 (normswap.fold.export_graph)
+            export_apply(site, ctx, m)
+            return
         s, t = _affine(site.module, site.kind)
         apply_to_consumers(ctx, m, s, t)
         with torch.no_grad():
