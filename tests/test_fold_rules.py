@@ -649,12 +649,18 @@ def test_functional_bn_after_linear_refused():
     assert "after a Linear" in rep.skipped[0]["reason"]
 
 
-def test_custom_norm_refused():
+def test_custom_norm_refused_without_inputs_and_proven_with_them():
     from samples.models import ALL_SAMPLES
 
     m, x = ALL_SAMPLES["llama_block"]()
-    _, rep = fold(m, x)
-    assert all("custom norm LlamaRMSNorm" in s["reason"] for s in rep.skipped)
+    _, rep = fold(m)  # no example inputs: its forward cannot be proven
+    assert rep.skipped and all("custom norm LlamaRMSNorm" in s["reason"] for s in rep.skipped)
+    y = m(*x)
+    folded, rep = fold(m, x)  # proven an RMSNorm on a torch.export graph (issue 11)
+    assert {(d["norm"], d["into"]) for d in rep.folded} == {("block.norm2", "block.mlp.0"), ("norm", "head")}
+    assert [s["norm"] for s in rep.skipped] == ["block.norm1"]  # feeds nn.MultiheadAttention, not a Linear
+    assert "not a Linear" in rep.skipped[0]["reason"]
+    assert torch.allclose(folded(*x), y, atol=1e-5)
 
 
 def test_bn_output_used_twice_into_next_refused():
