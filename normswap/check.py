@@ -337,7 +337,8 @@ def _session(onnx_path: str, spec: ProviderSpec):
 
 
 @contextlib.contextmanager
-def _no_tf32():
+def no_tf32():
+    """TF32 off (cuDNN and matmul) for the duration: the PyTorch reference of a CUDA parity check."""
     import torch
 
     cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -397,7 +398,7 @@ class _TorchRunner:
 
         m = self._module(device)
         args = tuple(t.to(device) for t in inputs)
-        ctx = _no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
+        ctx = no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             return flatten_outputs(m(*args))
 

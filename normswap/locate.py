@@ -292,18 +292,10 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@contextlib.contextmanager
 def _no_tf32():
-    import torch
+    from normswap.check import no_tf32  # one definition: TF32 off for the PyTorch reference
 
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+    return no_tf32()
 
 
 # --------------------------------------------------------------------------- main entry point

@@ -70,20 +70,7 @@ class Conv1D(nn.Module):
         return x.view(size_out)
 
 
-class LlamaLikeRMSNorm(nn.Module):
-    """Written like HF's ``LlamaRMSNorm`` (fp32 statistics, then cast back, times weight)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+from samples.models import LlamaRMSNorm as LlamaLikeRMSNorm  # noqa: E402  (HF's LlamaRMSNorm, one rebuild)
 
 
 class GemmaLikeRMSNorm(nn.Module):

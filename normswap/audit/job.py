@@ -17,15 +17,7 @@ from .script import audit_script
 __all__ = ["audit", "audit_file"]
 
 
-def _unwrap(model: Any):
-    """LoadedModel -> its module; nn.Module / ScriptModule / ExportedProgram unchanged."""
-    ep_type = getattr(getattr(torch, "export", None), "ExportedProgram", None)
-    if isinstance(model, nn.Module) or (ep_type is not None and isinstance(model, ep_type)):
-        return model
-    inner = getattr(model, "module", None)
-    if inner is not None and not callable(getattr(type(model), "module", None)):
-        return inner
-    return model
+from .eager import _unwrap  # noqa: E402  (one definition)
 
 
 def audit(model: Any, example_inputs=None) -> AuditReport:
