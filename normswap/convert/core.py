@@ -40,6 +40,7 @@ would get from the union of the ranks' calibration data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -58,7 +59,7 @@ from .fidelity import OutputCache, dist_info, eval_mode, fidelity
 from .report import ConvertReport, LayerFit
 from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents
 
-__all__ = ["convert", "expected_input_text", "MODES"]
+__all__ = ["convert", "expected_input_text", "MODES", "recon_options"]
 
 MODES = ("fast", "sequential", "reconstruct")
 
@@ -158,14 +159,20 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     if batches is not None:
         if mode == "reconstruct":
             t0 = time.perf_counter()
-            _reconstruct(work, module, batches, sites, held, report, progress, time_budget_s,
-                         RECON_STEPS if recon_steps is None else int(recon_steps), distill_steps, _recon)
+            budget = time_budget_s if time_budget_s is not None else _RECON_DEFAULTS.get("time_budget_s")
+            if budget is None:
+                budget = RECON_BUDGET_X * report.calib_seconds
+            steps = recon_steps if recon_steps is not None else _RECON_DEFAULTS.get("recon_steps", RECON_STEPS)
+            _reconstruct(work, module, batches, sites, held, report, progress, float(budget), int(steps),
+                         distill_steps, _recon)
             report.calib_seconds = (report.calib_seconds or 0.0) + time.perf_counter() - t0
         _measure(work, module, batches, cache, report)
         if distill_steps > 0 and mode != "reconstruct":
             _distill_step(work, module, batches, cache, sites, report, distill_steps, progress,
                           lr=_distill_lr, params=_distill_params, mix=_distill_mix)
-    elif distill_steps > 0:
+    elif mode == "reconstruct":
+        report.warnings.append("--mode reconstruct needs calibration data; replacements are uncalibrated")
+    if batches is None and distill_steps > 0:
         report.warnings.append("--distill-steps needs calibration data; skipped")
         report.distill_steps = 0
     # 6. report
@@ -302,8 +309,27 @@ def _distill_step(work: nn.Module, module: nn.Module, batches: Batches, cache: O
         report.fidelity = fid2
 
 
-#: optimisation steps per block in mode="reconstruct"
+#: optimisation steps per block in mode="reconstruct" (cut to fit the time budget)
 RECON_STEPS = 40
+#: default reconstruction time budget, as a multiple of the closed-form calibration's wall time
+#: (which is ~3.5 forward passes over the calibration set): the whole conversion then costs about
+#: 25-30 forward passes
+RECON_BUDGET_X = 5.5
+#: options set by :func:`recon_options` (the CLI's --time-budget)
+_RECON_DEFAULTS: dict = {}
+
+
+@contextlib.contextmanager
+def recon_options(**kw):
+    """Defaults for ``convert(mode="reconstruct")`` within the block (``time_budget_s``,
+    ``recon_steps``), for callers that go through :func:`normswap.convert.pipeline.convert_file`."""
+    old = dict(_RECON_DEFAULTS)
+    _RECON_DEFAULTS.update({k: v for k, v in kw.items() if v is not None})
+    try:
+        yield
+    finally:
+        _RECON_DEFAULTS.clear()
+        _RECON_DEFAULTS.update(old)
 
 
 def _reconstruct(work, module, batches, sites, held, report, progress, budget, steps, distill_steps, extra):
