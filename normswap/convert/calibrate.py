@@ -255,6 +255,21 @@ def _restore(sites: list[Site], snap: list[tuple]) -> None:
             setattr(s, f, v)
 
 
+def _merged(a, b):
+    """The statistics of two disjoint parts of the data, added (a new object; ``a`` is kept)."""
+    import copy
+    m = copy.copy(a)
+    for name, ta in vars(a).items():
+        if isinstance(ta, Tensor):
+            setattr(m, name, ta.clone())
+    for x, y in zip(m.sum_tensors(), b.sum_tensors()):
+        x += y
+    for x, y in zip(m.min_tensors(), b.min_tensors()):
+        torch.minimum(x, y, out=x)
+    m.calls, m.ndim = a.calls + b.calls, max(a.ndim, b.ndim)
+    return m
+
+
 def calibrate(work: nn.Module, sites: list[Site], batches: Batches, to: str, groups, *, passes: int,
               target: str = "auto", held: int = 0, progress: Callable | None = None,
               choice: dict | None = None) -> OutputCache:
@@ -262,26 +277,45 @@ def calibrate(work: nn.Module, sites: list[Site], batches: Batches, to: str, gro
     model's outputs on ``batches`` (recorded by the first pass, which computes exactly the
     original model), in batches of ``batches.batch_size``.
 
-    ``held`` > 0 (with ``passes`` > 1): the last ``held`` samples of ``batches.data`` are not fitted
-    on; after the passes the pass-1 (fast) fit and the final (sequential) fit are both scored on
-    them (KL to the original for classifiers, else relative output error) and the better one is
-    kept, so sequential is never worse than fast on data it did not fit (one extra forward of the
-    held-back samples per fit).  ``choice`` (a dict) receives the scores and the pick."""
+    ``held`` > 0 (with ``passes`` > 1): the statistics of the last ``held`` samples of
+    ``batches.data`` are kept apart.  After the passes the pass-1 (fast) fit and the final
+    (sequential) fit *without* those samples are both scored on them (KL to the original for
+    classifiers, else relative output error), and the winner is kept, refitted on all the samples
+    (the statistics are additive: no extra pass).  So sequential is never worse than fast on
+    calibration data it did not fit; the cost is two forwards of the held-back samples.  (The
+    pass-2 inputs are made by the pass-1 fits on all samples: the held-back samples leak into the
+    sequential fit only at second order, which if anything favours fast.)  ``choice`` (a dict)
+    receives the scores and the pick."""
     target = resolve_target(target, to)
     n = len(batches.data)
     held = int(held) if passes > 1 and 0 < int(held) < n else 0
-    fit_b = _sub_batches(batches, 0, n - held) if held else batches
+    parts = [_sub_batches(batches, 0, n - held), _sub_batches(batches, n - held, n)] if held else [batches]
     cache = OutputCache()
-    fast_snap = None
+    fast_snap = fast_sub = None
     with torch.no_grad():
         for p in range(passes):
-            for s in sites:
-                s.stats = make_stats(s, to, groups, batches.device)
-                s.wrapper.stats = s.stats
             mode = Mode.FIT if p == 0 else Mode.FIT_REPLACED
-            _fit_pass(sites, work, fit_b, mode, record_first=(p > 0 and target == "model"),
-                      on_output=cache.add if p == 0 else None)
-            allreduce_stats([s.stats for s in sites])
+            part_stats = []
+            for part in parts:
+                for s in sites:
+                    s.stats = make_stats(s, to, groups, batches.device)
+                    s.wrapper.stats = s.stats
+                _fit_pass(sites, work, part, mode, record_first=(p > 0 and target == "model"),
+                          on_output=cache.add if p == 0 else None)
+                allreduce_stats([s.stats for s in sites])
+                part_stats.append([s.stats for s in sites])
+            last = p == passes - 1
+            if held and (p == 0 or last):  # the fit without the held-back samples, to be scored
+                for s, st in zip(sites, part_stats[0]):
+                    s.stats = st
+                _fit_sites(sites, to, groups, first_pass=(p == 0))
+                sub = _snapshot(sites)
+                if p == 0:
+                    fast_sub = sub
+                else:
+                    seq_sub = sub
+            for k, s in enumerate(sites):
+                s.stats = part_stats[0][k] if not held else _merged(part_stats[0][k], part_stats[1][k])
             _fit_sites(sites, to, groups, first_pass=(p == 0))
             if p == 0 and held:
                 fast_snap = _snapshot(sites)
@@ -290,21 +324,17 @@ def calibrate(work: nn.Module, sites: list[Site], batches: Batches, to: str, gro
         for s in sites:
             s.wrapper.stats = None
         if held:
-            hb = _sub_batches(batches, n - held, n)
-            with calibration_mode(sites, Mode.ORIGINAL):
-                refs = [o for o in hb.run(work, lambda m, x: m(x))]
-            for o in refs:
-                cache.add(o)
-            ref = torch.cat([_first(o).detach().cpu() for o in refs])
+            hb = parts[1]
+            final = _snapshot(sites)
+            ref = torch.cat(cache.tensors)[n - held:] if cache.tensors is not None else torch.cat(
+                [_first(o).detach().cpu() for o in hb.run(work, lambda m, x: m(x))])
+            _restore(sites, seq_sub)
             seq_score = _score(replaced_outputs(work, sites, hb), ref)
-            seq_snap = _snapshot(sites)
-            _restore(sites, fast_snap)
+            _restore(sites, fast_sub)
             fast_score = _score(replaced_outputs(work, sites, hb), ref)
-            seq_scores = allreduce_floats([seq_score, fast_score])
-            seq_score, fast_score = seq_scores[0] / _world(), seq_scores[1] / _world()
+            seq_score, fast_score = (v / _world() for v in allreduce_floats([seq_score, fast_score]))
             keep_seq = not (fast_score < seq_score) or not math.isfinite(fast_score)
-            if keep_seq:
-                _restore(sites, seq_snap)
+            _restore(sites, final if keep_seq else fast_snap)
             if choice is not None:
                 choice.update({"held_back": held, "target": target, "score_sequential": seq_score,
                                "score_fast": fast_score, "kept": "sequential" if keep_seq else "fast"})

@@ -69,7 +69,8 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
             progress: Callable | None = None, time_budget_s: float | None = None,
             recon_steps: int | None = None, _passes: int | None = None,
             _target: str = "auto", _distill_lr: float = 3e-4, _distill_params: str = "all",
-            _distill_mix: bool = False, _recon: dict | None = None) -> tuple[nn.Module, ConvertReport]:
+            _distill_mix: bool = False, _recon: dict | None = None,
+            _holdback: bool = True) -> tuple[nn.Module, ConvertReport]:
     """Replace norm layers by ``to`` and fit the replacements on calibration data.
 
     Parameters
@@ -103,7 +104,8 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     Private knobs (for benchmarks and experiments, not a stable API): ``_passes`` (number of
     calibration passes), ``_target`` ("model": fit to the original model's activation, default;
     "norm": fit to original_norm(x_converted); "auto": norm for per-sample targets), ``_recon``
-    (extra keyword arguments of :func:`normswap.convert.reconstruct.reconstruct`), ``_distill_lr`` (3e-4), ``_distill_params``
+    (extra keyword arguments of :func:`normswap.convert.reconstruct.reconstruct`), ``_holdback``
+    (False: no held-back samples, no fast-vs-sequential choice), ``_distill_lr`` (3e-4), ``_distill_params``
     ("all" or "norms": only the replacement layers), ``_distill_mix`` (mixup of calibration inputs).
 
     Returns ``(converted_model, ConvertReport)``.
@@ -134,7 +136,7 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     if data is not None and len(data) == 0:
         raise NormswapError("calibration data is empty")
     held = 0
-    if data is not None and len(data) and mode in ("sequential", "reconstruct"):
+    if data is not None and len(data) and mode in ("sequential", "reconstruct") and _holdback:
         data, held = holdback_split(data)  # the last `held` samples choose between fits
     batches = Batches(data, batch_size, module, sites) if data is not None else None
     cache = None
