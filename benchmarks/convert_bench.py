@@ -122,21 +122,23 @@ def main(argv=None) -> int:
         fast, rf = convert(model, to, (xc, yc), mode="fast")
         seq, rs = convert(model, to, (xc, yc), mode="sequential")
         dist, rd = convert(model, to, (xc, yc), mode="sequential", distill_steps=args.steps)
-        a_fast, a_seq, a_dist = (accuracy(m, xt, yt) for m in (fast, seq, dist))
+        rec, rr = convert(model, to, (xc, yc), mode="reconstruct")
+        a_fast, a_seq, a_dist, a_rec = (accuracy(m, xt, yt) for m in (fast, seq, dist, rec))
         rows.append((to, naive, a_fast, a_seq, a_dist, rf.calib_ratio, rs.calib_ratio,
-                     rd.distill_seconds, [layer.groups for layer in rs.layers]))
-        print(f"  {to}: naive {naive:.4f} fast {a_fast:.4f} seq {a_seq:.4f} +distill {a_dist:.4f}", file=sys.stderr,
-              flush=True)
+                     rd.distill_seconds, [layer.groups for layer in rs.layers], a_rec, rr.calib_ratio))
+        print(f"  {to}: naive {naive:.4f} fast {a_fast:.4f} seq {a_seq:.4f} +distill {a_dist:.4f} "
+              f"reconstruct {a_rec:.4f}", file=sys.stderr, flush=True)
     fix = opacus_fix(model)
     print("| target | original | naive swap (fresh affine) | calibrated fast | calibrated sequential | "
-          f"sequential + {args.steps} distill | calib time fast / seq (x one forward) | distill time |")
-    print("|---|---|---|---|---|---|---|---|")
-    for to, naive, a_fast, a_seq, a_dist, r_fast, r_seq, dsec, groups in rows:
+          f"sequential + {args.steps} distill | reconstruct | calib time fast / seq / reconstruct (x one forward) "
+          "| distill time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for to, naive, a_fast, a_seq, a_dist, r_fast, r_seq, dsec, groups, a_rec, r_rec in rows:
         name = {"gn": "BN -> GN", "in": "BN -> IN", "ln": "BN -> LN (GN, 1 group)", "frn": "BN -> FRN+TLU"}.get(to, to)
         if to == "gn":
             name += f" (groups auto: {sorted(set(g for g in groups if g))})"
         print(f"| {name} | {100 * base:.2f}% | {pct(naive, base)} | {pct(a_fast, base)} | {pct(a_seq, base)} | "
-              f"{pct(a_dist, base)} | {r_fast:.1f}x / {r_seq:.1f}x | {dsec:.0f} s |")
+              f"{pct(a_dist, base)} | {pct(a_rec, base)} | {r_fast:.1f}x / {r_seq:.1f}x / {r_rec:.1f}x | {dsec:.0f} s |")
     if fix is not None:
         print(f"\nOpacus ModuleValidator.fix (GroupNorm(gcd(32, C)), fresh affine): {pct(accuracy(fix, xt, yt), base)}")
     print("\n(percent in parentheses: share of the original test accuracy kept)\n", flush=True)

@@ -108,6 +108,14 @@ def run_method(method: str, model, to, calib, args):
         conv = naive_swap(model, to)
     elif method in ("fast", "sequential"):
         conv, _ = normswap.convert(model, to, calib, mode=method, batch_size=64)
+    elif method in ("reconstruct", "reconstruct+kd", "reconstruct-noaug", "reconstruct-bias"):
+        extra = {"augment": method != "reconstruct-noaug", "train_bias": method == "reconstruct-bias",
+                 "lr": args.lr, "batch_size": args.bs}
+        conv, rep = normswap.convert(model, to, calib, mode="reconstruct", batch_size=64,
+                                     time_budget_s=args.budget, recon_steps=args.steps,
+                                     distill_steps=args.distill if method.endswith("+kd") else 0,
+                                     _recon=extra)
+        info = {"choice": getattr(rep, "calibration_choice", None), "recon": getattr(rep, "reconstruct", None)}
     elif method == "seq-normtarget":  # the proposed fix: target original_norm(x_conv)
         conv, _ = normswap.convert(model, to, calib, mode="sequential", batch_size=64, _target="norm")
     elif method == "seq-moments":  # alternative fix: match per-channel moments instead of least squares
@@ -138,7 +146,7 @@ def run_method(method: str, model, to, calib, args):
             conv, _ = normswap.convert(model, to, calib, mode="sequential", batch_size=64, _target="norm")
         else:
             conv, _ = normswap.convert(model, to, calib, mode="fast", batch_size=64)
-        info = reconstruct(model, conv, calib, steps_per_block=args.steps, lr=args.lr, batch_size=args.bs,
+        info = reconstruct(model, conv, calib, steps_per_block=args.steps or 60, lr=args.lr, batch_size=args.bs,
                            distill_steps=args.distill if method.endswith("+kd") else 0,
                            distill_lr=args.distill_lr, time_budget_s=args.budget)
     else:
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=240)
     ap.add_argument("--targets", default="gn,ln,frn,affine")
     ap.add_argument("--methods", default="naive,fast,sequential,seq-normtarget,recon")
-    ap.add_argument("--steps", type=int, default=60, help="reconstruction steps per block")
+    ap.add_argument("--steps", type=int, default=None, help="reconstruction steps per block (default: convert's)")
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--bs", type=int, default=32)
     ap.add_argument("--distill", type=int, default=40, help="KL steps for recon+kd")
@@ -215,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="reconstruction time budget (s)")
     ap.add_argument("--diagnose", action="store_true", help="per-layer gain table (sequential collapse)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--verbose", action="store_true", help="print the per-block reconstruction record")
     args = ap.parse_args(argv)
     if args.quick:
         args.calib, args.eval = 64, 64
@@ -253,6 +262,8 @@ def main(argv=None) -> int:
             h = compare(ref_h, logits_of(conv, held))
             c = compare(ref_c, logits_of(conv, calib))
             rows.append((to, method, h, c, secs / fwd_s))
+            if args.verbose and info:
+                print(f"<!-- {method}: {info} -->", flush=True)
             print(f"| {to} | {method} | {100 * h['top1']:.1f} % | {100 * h['top5']:.1f} % | {h['kl']:.3f} | "
                   f"{100 * c['top1']:.1f} % | {secs / fwd_s:.1f} |", flush=True)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -490,3 +491,113 @@ def test_groups_for_a_target_without_groups_is_reported():
     assert any("applies only to the gn and bgn targets" in w for w in rep.warnings)
     _, rep = convert(m, "gn", x, groups=4)
     assert not any("applies only" in w for w in rep.warnings)
+
+
+# ------------------------------------------------------------------------- sequential fix, reconstruct mode
+
+def test_calibration_target_auto_and_holdback_split():
+    from normswap.convert.calibrate import holdback_split, resolve_target
+    from normswap.data import Dataset
+    assert [resolve_target("auto", t) for t in ("gn", "ln", "in", "frn", "bn", "affine")] == \
+        ["norm"] * 4 + ["model"] * 2
+    with pytest.raises(NormswapError):
+        resolve_target("other", "gn")
+    x, y = torch.arange(30.0).view(30, 1), torch.arange(30)
+    d, held = holdback_split(Dataset(x, y, "t"))
+    assert held == 4 and len(d) == 30
+    assert d.labels[-held:].tolist() == [6, 13, 20, 27]  # every 7th sample, evenly over the data
+    assert sorted(d.labels.tolist()) == list(range(30)) and torch.equal(d.inputs[:, 0].long(), d.labels)
+    assert holdback_split(Dataset(x[:10], y[:10], "t"))[1] == 0  # too few samples: no hold-back
+
+
+class _Deep(nn.Module):
+    """A deep plain CNN whose inputs carry a per-sample gain: BN (dataset statistics) and GN
+    (per-sample statistics) differ on it, and errors compound with depth."""
+
+    def __init__(self, depth: int = 6, c: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        layers = [nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 6)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def _deep_x(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g) * (0.3 + 1.5 * torch.rand(n, 1, 1, 1, generator=g)) \
+        + 0.5 * torch.randn(n, 3, 1, 1, generator=g)
+
+
+def _kl(model, conv, x):
+    with torch.no_grad():
+        lp, lq = F.log_softmax(model(x).double(), 1), F.log_softmax(conv(x).double(), 1)
+    return float((lp.exp() * (lp - lq)).sum(1).mean())
+
+
+@pytest.mark.parametrize("to", ["gn", "ln", "in"])
+def test_sequential_never_worse_than_fast(to):
+    model = _randomize(_Deep())
+    x, x_test = _deep_x(112, 1), _deep_x(112, 2)
+    fast, _ = convert(model, to, x, mode="fast")
+    seq, rep = convert(model, to, x, mode="sequential")
+    ch = rep.calibration_choice
+    assert ch["held_back"] == 16 and ch["kept"] in ("fast", "sequential")
+    assert min(ch["score_sequential"], ch["score_fast"]) == pytest.approx(
+        ch["score_sequential"] if ch["kept"] == "sequential" else ch["score_fast"])
+    # on data neither fit saw: not worse than fast (the fast fit uses 1/7 more samples: small slack)
+    assert _kl(model, seq, x_test) <= 1.1 * _kl(model, fast, x_test) + 1e-4
+
+
+def test_sequential_norm_target_avoids_attenuation():
+    """Fitting y_orig through the noisy x_conv (target "model") shrinks the fitted gammas with depth;
+    the norm target keeps them near fast mode's."""
+    model = _randomize(_Deep(depth=8))
+    x = _deep_x(128, 1)
+    fast, _ = convert(model, "gn", x, mode="fast")
+    old, _ = convert(model, "gn", x, mode="sequential", _target="model", _holdback=False)
+    new, _ = convert(model, "gn", x, mode="sequential", _holdback=False)
+    g = lambda m: torch.stack([l.weight.detach().abs().mean() for l in m.modules() if isinstance(l, nn.GroupNorm)])
+    assert float((g(new) / g(fast)).min()) >= float((g(old) / g(fast)).min()) - 1e-6
+
+
+def test_digits_sequential_not_worse_than_fast():
+    model, (xc, yc), (xt, yt) = _digits()
+    fast, _ = convert(model, "gn", (xc, yc), mode="fast")
+    seq, _ = convert(model, "gn", (xc, yc), mode="sequential")
+    assert _acc(seq, xt, yt) >= _acc(fast, xt, yt) - 0.003
+
+
+def test_reconstruct_mode_progress_budget_and_not_worse():
+    model = _randomize(_Deep(depth=4))
+    x = _deep_x(96, 1)
+    seq, _ = convert(model, "gn", x, mode="sequential")
+    calls = []
+    rec, rep = convert(model, "gn", x, mode="reconstruct", recon_steps=12, time_budget_s=20,
+                       progress=lambda stage, step, total, loss: calls.append((stage, step, loss)))
+    assert rep.mode == "reconstruct" and rep.calibration_choice["held_back"] == 13
+    info = rep.reconstruct
+    assert info["held"] == 13 and info["blocks"] and info["seconds"] < 20 + 5
+    for b in info["blocks"]:  # per block: never worse on the held-back samples
+        assert b["loss_after"] <= b["loss_before"] + 1e-12 and b["steps"] <= 12
+    steps = [c for c in calls if c[0] == "reconstruct"]
+    assert steps and all(c[2] is not None and math.isfinite(c[2]) for c in steps)
+    assert [type(m) for m in rec.modules()] == [type(m) for m in seq.modules()]
+    hb = x[[i for i in range(96) if i % 7 == 6]]
+    assert _kl(model, rec, hb) <= _kl(model, seq, hb) * 1.05 + 1e-5
+    # only the norms were trained: the convs and the head are the original's
+    for (n, p), (_, q) in zip(model.named_parameters(), rec.named_parameters()):
+        if p.dim() > 1:
+            assert torch.equal(p, q), n
+
+
+def test_reconstruct_options_checked():
+    for kwargs in ({"time_budget_s": 0}, {"recon_steps": -1}, {"mode": "recon"}):
+        with pytest.raises(NormswapError):
+            convert(_net(), "gn", _x(), **kwargs)
+    _, rep = convert(_net(), "gn", None, mode="reconstruct")
+    assert any("reconstruct needs calibration data" in w for w in rep.warnings)

@@ -134,3 +134,17 @@ def test_convert_real_benchmark_small():
     from benchmarks.convert_real import main
     assert main(["--calib", "16", "--eval", "16", "--targets", "gn", "--methods", "fast,recon",
                  "--steps", "5"]) == 0
+
+
+@pytest.mark.slow
+def test_convert_real_benchmark_modes(capsys):
+    """The API modes on a few crops of the real benchmark: every row printed, reconstruct included;
+    sequential is never worse than fast on its held-back calibration crops."""
+    _lite1()
+    from benchmarks.convert_real import main
+    assert main(["--calib", "28", "--eval", "8", "--size", "128", "--targets", "gn",
+                 "--methods", "fast,sequential,reconstruct", "--steps", "3", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.startswith("| gn |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fast", "sequential", "reconstruct"]
+    assert "error" not in out

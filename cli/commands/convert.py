@@ -65,7 +65,9 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @click.option("--calib", default=None, metavar="DATA", help="Calibration data (.npz/.npy/.pt/image folder, or 'random').")
 @click.option("--calib-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
-@click.option("--mode", type=click.Choice(("fast", "sequential")), default="sequential", show_default=True, help="Calibration mode.")
+@click.option("--mode", type=click.Choice(("fast", "sequential", "reconstruct")), default="sequential", show_default=True, help="Calibration mode: fast (closed form on the original activations), sequential (closed form on the converted model's own inputs; never worse than fast on held-back calibration samples), reconstruct (sequential, then block-by-block optimisation of the new norms' parameters).")
+@click.option("--time-budget", "time_budget", type=float, default=None, metavar="SECONDS", help="Wall-clock budget of --mode reconstruct (default: about 5.5x the closed-form calibration time).")
+@click.option("--recon-steps", "recon_steps", type=int, default=None, metavar="N", help="Optimisation steps per block in --mode reconstruct (default 40, cut to fit the time budget).")
 @click.option("--distill-steps", type=int, default=0, show_default=True, metavar="N", help="Distillation steps against the original after calibration.")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Converted model file (default MODEL.<to>.pt).")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="ONNX file (default MODEL.<to>.onnx, or OUT.onnx beside -o OUT).")
@@ -76,14 +78,16 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @write_options
 @output_options
 @pass_settings
-def command(model_path, to, source, groups, calib, calib_samples, batch_size, mode, distill_steps, output, onnx_path,
+def command(model_path, to, source, groups, calib, calib_samples, batch_size, mode, time_budget, recon_steps,
+            distill_steps, output, onnx_path,
             no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts):
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
     def job():
+        from normswap.convert.core import recon_options
         from normswap.convert.pipeline import convert_file
 
-        with _Progress(opts.quiet) as progress:
+        with _Progress(opts.quiet) as progress, recon_options(time_budget_s=time_budget, recon_steps=recon_steps):
             _, report = convert_file(
                 model_path, to, calib=calib, source=source, groups=groups, mode=mode, distill_steps=distill_steps,
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
@@ -118,7 +122,8 @@ class _Progress:
         if self.bar is None:
             return
         if stage not in self.tasks:
-            label = {"calibrate": "calibrating (passes)", "distill": "distilling"}.get(stage, stage)
+            label = {"calibrate": "calibrating (passes)", "reconstruct": "reconstructing (steps)",
+                     "distill": "distilling"}.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total, loss="")
         text = f"loss {loss:.4g}" if loss is not None else ""
         self.bar.update(self.tasks[stage], completed=step, loss=text)

@@ -40,6 +40,7 @@ would get from the union of the ranks' calibration data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -51,22 +52,25 @@ from ..errors import NormswapError
 from ..io import as_module
 from ..norms import NORMS
 from . import kinds as K
-from .calibrate import Batches, calib_count, calibrate, expected_input_text, load_calib, uncalibrated
+from .calibrate import (Batches, calib_count, calibrate, expected_input_text, holdback_split, load_calib,
+                        uncalibrated)
 from .distill import distill as _distill
 from .fidelity import OutputCache, dist_info, eval_mode, fidelity
 from .report import ConvertReport, LayerFit
 from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents
 
-__all__ = ["convert", "expected_input_text", "MODES"]
+__all__ = ["convert", "expected_input_text", "MODES", "recon_options"]
 
-MODES = ("fast", "sequential")
+MODES = ("fast", "sequential", "reconstruct")
 
 
 def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mode: str = "sequential",
             distill_steps: int = 0, batch_size: int = 64, calib_samples: int | None = None,
-            progress: Callable | None = None, _passes: int | None = None,
-            _target: str = "model", _distill_lr: float = 3e-4, _distill_params: str = "all",
-            _distill_mix: bool = False) -> tuple[nn.Module, ConvertReport]:
+            progress: Callable | None = None, time_budget_s: float | None = None,
+            recon_steps: int | None = None, _passes: int | None = None,
+            _target: str = "auto", _distill_lr: float = 3e-4, _distill_params: str = "all",
+            _distill_mix: bool = False, _recon: dict | None = None,
+            _holdback: bool = True) -> tuple[nn.Module, ConvertReport]:
     """Replace norm layers by ``to`` and fit the replacements on calibration data.
 
     Parameters
@@ -83,20 +87,35 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
         (for ``to="bn"`` every other conv-layout norm, for ``to="rms"`` every LayerNorm).
     groups: ``"auto"`` (GroupNorm: the divisor of C with the least calibration reconstruction error)
         or an int.
-    mode: ``"sequential"`` (default) or ``"fast"``; see the module docstring.
-    distill_steps: steps of distillation against the original after calibration.
+    mode: ``"sequential"`` (default), ``"fast"`` or ``"reconstruct"``; see the module docstring.
+        ``"reconstruct"``: the sequential closed-form fit, then block reconstruction
+        (:mod:`normswap.convert.reconstruct`): block by block, only the replacement norms'
+        parameters are optimised so that each block's output on the converted model's own input
+        matches the original block's output, with augmentation, early stopping and revert on a
+        held-back 1/7 of the calibration samples.
+    distill_steps: steps of distillation against the original after calibration (after the
+        reconstruction in ``mode="reconstruct"``: augmented KL distillation of the norms only).
     progress: optional callable ``progress(stage, step, total, loss)`` with stage "calibrate"
-        (per pass) or "distill" (per step; loss is the current loss).
+        (per pass), "reconstruct" (per step; loss is the block's loss) or "distill" (per step).
+    time_budget_s: wall-clock budget of the reconstruction (and its distillation) in seconds.
+    recon_steps: optimisation steps per block in ``mode="reconstruct"`` (default
+        :data:`RECON_STEPS`).
 
     Private knobs (for benchmarks and experiments, not a stable API): ``_passes`` (number of
     calibration passes), ``_target`` ("model": fit to the original model's activation, default;
-    "norm": fit to original_norm(x_converted)), ``_distill_lr`` (3e-4), ``_distill_params``
+    "norm": fit to original_norm(x_converted); "auto": norm for per-sample targets), ``_recon``
+    (extra keyword arguments of :func:`normswap.convert.reconstruct.reconstruct`), ``_holdback``
+    (False: no held-back samples, no fast-vs-sequential choice), ``_distill_lr`` (3e-4), ``_distill_params``
     ("all" or "norms": only the replacement layers), ``_distill_mix`` (mixup of calibration inputs).
 
     Returns ``(converted_model, ConvertReport)``.
     """
     to, groups, batch_size, distill_steps = _check_options(to, mode, groups, batch_size, distill_steps,
                                                            calib_samples)
+    if time_budget_s is not None and not float(time_budget_s) > 0:
+        raise NormswapError(f"time budget must be a positive number of seconds, got {time_budget_s}")
+    if recon_steps is not None and int(recon_steps) < 0:
+        raise NormswapError(f"reconstruction steps must be >= 0, got {recon_steps}")
     module = as_module(model, require_eager=True, job="convert")
     if not isinstance(module, nn.Module):
         raise NormswapError(f"convert needs a torch.nn.Module, got {type(module).__name__}")
@@ -116,6 +135,9 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     data = load_calib(calib, module, calib_samples, report)
     if data is not None and len(data) == 0:
         raise NormswapError("calibration data is empty")
+    held = 0
+    if data is not None and len(data) and mode in ("sequential", "reconstruct") and _holdback:
+        data, held = holdback_split(data)  # the last `held` samples choose between fits
     batches = Batches(data, batch_size, module, sites) if data is not None else None
     cache = None
     if batches is None:
@@ -127,18 +149,32 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
         report.calib_source, report.calib_samples = data.source, calib_count(data)
         report.calib_labels, report.passes = data.labels is not None, passes
         t0 = time.perf_counter()
-        cache = calibrate(work, sites, batches, to, groups, passes=passes, target=_target, progress=progress)
+        choice: dict = {}
+        cache = calibrate(work, sites, batches, to, groups, passes=passes, target=_target, held=held,
+                          progress=progress, choice=choice)
         report.calib_seconds = time.perf_counter() - t0
+        report.calibration_choice = choice or None
         report.calibrated = True
     # 3. finalise: the fitted replacements take the wrappers' places
     _finalise(work, sites)
     # 4. measure fidelity, 5. distil
     if batches is not None:
+        if mode == "reconstruct":
+            t0 = time.perf_counter()
+            budget = time_budget_s if time_budget_s is not None else _RECON_DEFAULTS.get("time_budget_s")
+            if budget is None:
+                budget = RECON_BUDGET_X * report.calib_seconds
+            steps = recon_steps if recon_steps is not None else _RECON_DEFAULTS.get("recon_steps", RECON_STEPS)
+            _reconstruct(work, module, batches, sites, held, report, progress, float(budget), int(steps),
+                         distill_steps, _recon)
+            report.calib_seconds = (report.calib_seconds or 0.0) + time.perf_counter() - t0
         _measure(work, module, batches, cache, report)
-        if distill_steps > 0:
+        if distill_steps > 0 and mode != "reconstruct":
             _distill_step(work, module, batches, cache, sites, report, distill_steps, progress,
                           lr=_distill_lr, params=_distill_params, mix=_distill_mix)
-    elif distill_steps > 0:
+    elif mode == "reconstruct":
+        report.warnings.append("--mode reconstruct needs calibration data; replacements are uncalibrated")
+    if batches is None and distill_steps > 0:
         report.warnings.append("--distill-steps needs calibration data; skipped")
         report.distill_steps = 0
     # 6. report
@@ -160,7 +196,7 @@ def _check_options(to, mode, groups, batch_size, distill_steps, calib_samples):
         raise NormswapError(f"unknown target {to!r}; choose one of {', '.join(K.TARGETS)} "
                             f"(valid pairs: {K.valid_pairs_text()})")
     if mode not in MODES:
-        raise NormswapError(f"unknown mode {mode!r}; choose fast or sequential")
+        raise NormswapError(f"unknown mode {mode!r}; choose fast, sequential or reconstruct")
     if groups != "auto":
         try:
             groups = int(groups)
@@ -273,6 +309,50 @@ def _distill_step(work: nn.Module, module: nn.Module, batches: Batches, cache: O
                                "(KL / output error); kept the calibrated parameters")
     else:
         report.fidelity = fid2
+
+
+#: optimisation steps per block in mode="reconstruct" (cut to fit the time budget)
+RECON_STEPS = 40
+#: default reconstruction time budget, as a multiple of the closed-form calibration's wall time
+#: (which is ~3.5 forward passes over the calibration set): the whole conversion then costs about
+#: 25-30 forward passes
+RECON_BUDGET_X = 5.5
+#: options set by :func:`recon_options` (the CLI's --time-budget)
+_RECON_DEFAULTS: dict = {}
+
+
+@contextlib.contextmanager
+def recon_options(**kw):
+    """Defaults for ``convert(mode="reconstruct")`` within the block (``time_budget_s``,
+    ``recon_steps``), for callers that go through :func:`normswap.convert.pipeline.convert_file`."""
+    old = dict(_RECON_DEFAULTS)
+    _RECON_DEFAULTS.update({k: v for k, v in kw.items() if v is not None})
+    try:
+        yield
+    finally:
+        _RECON_DEFAULTS.clear()
+        _RECON_DEFAULTS.update(old)
+
+
+def _reconstruct(work, module, batches, sites, held, report, progress, budget, steps, distill_steps, extra):
+    """Block reconstruction of the replacement norms (in place), after the closed-form fit."""
+    from .reconstruct import reconstruct
+    names = {id(m): n for n, m in work.named_modules()}
+    norms = [names[id(s.wrapper.new)] for s in sites if id(s.wrapper.new) in names]
+    cb = None
+    if progress is not None:
+        counter = {"k": 0}
+
+        def cb(block, step, loss):
+            counter["k"] += 1
+            progress("distill" if block == "distill" else "reconstruct", counter["k"], None, loss)
+    kw = dict(steps_per_block=steps, held=held, distill_steps=distill_steps, time_budget_s=budget)
+    kw.update(extra or {})
+    with eval_mode(module):
+        x = batches.to_dev(batches.data.inputs)
+        info = reconstruct(module, work, x, norms=norms, progress=cb, **kw)
+    report.reconstruct = info
+    report.distill_steps = distill_steps
 
 
 def _report_layers(sites: list[Site], report: ConvertReport) -> None:
