@@ -84,7 +84,13 @@ def module_spec(module) -> dict:
     from normswap.layers import PostOps
 
     if type(module) is PostOps:
-        return {"type": "PostOps", "keep": [n for n, _ in module.named_children()]}
+        # children of allowlisted types (the norm a convert put before a BatchNormAct2d's act) are
+        # built from their own spec; the others (drop, act) are the factory model's children
+        table = _builders()
+        build = {n: module_spec(c) for n, c in module.named_children()
+                 if any(type(c) is cls for cls, _ in table.values())}
+        spec = {"type": "PostOps", "keep": [n for n, _ in module.named_children()]}
+        return {**spec, "build": build} if build else spec
     for name, (cls, args) in _builders().items():
         if type(module) is cls:
             return {"type": name, "args": args(module)}
@@ -217,7 +223,10 @@ def apply_recipe(model, entries: list[dict]) -> int:
             keep = e.get("keep")
             if not isinstance(keep, list) or not all(isinstance(k, str) for k in keep):
                 raise NormswapError(f"recipe for {name!r}: bad PostOps entry")
-            kids = {k: getattr(existing, k, None) for k in keep}
+            build = e.get("build") or {}
+            if not isinstance(build, dict):
+                raise NormswapError(f"recipe for {name!r}: bad PostOps entry")
+            kids = {k: build_module(build[k]) if k in build else getattr(existing, k, None) for k in keep}
             if not isinstance(existing, nn.Module) or not all(isinstance(v, nn.Module) for v in kids.values()):
                 raise NormswapError(f"recipe: the model's {name!r} has no children {keep}; wrong --arch?")
             setattr(parent, leaf, PostOps(**kids).train(model.training))

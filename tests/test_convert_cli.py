@@ -160,3 +160,34 @@ def test_cli_convert_calib_random_says_so_in_summary(sd_model, tmp_path):
                                  "--no-onnx"])
     assert r.exit_code == 0, r.output
     assert "calibrated on random inputs (" in r.output.strip().splitlines()[-1]
+
+
+def test_cli_convert_eval_held_out(sd_model, tmp_path):
+    m, p, calib = sd_model
+    held = tmp_path / "held.npz"
+    x = np.random.default_rng(1).normal(size=(12, 1, 32, 32)).astype(np.float32)
+    np.savez(held, x=x, y=np.arange(12) % 10)
+    out, js = tmp_path / "e.pt", tmp_path / "e.json"
+    base = ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "--no-onnx", "--mode", "fast"]
+    r = CliRunner().invoke(cli, base + ["-o", str(out), "--eval", str(held), "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "held-out (12 eval samples)" in r.output
+    d = json.loads(js.read_text())
+    assert d["fidelity_basis"] == "held-out" and d["fidelity_eval"]["samples"] == 12
+    assert d["fidelity_eval"]["data"] == "held-out" and d["fidelity"]["in_sample"] is True
+    assert d["fidelity_eval"]["accuracy_original"] is not None
+    # without --eval: the summary says in-sample
+    r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "f.pt")])
+    assert r.exit_code == 0 and "in-sample" in r.output
+
+
+def test_cli_convert_refuses_nan_calibration_before_writing(sd_model, tmp_path):
+    m, p, calib = sd_model
+    x = np.random.default_rng(0).normal(size=(8, 1, 32, 32)).astype(np.float32)
+    x[3, 0, 1, 1] = np.nan
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, x=x)
+    out = tmp_path / "n.pt"
+    r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(bad), "--no-onnx",
+                                 "-o", str(out)])
+    assert r.exit_code != 0 and "1 of 8 samples (first: sample 3)" in r.output and not out.exists()

@@ -36,11 +36,13 @@ TARGETS = ("gn", "bn_from_gn", "frn")
 
 
 def _run(to: str, x: torch.Tensor):
+    # under torch.distributed the held-back fast-vs-sequential pick is off (each process would hold
+    # back its own samples); the single process on the union is run the same way
     model = _model()
     if to == "bn_from_gn":
         model, _ = convert(model, "gn", None)  # a GroupNorm model (uncalibrated is fine)
-        return convert(model, "bn", x, batch_size=8)
-    return convert(model, to, x, batch_size=8)
+        return convert(model, "bn", x, batch_size=8, _holdback=False)
+    return convert(model, to, x, batch_size=8, _holdback=False)
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:

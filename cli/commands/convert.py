@@ -63,6 +63,9 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @click.option("--from", "source", default=None, metavar="KIND[,KIND]", help="Norm kind(s) to replace (default: BatchNorm).")
 @click.option("--groups", default="auto", show_default=True, metavar="N|auto", help="GroupNorm / BGN group count.")
 @click.option("--calib", default=None, metavar="DATA", help="Calibration data (.npz/.npy/.pt/image folder, or 'random').")
+@click.option("--eval", "eval_data", default=None, metavar="DATA",
+              help="Held-out data (same forms as --calib) to measure fidelity on; without it the "
+                   "fidelity numbers are in-sample (on the calibration data).")
 @click.option("--calib-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
 @click.option("--mode", type=click.Choice(("fast", "sequential", "reconstruct")), default="sequential", show_default=True, help="Calibration mode: fast (closed form on the original activations), sequential (closed form on the converted model's own inputs; never worse than fast on held-back calibration samples), reconstruct (sequential, then block-by-block optimisation of the new norms' parameters).")
@@ -78,8 +81,8 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @write_options
 @output_options
 @pass_settings
-def command(model_path, to, source, groups, calib, calib_samples, batch_size, mode, time_budget, recon_steps,
-            distill_steps, output, onnx_path,
+def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, time_budget,
+            recon_steps, distill_steps, output, onnx_path,
             no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts):
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
@@ -92,7 +95,8 @@ def command(model_path, to, source, groups, calib, calib_samples, batch_size, mo
                 model_path, to, calib=calib, source=source, groups=groups, mode=mode, distill_steps=distill_steps,
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
                 export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
-                progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+                progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
+                eval_data=eval_data)
         return report
 
     run_job(job, render, opts)
@@ -142,6 +146,15 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def _outputs_rows(table, f) -> None:
+    """One row per model output when there are several (max abs / relative error)."""
+    if len(f.outputs) <= 1:
+        return
+    for o in f.outputs:
+        table.add_row(f"output {o['name']}", f"max abs error {_num(o['max_abs_error'])}, "
+                                             f"rel. error {_num(o['rel_error'])}")
+
+
 def render(report, console) -> None:
     from rich.table import Table
 
@@ -158,7 +171,9 @@ def render(report, console) -> None:
     console.print(t)
     f = report.fidelity
     if f is not None:
-        s = Table(title="fidelity on the calibration data", show_header=False, title_justify="left")
+        s = Table(title="fidelity on the calibration data (in-sample"
+                        + ("; held-out below)" if report.fidelity_eval is not None else "; pass --eval DATA for held-out)"),
+                  show_header=False, title_justify="left")
         s.add_column("what", style="bold")
         s.add_column("value")
         s.add_row("samples", f"{f.samples} ({report.calib_source})")
@@ -177,7 +192,22 @@ def render(report, console) -> None:
         if report.calib_ratio is not None:
             s.add_row("calibration time", f"{report.calib_seconds:.2f} s = {report.calib_ratio:.1f}x one forward "
                                           f"pass ({report.passes} pass{'es' if report.passes != 1 else ''})")
+        _outputs_rows(s, f)
         console.print(s)
+    fe = report.fidelity_eval
+    if fe is not None:
+        h = Table(title="fidelity on held-out data (--eval)", show_header=False, title_justify="left")
+        h.add_column("what", style="bold")
+        h.add_column("value")
+        h.add_row("samples", f"{fe.samples} ({report.eval_source})")
+        if fe.classifier:
+            h.add_row("top-1 agreement", _pct(fe.top1_agreement))
+            h.add_row("KL(original || converted)", _num(fe.kl))
+        h.add_row("relative output error", _num(fe.rel_output_error))
+        if fe.accuracy_converted is not None:
+            h.add_row("accuracy", f"{_pct(fe.accuracy_converted)} (original {_pct(fe.accuracy_original)})")
+        _outputs_rows(h, fe)
+        console.print(h)
     if report.files:
         for k, v in report.files.items():
             console.print(f"wrote {k}: {v}", markup=False)

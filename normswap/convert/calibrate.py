@@ -213,8 +213,9 @@ def holdback_split(data: Dataset, share: float = HOLDBACK_SHARE,
 def _sub_batches(batches: Batches, start: int, stop: int) -> Batches:
     d = batches.data
     labels = d.labels[start:stop] if d.labels is not None else None
-    return Batches(Dataset(d.inputs[start:stop], labels, d.source), batches.batch_size, batches.module,
-                   batches.sites)
+    # the same kind of batches (a BoundedBatches stays memory-bounded)
+    return type(batches)(Dataset(d.inputs[start:stop], labels, d.source), batches.batch_size, batches.module,
+                         batches.sites)
 
 
 def _score(out: Tensor, ref: Tensor) -> float:

@@ -57,9 +57,18 @@ from .calibrate import (Batches, calib_count, calibrate, expected_input_text, ho
 from .distill import distill as _distill
 from .fidelity import OutputCache, dist_info, eval_mode, fidelity
 from .report import ConvertReport, LayerFit
-from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents
+from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents, subclass_reasons
+from .bounded import BoundedBatches
+from .checks import check_data
+from .fidelity import heldout_fidelity
 
 __all__ = ["convert", "expected_input_text", "MODES", "recon_options"]
+
+
+def _world_size() -> int:
+    from .fidelity import dist_info
+
+    return dist_info()[1]
 
 MODES = ("fast", "sequential", "reconstruct")
 
@@ -70,7 +79,7 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
             recon_steps: int | None = None, _passes: int | None = None,
             _target: str = "auto", _distill_lr: float = 3e-4, _distill_params: str = "all",
             _distill_mix: bool = False, _recon: dict | None = None,
-            _holdback: bool = True) -> tuple[nn.Module, ConvertReport]:
+            _holdback: bool = True, eval_data=None) -> tuple[nn.Module, ConvertReport]:
     """Replace norm layers by ``to`` and fit the replacements on calibration data.
 
     Parameters
@@ -95,6 +104,8 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
         held-back 1/7 of the calibration samples.
     distill_steps: steps of distillation against the original after calibration (after the
         reconstruction in ``mode="reconstruct"``: augmented KL distillation of the norms only).
+    eval_data: held-out inputs (same forms as ``calib``) on which fidelity is measured
+        (``report.fidelity_eval``); without it the calibration-set numbers are in-sample.
     progress: optional callable ``progress(stage, step, total, loss)`` with stage "calibrate"
         (per pass), "reconstruct" (per step; loss is the block's loss) or "distill" (per step).
     time_budget_s: wall-clock budget of the reconstruction (and its distillation) in seconds.
@@ -135,10 +146,19 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     data = load_calib(calib, module, calib_samples, report)
     if data is not None and len(data) == 0:
         raise NormswapError("calibration data is empty")
+    report.warnings.extend(check_data(data, module, "calibration data", raw=calib))
+    evald = load_calib(eval_data, module, None, ConvertReport()) if eval_data is not None else None
+    report.warnings.extend(check_data(evald, module, "eval data", raw=eval_data))
     held = 0
+    if _holdback and _world_size() > 1 and data is not None:
+        # each process would hold back its own samples: the pick between the fast and the sequential
+        # fit could then differ from a single process on the union, so it is off under torch.distributed
+        _holdback = False
+        report.warnings.append("torch.distributed: the held-back comparison of the fast and sequential fits is off "
+                            "(every process fits on all of its samples; the result equals one process on the union)")
     if data is not None and len(data) and mode in ("sequential", "reconstruct") and _holdback:
         data, held = holdback_split(data)  # the last `held` samples choose between fits
-    batches = Batches(data, batch_size, module, sites) if data is not None else None
+    batches = BoundedBatches(data, batch_size, module, sites) if data is not None else None
     cache = None
     if batches is None:
         report.warnings.append("no calibration data: replacements are uncalibrated (source gamma/beta copied)")
@@ -177,6 +197,8 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     if batches is None and distill_steps > 0:
         report.warnings.append("--distill-steps needs calibration data; skipped")
         report.distill_steps = 0
+    if evald is not None:
+        heldout_fidelity(work, module, evald, batch_size, Batches(evald, batch_size, module, sites).to_dev, report)
     # 6. report
     _report_layers(sites, report)
     if was_training:
@@ -246,11 +268,13 @@ def _sites(work: nn.Module, to: str, sources: tuple[str, ...], report: ConvertRe
         found = ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())) or "no norm layers"
         hints = [f"{k} -> {', '.join(K.valid_targets(k))}" for k in sorted(skipped) if K.valid_targets(k)]
         hint = f"; valid targets for the norms found: {'; '.join(hints)}" if hints else ""
+        if "unsupported_subclass" in skipped:
+            hint += f"; left alone (not recognised by structure): {subclass_reasons(work)}"
         raise NormswapError(f"no {'/'.join(sources)} layers to convert to {to} in the model (found: {found}){hint}; "
                             "use --from KIND to choose the layers to convert")
     if "unsupported_subclass" in skipped:
         report.warnings.append(f"{skipped['unsupported_subclass']} norm subclass layer(s) were left alone "
-                               "(exact types only)")
+                               f"(not recognised by structure, exact types only): {subclass_reasons(work)}")
     replace_in_parents(work, {id(s.orig): s.wrapper for s in sites})
     report.sources = sorted({s.kind for s in sites}, key=lambda k: list(sources).index(k))
     return sites
@@ -262,7 +286,7 @@ def _finalise(work: nn.Module, sites: list[Site]) -> None:
         new = s.wrapper.new
         if hasattr(new, "_ns_groups"):
             del new._ns_groups
-    replace_in_parents(work, {id(s.wrapper): s.wrapper.new for s in sites})
+    replace_in_parents(work, {id(s.wrapper): s.wrapper.replacement() for s in sites})
     for s in sites:
         s.wrapper.stats = None
         s.stats = None

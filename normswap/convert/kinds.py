@@ -19,6 +19,7 @@ precise ONNX decomposition).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,7 +29,7 @@ from torch import nn
 from ..errors import NormswapError
 from ..norms import NORMS
 
-__all__ = ["TARGETS", "TargetSpec", "ChannelAffine", "DEFAULT_SOURCES", "source_kinds", "valid_targets",
+__all__ = ["TARGETS", "TargetSpec", "ChannelAffine", "register_opacus", "DEFAULT_SOURCES", "source_kinds", "valid_targets",
            "valid_pairs_text", "default_sources", "check_pair", "build_target", "divisors", "naive_groups"]
 
 
@@ -51,6 +52,36 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
+
+
+def _channel_affine_grad_sample(layer: ChannelAffine, activations, backprops) -> dict:
+    """Per-sample gradients of a :class:`ChannelAffine` (for Opacus): sum over every axis but
+    the batch (0) and channel (1) axes of ``x * g`` (weight) and ``g`` (bias)."""
+    x = activations[0] if isinstance(activations, (list, tuple)) else activations
+    g = backprops
+    dims = tuple(range(2, g.dim()))
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = (x * g).sum(dims) if dims else x * g
+    if layer.bias.requires_grad:
+        out[layer.bias] = g.sum(dims) if dims else g
+    return out
+
+
+def register_opacus() -> bool:
+    """Register the grad sampler of :class:`ChannelAffine` with Opacus (``--to affine`` layers
+    then train under ``PrivacyEngine`` with exact per-sample gradients, like nn.Conv2d / GroupNorm);
+    done automatically when opacus is already imported when the layers are built.  Without it,
+    Opacus >= 1.2 falls back to its functorch per-sample gradients.  Returns False when opacus
+    is not installed."""
+    try:
+        from opacus.grad_sample import GradSampleModule
+        from opacus.grad_sample.utils import register_grad_sampler
+    except Exception:  # noqa: BLE001 - opacus is optional
+        return False
+    if ChannelAffine not in GradSampleModule.GRAD_SAMPLERS:
+        register_grad_sampler(ChannelAffine)(_channel_affine_grad_sample)
+    return True
 
 
 # ------------------------------------------------------------------------------ group counts
@@ -117,6 +148,8 @@ def _build_frn(c, ndim, *, groups, eps, where):
 
 
 def _build_affine(c, ndim, *, groups, eps, where):
+    if "opacus" in sys.modules:
+        register_opacus()
     return ChannelAffine(c)
 
 
@@ -166,8 +199,9 @@ class TargetSpec:
                        where=where)
 
 
-#: the BatchNorm kinds: what convert replaces unless told otherwise
-DEFAULT_SOURCES = ("bn", "frozen_bn")
+#: the BatchNorm kinds: what convert replaces unless told otherwise (timm's BatchNormAct2d is a
+#: BatchNorm followed by its drop / act, which the replacement keeps)
+DEFAULT_SOURCES = ("bn", "frozen_bn", "bn_act")
 
 
 def _non_bn_conv_sources() -> tuple[str, ...]:
@@ -193,7 +227,7 @@ TARGETS: dict[str, TargetSpec] = {spec.name: spec for spec in (
     TargetSpec("frn", {"conv": _build_frn}, "sample", "FRN + TLU",
                candidates=lambda c, groups, name: [0], eps=1e-6),
     TargetSpec("affine", {"conv": _build_affine}, "dataset",
-               "frozen per-channel affine (exact for eval BatchNorm)"),
+               "per-channel affine y = x*w + b (exact for eval BatchNorm; no batch statistics; trainable under Opacus)"),
     TargetSpec("rms", {"token": _build_rms}, "sample", "RMSNorm (token models, from LayerNorm)",
                default_sources=_layer_norm_sources),
 )}

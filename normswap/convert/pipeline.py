@@ -59,13 +59,17 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
                  calib_samples: int | None = None, output: str | Path | None = None,
                  onnx: str | Path | None = None, export_onnx: bool = True, check: bool = True,
                  input_shape=None, force: bool = False, progress: Callable | None = None,
-                 arch=None, arch_kwargs=None, trust: bool = False, imports=(), providers=("cpu", "cuda")):
+                 arch=None, arch_kwargs=None, trust: bool = False, imports=(), providers=("cpu", "cuda"),
+                 eval_data=None):
     """Convert the model file ``model_path``; returns ``(converted_model, ConvertReport)``.
 
     Writes the converted model (default ``<stem>.<to><suffix>`` beside the input, in the input's
     format) and, unless ``export_onnx=False``, the ONNX file (default ``<stem>.<to>.onnx`` beside
     the input, or the ``-o`` file with the suffix ``.onnx``), then
     checks ONNX parity in onnxruntime (CPU, and CUDA when available) unless ``check=False``.
+    ``eval_data`` (``--eval``): held-out data on which fidelity is measured (else the report's
+    fidelity is in-sample, on the calibration data).  Bad data (NaN/Inf inputs, integer inputs to a
+    float model, fractional float labels) is refused before anything is fitted or written.
     """
     from ..io import as_module, check_outputs, load_model, save_model, staged_output
     from .core import convert
@@ -86,11 +90,20 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
     resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx)
     data, ex = resolved.data, resolved.example
+    from .checks import check_data
+
+    notes = check_data(data, module, "calibration data", raw=calib)
+    evald = None
+    if eval_data is not None:
+        if isinstance(eval_data, str) and eval_data == "random":
+            raise NormswapError("--eval needs real held-out data, not 'random'")
+        evald = _resolve(module, eval_data, None, input_shape, required=False).data
+        notes += check_data(evald, module, "eval data", raw=eval_data)
 
     converted, report = convert(module, to, data, source=source, groups=groups, mode=mode,
                                 distill_steps=distill_steps, batch_size=batch_size,
-                                calib_samples=calib_samples, progress=progress)
-    report.warnings[:0] = resolved.notes
+                                calib_samples=calib_samples, progress=progress, eval_data=evald)
+    report.warnings[:0] = list(resolved.notes) + [n for n in notes if n not in report.warnings]
     report.warnings.extend(getattr(loaded, "notes", []) or [])
 
     # the model is staged beside OUT and renamed into place only once the ONNX export

@@ -40,15 +40,32 @@ class LayerFit:
 
 @dataclass
 class Fidelity:
-    """How the converted model's outputs compare with the original's on the calibration inputs."""
+    """How the converted model's outputs compare with the original's on some inputs: the
+    calibration inputs (``data="calibration"``, ``in_sample=True``: the fit has seen them, so the
+    numbers are optimistic) or held-out inputs (``data="held-out"``, from ``eval_data`` /
+    ``--eval``)."""
 
     samples: int = 0
+    #: "calibration" (in-sample) or "held-out"
+    data: str = "calibration"
+    in_sample: bool = True
     classifier: bool = False
     top1_agreement: float | None = None  # classifiers
     kl: float | None = None  # mean KL(original || converted), classifiers
     rel_output_error: float | None = None  # ||out_new - out_orig|| / ||out_orig||
     accuracy_original: float | None = None  # when the calibration data has labels
     accuracy_converted: float | None = None
+    #: the output the agreement / KL / rel_output_error are measured on (first logits-like)
+    output: str | None = None
+    #: every output of the model: {"name", "shape" (per sample), "max_abs_error", "rel_error",
+    #: "nonfinite"} (errors are converted - original)
+    outputs: list = field(default_factory=list)
+
+    @property
+    def worst_output(self) -> dict | None:
+        """The output with the largest relative error (None without outputs)."""
+        finite = [o for o in self.outputs if o.get("rel_error") is not None]
+        return max(finite, key=lambda o: o["rel_error"]) if finite else None
 
 
 @dataclass
@@ -67,8 +84,11 @@ class ConvertReport(Report):
     layers: list = field(default_factory=list)
     #: fidelity after calibration (and before distillation)
     fidelity_calibrated: Fidelity | None = None
-    #: final fidelity (after distillation when distill_steps > 0)
+    #: final fidelity on the calibration data (after distillation when distill_steps > 0): in-sample
     fidelity: Fidelity | None = None
+    #: final fidelity on held-out data (``eval_data`` / ``--eval``); None without it
+    fidelity_eval: Fidelity | None = None
+    eval_source: str | None = None
     distill_steps: int = 0
     distill_loss: float | None = None
     distill_seconds: float | None = None
@@ -92,6 +112,12 @@ class ConvertReport(Report):
         if self.calib_seconds is None or not self.forward_seconds:
             return None
         return self.calib_seconds / self.forward_seconds
+
+    @property
+    def fidelity_basis(self) -> str | None:
+        if self.fidelity_eval is not None:
+            return "held-out"
+        return "in-sample" if self.fidelity is not None else None
 
     @property
     def passed(self) -> bool:
@@ -118,6 +144,10 @@ class ConvertReport(Report):
             "layers": [jsonable(x) for x in self.layers],
             "fidelity_calibrated": jsonable(self.fidelity_calibrated),
             "fidelity": jsonable(self.fidelity),
+            "fidelity_eval": jsonable(self.fidelity_eval),
+            "eval_source": self.eval_source,
+            #: which fidelity the headline numbers are: "held-out" or "in-sample"
+            "fidelity_basis": self.fidelity_basis,
             "distill_steps": self.distill_steps,
             "distill_loss": self.distill_loss,
             "distill_seconds": self.distill_seconds,
@@ -138,6 +168,8 @@ class ConvertReport(Report):
         parts = [f"{self.sites} {kinds}->{self.target} site{'s' if self.sites != 1 else ''}"]
         if not self.calibrated:
             parts.append("uncalibrated (no calibration data)")
+            if self.fidelity_eval is not None:
+                parts.append(_fid_text(self.fidelity_eval) + f" held-out ({self.fidelity_eval.samples} eval samples)")
         else:
             f = self.fidelity
             on = " on random inputs" if self.calib_source == "random" else ""
@@ -145,19 +177,33 @@ class ConvertReport(Report):
             if self.distill_steps:
                 txt += f", {self.distill_steps} distill steps"
             txt += ")"
+            heldout = self.fidelity_eval is not None
+            if heldout:
+                f = self.fidelity_eval
             if f is not None:
-                if f.classifier and f.top1_agreement is not None:
-                    txt += f": top-1 agreement {100 * f.top1_agreement:.1f}%"
-                elif f.rel_output_error is not None:
-                    txt += f": rel. output error {f.rel_output_error:.3g}"
-                if f.accuracy_converted is not None and f.accuracy_original is not None:
-                    txt += f", accuracy {100 * f.accuracy_converted:.1f}% (original {100 * f.accuracy_original:.1f}%)"
+                txt += ": " + _fid_text(f)
+                txt += (f" held-out ({f.samples} eval samples)" if heldout
+                        else " in-sample (on the calibration data; pass --eval for held-out numbers)")
             parts.append(txt)
         if self.files:
             parts.append("wrote " + ", ".join(str(v) for v in self.files.values()))
         if self.parity is not None:
             parts.append("parity " + ("ok" if self.passed else "FAILED"))
         return " | ".join(parts)
+
+
+def _fid_text(f: Fidelity) -> str:
+    txt = ""
+    if f.classifier and f.top1_agreement is not None:
+        txt = f"top-1 agreement {100 * f.top1_agreement:.1f}%"
+    elif f.rel_output_error is not None:
+        txt = f"rel. output error {f.rel_output_error:.3g}"
+    if f.accuracy_converted is not None and f.accuracy_original is not None:
+        txt += f", accuracy {100 * f.accuracy_converted:.1f}% (original {100 * f.accuracy_original:.1f}%)"
+    w = f.worst_output
+    if len(f.outputs) > 1 and w is not None:
+        txt += f", worst output {w['name']} rel. error {w['rel_error']:.3g}"
+    return txt
 
 
 def _report_dict(obj):

@@ -11,6 +11,7 @@ explicit :class:`Mode`, set for all sites by the context manager :func:`calibrat
 
 from __future__ import annotations
 
+import copy
 import enum
 from collections import deque
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from ..norms import NORMS, iter_norms
 from . import kinds as K
 
 __all__ = ["Mode", "CalibSite", "Site", "calibration_mode", "find_sites", "replace_in_parents",
-           "param_like", "default_ndim", "detach_nonleaf_attrs"]
+           "param_like", "default_ndim", "detach_nonleaf_attrs", "norm_only", "subclass_reasons"]
 
 
 class Mode(enum.Enum):
@@ -42,16 +43,36 @@ class Mode(enum.Enum):
 
 
 class CalibSite(nn.Module):
-    """Stand-in for one norm during calibration (replaced by the fitted module at the end)."""
+    """Stand-in for one norm during calibration (replaced by the fitted module at the end).
 
-    def __init__(self, orig: nn.Module) -> None:
+    ``orig`` computes the norm only; ``post`` (a :class:`normswap.layers.PostOps` or None) holds
+    what a library norm applies after normalising (timm BatchNormAct2d's ``drop`` and ``act``).
+    Statistics are taken on the normalised output, and ``post`` is applied to whatever the
+    wrapper passes on, so the replacement is fitted to the norm and followed by the same ops.
+    """
+
+    def __init__(self, orig: nn.Module, post: nn.Module | None = None) -> None:
         super().__init__()
         self.orig = orig
+        self.post = post
         self.new: nn.Module | None = None
         self.mode = Mode.ORIGINAL
         self.stats = None  # the site's sufficient statistics while fitting
         self.shape_seen: tuple[int, ...] | None = None
         self.recorded: deque[Tensor] = deque()
+
+    def replacement(self) -> nn.Module:
+        """What takes the wrapper's place: the fitted module, followed by the post ops if any
+        (``PostOps(norm=new, drop=..., act=...)``: the post-op children keep their names)."""
+        if self.post is None:
+            return self.new
+        from ..layers import PostOps
+
+        kids = dict(self.post.named_children())
+        return PostOps(norm=self.new, **kids).train(self.new.training)
+
+    def _after(self, y: Tensor) -> Tensor:
+        return self.post(y) if self.post is not None else y
 
     def forward(self, x, *args, **kwargs):
         if args or kwargs:
@@ -64,15 +85,16 @@ class CalibSite(nn.Module):
         if mode is Mode.RECORD:
             y = self.orig(x)
             self.recorded.append(y)
-            return y
+            # an in-place activation (ReLU(inplace=True)) must not change the recorded tensor
+            return self._after(y.clone() if self.post is not None else y)
         if mode is Mode.FIT or mode is Mode.FIT_REPLACED:
             rec = self.recorded.popleft() if self.recorded else None
             y = rec if rec is not None and rec.shape == x.shape else self.orig(x)
             self.stats.update(x, y)
             if mode is Mode.FIT_REPLACED and self.new is not None:
-                return self.new(x)
-            return y
-        return self.orig(x)
+                return self._after(self.new(x))
+            return self._after(y)
+        return self._after(self.orig(x))
 
 
 @contextmanager
@@ -97,7 +119,10 @@ class Site:
         self.orig = module
         self.layout = layout
         self.channels = _channels_of(module)
-        self.wrapper = CalibSite(module)
+        #: what the library norm applies after normalising ((name, module), in order)
+        self.post_ops = _post_ops(module, kind)
+        self.wrapper = CalibSite(norm_only(module, kind) if self.post_ops else module,
+                                 _post_module(self.post_ops))
         self.stats = None
         self.groups: int | None = None
         self.err_naive: float | None = None
@@ -124,6 +149,59 @@ def find_sites(work: nn.Module, to: str, sources: tuple[str, ...]) -> tuple[list
                                 f"(valid pairs: {K.valid_pairs_text()})")
         sites.append(Site(name or type(m).__name__, kind, m, layout))
     return sites, skipped
+
+
+def _post_ops(module: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
+    from ..library_norms import post_op_children
+
+    return post_op_children(module, kind)
+
+
+def _post_module(post_ops: list[tuple[str, nn.Module]]) -> nn.Module | None:
+    if not post_ops:
+        return None
+    from ..layers import PostOps
+
+    return PostOps(**dict(post_ops))
+
+
+def norm_only(module: nn.Module, kind: str) -> nn.Module:
+    """A shallow copy of ``module`` (same parameters and buffers) whose post-op children
+    (``NORMS[kind].post_ops``, e.g. timm's ``drop`` / ``act``) are ``nn.Identity``: its forward
+    is the normalisation alone."""
+    names = NORMS[kind].post_ops if kind in NORMS else ()
+    if not names:
+        return module
+    m = copy.copy(module)
+    m._modules = dict(module._modules)
+    for n in names:
+        if n in m._modules:
+            m._modules[n] = nn.Identity()
+    return m
+
+
+def subclass_reasons(work: nn.Module, limit: int = 3) -> str:
+    """Why the norm subclasses of ``work`` that no recogniser knows are left alone, e.g.
+    ``"MyBN (subclass of BatchNorm2d; children: gate)"``."""
+    from ..norms import known_base
+
+    seen: dict[str, str] = {}
+    for name, m, kind in iter_norms(work):
+        if kind != "unsupported_subclass" or type(m).__name__ in seen:
+            continue
+        base = known_base(m)
+        extra = [n for n, _ in m.named_children()]
+        own = [n for n, _ in m.named_parameters(recurse=False)
+               if base is None or n not in {"weight", "bias"}]
+        bits = [f"subclass of {base.__name__ if base is not None else 'a known norm'}"]
+        if extra:
+            bits.append("children: " + ", ".join(extra))
+        if own:
+            bits.append("own parameters: " + ", ".join(own))
+        seen[type(m).__name__] = f"{type(m).__name__} at {name or '<root>'} ({'; '.join(bits)})"
+    items = list(seen.values())
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _channels_of(m: nn.Module) -> int:
