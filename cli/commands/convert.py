@@ -73,6 +73,8 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @click.option("--recon-steps", "recon_steps", type=int, default=None, metavar="N", help="Optimisation steps per block in --mode reconstruct (default 40, cut to fit the time budget).")
 @click.option("--distill-steps", type=int, default=0, show_default=True, metavar="N", help="Distillation steps against the original after calibration.")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Converted model file (default MODEL.<to>.pt).")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), metavar="FILE.html",
+              help="Write a self-contained HTML report with plots.")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="ONNX file (default MODEL.<to>.onnx, or OUT.onnx beside -o OUT).")
 @click.option("--no-onnx", is_flag=True, default=False, help="Do not export to ONNX (implies --no-check).")
 @click.option("--no-check", is_flag=True, default=False, help="Skip the onnxruntime parity check.")
@@ -82,11 +84,15 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @output_options
 @pass_settings
 def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, time_budget,
-            recon_steps, distill_steps, output, onnx_path,
+            recon_steps, distill_steps, output, report_path, onnx_path,
             no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts):
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
-    def job():
+    from normswap.convert.pipeline import output_paths
+
+    out_path, onnx_file = output_paths(model_path, to, output, onnx_path)
+
+    def job(outs):
         from normswap.convert.core import recon_options
         from normswap.convert.pipeline import convert_file
 
@@ -96,10 +102,17 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
                 export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
                 progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
-                eval_data=eval_data)
+                eval_data=eval_data, outputs=outs)
+        if report_path:
+            from normswap.html_report import convert_report_html
+
+            outs.staged("--report").write_text(convert_report_html(report.to_dict()), encoding="utf-8")
         return report
 
-    run_job(job, render, opts)
+    outputs = {"-o": str(out_path), "--onnx": None if no_onnx else str(onnx_file), "--report": report_path}
+    run_job(job, render, opts, outputs={k: v for k, v in outputs.items() if v},
+            inputs=[("the input model", model_path), ("the --calib data", calib), ("the --eval data", eval_data)],
+            force=force)
 
 
 class _Progress:
@@ -111,20 +124,23 @@ class _Progress:
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        return self  # the bar starts with the first progress report: an error before it prints alone
 
-            from normswap_cli.common import console
+    def _start(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
-                                console=console(stderr=True), transient=True)
-            self.bar.__enter__()
-        return self
+        from normswap_cli.common import console
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
+                            console=console(stderr=True), transient=True)
+        self.bar.__enter__()
 
     def __call__(self, stage: str, step: int, total: int, loss=None) -> None:
-        if self.bar is None:
+        if self.quiet:
             return
+        if self.bar is None:
+            self._start()
         if stage not in self.tasks:
             label = {"calibrate": "calibrating (passes)", "reconstruct": "reconstructing (steps)",
                      "distill": "distilling"}.get(stage, stage)
@@ -158,24 +174,33 @@ def _outputs_rows(table, f) -> None:
 def render(report, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"convert -> {report.target} ({report.sites} sites, "
+    from rich import box
+
+    # layer names are never cut (pipes, CI logs at 80 columns): a uniform from/to pair goes in the
+    # title instead of two columns, and every cell folds onto more lines rather than ending in "…"
+    pairs = {(layer.source_type, layer.target_type) for layer in report.layers}
+    uniform = len(pairs) == 1
+    kinds = f", {next(iter(pairs))[0]} -> {next(iter(pairs))[1]}" if uniform else ""
+    t = Table(title=f"convert -> {report.target} ({report.sites} sites{kinds}, "
                     f"{'calibrated, ' + report.mode if report.calibrated else 'uncalibrated'})",
-              title_justify="left")
-    for col, j in (("layer", "left"), ("from", "left"), ("to", "left"), ("C", "right"), ("groups", "right"),
-                   ("err naive", "right"), ("err fitted", "right"), ("method", "left")):
-        t.add_column(col, justify=j)
+              title_justify="left", box=box.SIMPLE_HEAD)
+    cols = [("layer", "left")] + ([] if uniform else [("from", "left"), ("to", "left")]) + [
+        ("C", "right"), ("groups", "right"), ("err naive", "right"), ("err fitted", "right"), ("method", "left")]
+    for col, j in cols:
+        t.add_column(col, justify=j, overflow="fold")
     for layer in report.layers:
-        t.add_row(layer.name, layer.source_type, layer.target_type, str(layer.channels),
-                  "-" if layer.groups is None else str(layer.groups), _num(layer.err_naive), _num(layer.err_fitted),
-                  layer.method + (f" ({layer.note})" if layer.note else ""))
+        row = [layer.name] + ([] if uniform else [layer.source_type, layer.target_type]) + [
+            str(layer.channels), "-" if layer.groups is None else str(layer.groups), _num(layer.err_naive),
+            _num(layer.err_fitted), layer.method + (f" ({layer.note})" if layer.note else "")]
+        t.add_row(*row)
     console.print(t)
     f = report.fidelity
     if f is not None:
         s = Table(title="fidelity on the calibration data (in-sample"
                         + ("; held-out below)" if report.fidelity_eval is not None else "; pass --eval DATA for held-out)"),
                   show_header=False, title_justify="left")
-        s.add_column("what", style="bold")
-        s.add_column("value")
+        s.add_column("what", style="bold", overflow="fold")
+        s.add_column("value", overflow="fold")
         s.add_row("samples", f"{f.samples} ({report.calib_source})")
         fc = report.fidelity_calibrated
         if f.classifier:
@@ -197,8 +222,8 @@ def render(report, console) -> None:
     fe = report.fidelity_eval
     if fe is not None:
         h = Table(title="fidelity on held-out data (--eval)", show_header=False, title_justify="left")
-        h.add_column("what", style="bold")
-        h.add_column("value")
+        h.add_column("what", style="bold", overflow="fold")
+        h.add_column("value", overflow="fold")
         h.add_row("samples", f"{fe.samples} ({report.eval_source})")
         if fe.classifier:
             h.add_row("top-1 agreement", _pct(fe.top1_agreement))

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import NormswapError
 
-__all__ = ["convert_file", "default_output_paths", "parse_groups"]
+__all__ = ["convert_file", "default_output_paths", "output_paths", "parse_groups"]
 
 #: calibration samples drawn for ``--calib random`` without ``--calib-samples``
 RANDOM_CALIB_SAMPLES = 256
@@ -60,7 +60,7 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
                  onnx: str | Path | None = None, export_onnx: bool = True, check: bool = True,
                  input_shape=None, force: bool = False, progress: Callable | None = None,
                  arch=None, arch_kwargs=None, trust: bool = False, imports=(), providers=("cpu", "cuda"),
-                 eval_data=None):
+                 eval_data=None, outputs=None):
     """Convert the model file ``model_path``; returns ``(converted_model, ConvertReport)``.
 
     Writes the converted model (default ``<stem>.<to><suffix>`` beside the input, in the input's
@@ -70,22 +70,54 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     ``eval_data`` (``--eval``): held-out data on which fidelity is measured (else the report's
     fidelity is in-sample, on the calibration data).  Bad data (NaN/Inf inputs, integer inputs to a
     float model, fractional float labels) is refused before anything is fitted or written.
+    ``outputs``: the run's claimed :class:`normswap.outputs.OutputSet` (the CLI's, with ``-o`` and
+    ``--onnx``): files are staged into it and the caller commits the set; without it convert_file
+    claims, stages and commits its own (only when the job passed).
     """
-    from ..io import as_module, check_outputs, load_model, save_model, staged_output
+    from ..io import as_module, load_model, save_model
+    from ..outputs import OutputSet
     from .core import convert
 
     groups = parse_groups(groups)
-    loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-    module = as_module(loaded, require_eager=True, job="convert")
+    out_path, onnx_path = output_paths(model_path, to, output, onnx)
+    own = outputs is None
+    if own:  # the library call claims its own set (the CLI passes the run's, with --json)
+        outputs = OutputSet({"-o": out_path, "--onnx": onnx_path if export_onnx else None},
+                            inputs=[("the input model", model_path), ("the --calib data", calib),
+                                    ("the --eval data", eval_data)], force=force).claim()
+    try:
+        return _convert_file(outputs, model_path, to, calib=calib, source=source, groups=groups, mode=mode,
+                             distill_steps=distill_steps, batch_size=batch_size, calib_samples=calib_samples,
+                             export_onnx=export_onnx, check=check, input_shape=input_shape, progress=progress,
+                             arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
+                             providers=providers, eval_data=eval_data, commit=own)
+    finally:
+        if own:
+            outputs.release()
+
+
+def output_paths(model_path, to: str, output=None, onnx=None) -> tuple[Path, Path]:
+    """The ``-o`` / ``--onnx`` paths of a convert run (defaults beside the input, or the ONNX
+    file beside ``-o``)."""
     out_default, onnx_default = default_output_paths(model_path, to)
     out_path = Path(output) if output is not None else out_default
     if onnx is not None:
-        onnx_path = Path(onnx)
-    elif output is not None:  # beside the converted model: out/m.pt -> out/m.onnx
-        onnx_path = out_path.with_suffix(".onnx")
-    else:
-        onnx_path = onnx_default
-    check_outputs(model_path, out_path, onnx_path if export_onnx else None, force=force)
+        return out_path, Path(onnx)
+    if output is not None:  # beside the converted model: out/m.pt -> out/m.onnx
+        return out_path, out_path.with_suffix(".onnx")
+    return out_path, onnx_default
+
+
+def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, distill_steps, batch_size,
+                  calib_samples, export_onnx, check, input_shape, progress, arch, arch_kwargs, trust, imports,
+                  providers, eval_data, commit):
+    from ..io import as_module, load_model, save_model
+    from .core import convert
+
+    loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+    module = as_module(loaded, require_eager=True, job="convert")
+    out_path = outputs.final["-o"]
+    onnx_path = outputs.final.get("--onnx")
     if calib_samples is not None and calib_samples < 1:
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
     resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx)
@@ -106,30 +138,34 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     report.warnings[:0] = list(resolved.notes) + [n for n in notes if n not in report.warnings]
     report.warnings.extend(getattr(loaded, "notes", []) or [])
 
-    # the model is staged beside OUT and renamed into place only once the ONNX export
-    # succeeded: a failed export leaves neither file behind (an existing OUT stays as it was)
-    with staged_output(out_path, force=force) as tmp:
-        saved = save_model(converted, tmp, like=loaded, force=True, architecture_changed=True)
-        if export_onnx:
-            from ..export import export
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                rep_export = export(converted, onnx_path, ex, eval=True, force=True)
+    # every file is staged; the set is committed only when the export and the parity check ran
+    # (a failed job leaves no outputs; an existing OUT stays as it was)
+    saved = save_model(converted, outputs.staged("-o"), like=loaded, force=True, architecture_changed=True,
+                       staged=True)
     report.files["model"] = str(out_path)
     if isinstance(saved, dict):
         report.warnings.extend(saved.get("notes", []))
+    if export_onnx:
+        from ..export import export
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            rep_export = export(converted, outputs.staged("--onnx"), ex, eval=True, force=True, staged=True)
+        rep_export.path = str(onnx_path)
+        report.export = rep_export
+        report.files["onnx"] = str(onnx_path)
+        if check:
+            from ..check import MAX_SAMPLES
+            from ..check import check as check_parity
 
-    if not export_onnx:
-        return converted, report
-    report.export = rep_export
-    report.files["onnx"] = str(getattr(rep_export, "path", onnx_path))
-    if check:
-        from ..check import MAX_SAMPLES
-        from ..check import check as check_parity
-
-        if data is not None:
-            inputs = data.inputs[:MAX_SAMPLES]
-        else:
-            inputs = ex[0] if len(ex) == 1 else ex
-        report.parity = check_parity(converted, onnx_path, inputs, providers=providers)
+            if data is not None:
+                inputs = data.inputs[:MAX_SAMPLES]
+            else:
+                inputs = ex[0] if len(ex) == 1 else ex
+            try:
+                report.parity = check_parity(converted, outputs.staged("--onnx"), inputs, providers=providers)
+            except NormswapError as e:
+                raise NormswapError(f"the parity check could not run, nothing was written: {e}") from None
+            report.parity.onnx_path = str(onnx_path)
+    if commit and report:
+        outputs.commit()
     return converted, report
