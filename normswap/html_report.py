@@ -550,10 +550,13 @@ def check_report_html(parity_dict: dict | None, locate_result_dict: dict | None 
 # --------------------------------------------------------------------------- convert
 
 
-def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool) -> str:
-    cols = [("after calibration", cal)] + ([("final (after distillation)", fin)] if distilled and fin else [])
+def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool, held: dict | None = None) -> str:
+    cols = [("after calibration (in-sample)", cal)] + (
+        [("final (after distillation, in-sample)", fin)] if distilled and fin else [])
     if not distilled and fin and not cal:
-        cols = [("final", fin)]
+        cols = [("final (in-sample)", fin)]
+    if held:
+        cols.append((f"held-out (--eval, {held.get('samples')} samples)", held))
     cols = [(h, d) for h, d in cols if d]
     if not cols:
         return '<p class="muted">No fidelity numbers (no calibration data).</p>'
@@ -603,7 +606,8 @@ def convert_report_html(convert_report_dict: dict) -> str:
         ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
     ]))
     body.append("<h2>Fidelity</h2>")
-    body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(r.get("distill_steps"))))
+    body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(r.get("distill_steps")),
+                                r.get("fidelity_eval")))
 
     if layers:
         body.append("<h2>Per-layer reconstruction error</h2>")

@@ -347,6 +347,9 @@ def _err(opt: str | None, message: str) -> NormswapError:
 
 
 def _is_special(p) -> bool:
+    """Not a file: 'random', '-', or an in-memory input (a tensor, an array, a DataLoader)."""
+    if not isinstance(p, (str, os.PathLike)):
+        return True
     return isinstance(p, str) and p in ("random", "-")
 
 

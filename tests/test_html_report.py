@@ -73,8 +73,10 @@ def _convert_dict():
     rep = ConvertReport(
         target="gn", sources=["bn"], mode="sequential", groups="auto", calibrated=True, calib_source="digits.npz",
         calib_samples=256, calib_labels=True, passes=2, layers=layers,
-        fidelity_calibrated=Fidelity(256, True, 0.965, 0.05, 0.1, 0.995, 0.96),
-        fidelity=Fidelity(256, True, 0.99, 0.01, 0.05, 0.995, 0.99), distill_steps=100, distill_loss=0.01,
+        fidelity_calibrated=Fidelity(256, classifier=True, top1_agreement=0.965, kl=0.05, rel_output_error=0.1,
+                                     accuracy_original=0.995, accuracy_converted=0.96),
+        fidelity=Fidelity(256, classifier=True, top1_agreement=0.99, kl=0.01, rel_output_error=0.05,
+                          accuracy_original=0.995, accuracy_converted=0.99), distill_steps=100, distill_loss=0.01,
         distill_seconds=3.0, calib_seconds=1.2, forward_seconds=0.4, warnings=["calibrated on 256 samples"],
     )
     return rep.to_dict()
