@@ -84,3 +84,10 @@ def test_the_error_is_the_first_line(tmp_path):
                         "--to", "gn"], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.splitlines()[0].startswith("error:")
+
+
+def test_an_empty_input_shape_is_an_error_not_ignored(tmp_path):
+    r = CliRunner().invoke(cli, ["convert", MODEL, *ARCH, "--to", "gn", "--input-shape", "", "-o",
+                                 str(tmp_path / "m.pt")])
+    assert r.exit_code == 2 and "--input-shape ''" in r.output
+    assert os.listdir(tmp_path) == []

@@ -37,13 +37,13 @@ def _resolve(module, calib, calib_samples, input_shape, *, required: bool):
     from ..inputs import resolve_inputs
 
     if isinstance(calib, str) and calib == "random":
-        base = parse_shape(input_shape) if input_shape else guess_input_shape(module)
+        base = parse_shape(input_shape) if input_shape is not None else guess_input_shape(module)
         if base is None:
             raise NormswapError("--calib random needs --input-shape N,C,H,W")
         shape = (calib_samples or RANDOM_CALIB_SAMPLES,) + tuple(base[1:])
         return resolve_inputs(module, input_shape=shape, data="random", batch=2, required=required,
                               data_option="--calib")
-    return resolve_inputs(module, input_shape=input_shape or None, data=calib, limit=calib_samples, batch=2,
+    return resolve_inputs(module, input_shape=input_shape, data=calib, limit=calib_samples, batch=2,
                           required=required, data_option="--calib")
 
 
