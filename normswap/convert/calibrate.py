@@ -164,7 +164,7 @@ def _fit_sites(sites: list[Site], to: str, groups, first_pass: bool) -> None:
             s.wrapper.new._ns_groups = s.groups
         assign(s.wrapper.new, params)
         s.calibrated = True
-        s.method = "fitted"
+        s.method = "exact" if getattr(s, "exact", False) else "fitted"
 
 
 def resolve_target(target: str, to: str) -> str:

@@ -69,6 +69,14 @@ def fit_site(site: Site, to: str, groups, first_pass: bool) -> dict:
         site.err_naive = rel(float(st.naive_x_sse(kk).sum()), den)
     site.err_fitted = rel(float(sse.sum()), den)
     if to == "affine":
+        # a source whose eval form is a per-channel affine (BatchNorm & co.) is copied exactly: a least-squares
+        # fit can only be worse (a channel constant on the calibration data, e.g. a ReLU6 clipped everywhere,
+        # gets slope 0 and is wrong on other data); the fit is for sources with no such closed form
+        exact = NORMS[site.kind].eval_affine(site.orig) if site.kind in NORMS else "unknown kind"
+        if not isinstance(exact, str) and exact[0].numel() == c:
+            site.err_fitted = 0.0
+            site.exact = True
+            return {"weight": exact[0], "bias": exact[1]}
         return {"weight": s, "bias": t}
     mean, var = st.x_moments()
     if to == "bn":
