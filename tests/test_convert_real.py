@@ -127,11 +127,24 @@ def test_efficientnet_lite1_structure():
         assert m._blocks(m._conv_stem(torch.zeros(1, 3, 240, 240))).shape == (1, 320, 8, 8)
 
 
+def _bench_main():
+    """benchmarks/convert_real.py's main (loaded by path: ``benchmarks`` is no package, and another
+    distribution may install one under that name)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_real.py"
+    spec = importlib.util.spec_from_file_location("normswap_bench_convert_real", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
 @pytest.mark.slow
 def test_convert_real_benchmark_small():
     """A few crops through the real benchmark: fast mode keeps most predictions held-out."""
     _lite1()
-    from benchmarks.convert_real import main
+    main = _bench_main()
     assert main(["--calib", "16", "--eval", "16", "--targets", "gn", "--methods", "fast,recon",
                  "--steps", "5"]) == 0
 
@@ -141,7 +154,7 @@ def test_convert_real_benchmark_modes(capsys):
     """The API modes on a few crops of the real benchmark: every row printed, reconstruct included;
     sequential is never worse than fast on its held-back calibration crops."""
     _lite1()
-    from benchmarks.convert_real import main
+    main = _bench_main()
     assert main(["--calib", "28", "--eval", "8", "--size", "128", "--targets", "gn",
                  "--methods", "fast,sequential,reconstruct", "--steps", "3", "--verbose"]) == 0
     out = capsys.readouterr().out
