@@ -87,18 +87,10 @@ def find_blocks(converted: nn.Module, norms: list[str], max_norms: int = 4) -> l
 # ----------------------------------------------------------------------------- helpers
 
 def _first_tensor(out):
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict):
-        for k in ("logits", "out", "output"):
-            if isinstance(out.get(k), Tensor):
-                return out[k]
-        return next(v for v in out.values() if isinstance(v, Tensor))
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    raise TypeError(f"no tensor in output of type {type(out).__name__}")
+    """The output agreement / KL are measured on (the same choice as fidelity and distillation)."""
+    from .fidelity import first_tensor
+
+    return first_tensor(out)
 
 
 def _batches(n: int, bs: int):
