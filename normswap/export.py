@@ -509,7 +509,7 @@ def export_file(
         attach_load(report, loaded)
         module = getattr(loaded, "module", None)
         if hasattr(module, "named_modules") and not hasattr(module, "graph_signature"):
-            from normswap.fold.pipeline import bad_statistics
+            from normswap.norms import bad_statistics
 
             bad = bad_statistics(module)
             for name, problem in bad.items():

@@ -30,6 +30,7 @@ __all__ = [
     "register",
     "register_type",
     "kind_of",
+    "bad_statistics",
     "KIND_NAMES",
     "classify",
     "classify_type",
@@ -538,6 +539,24 @@ def iter_norms(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             continue
         norm_names.add(name)
         yield name, mod, kind
+
+
+def bad_statistics(model) -> dict[str, str]:
+    """{qualified name: problem} of modules whose running statistics are NaN/Inf or negative
+    (``running_var`` / ``running_phi`` < 0, any non-finite ``running_*`` buffer)."""
+    bad: dict[str, str] = {}
+    for name, m in model.named_modules():
+        problems = []
+        for bname, b in m.named_buffers(recurse=False):
+            if not bname.startswith("running_") or not isinstance(b, torch.Tensor) or not b.is_floating_point():
+                continue
+            if not bool(torch.isfinite(b).all()):
+                problems.append(f"{bname} has NaN/Inf")
+            elif bname in ("running_var", "running_phi") and bool((b < 0).any()):
+                problems.append(f"{bname} has negative values (min {float(b.min()):.3g})")
+        if problems:
+            bad[name or "<model>"] = "; ".join(problems)
+    return bad
 
 
 # --------------------------------------------------------------------------- weight reparametrisations

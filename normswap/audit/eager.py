@@ -6,6 +6,8 @@ inputs for input ranks and real call counts.  Per-kind facts come from the regis
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn

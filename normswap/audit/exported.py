@@ -204,7 +204,6 @@ def _ep_module_sites(ep, sites: list, state: dict, ph_to_key: dict, extras: dict
     from normswap.norms import looks_like_norm_name  # noqa: PLC0415
 
     sig = ep.graph_signature
-    buffers = set((getattr(sig, "inputs_to_buffers", {}) or {}).values())
     params = set((getattr(sig, "inputs_to_parameters", {}) or {}).values())
     known = {s.name for s in sites}
     modules: dict[str, str] = {}

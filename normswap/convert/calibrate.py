@@ -11,7 +11,6 @@ by the already-converted layers before it.
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Callable
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from ..data import Dataset, guess_input_shape, load_data
 from ..errors import NormswapError
-from .fidelity import OutputCache, allreduce_floats
+from .fidelity import OutputCache, allreduce_floats, dist_info
 from .fit import assign, build_new, data_free, fit_site, fix_nonfinite, make_stats
 from .report import ConvertReport
 from .sites import CalibSite, Mode, Site, calibration_mode, default_ndim, param_like
@@ -333,7 +332,7 @@ def calibrate(work: nn.Module, sites: list[Site], batches: Batches, to: str, gro
             seq_score = _score(replaced_outputs(work, sites, hb), ref)
             _restore(sites, fast_sub)
             fast_score = _score(replaced_outputs(work, sites, hb), ref)
-            seq_score, fast_score = (v / _world() for v in allreduce_floats([seq_score, fast_score]))
+            seq_score, fast_score = (v / dist_info()[1] for v in allreduce_floats([seq_score, fast_score]))
             keep_seq = not (fast_score < seq_score) or not math.isfinite(fast_score)
             _restore(sites, final if keep_seq else fast_snap)
             if choice is not None:
@@ -347,11 +346,6 @@ def calibrate(work: nn.Module, sites: list[Site], batches: Batches, to: str, gro
 def _first(out) -> Tensor:
     from .fidelity import first_tensor
     return first_tensor(out)
-
-
-def _world() -> int:
-    from .fidelity import dist_info
-    return dist_info()[1]
 
 
 def uncalibrated(sites: list[Site], to: str, groups) -> None:

@@ -65,11 +65,6 @@ from .fidelity import heldout_fidelity
 __all__ = ["convert", "expected_input_text", "MODES", "recon_options"]
 
 
-def _world_size() -> int:
-    from .fidelity import dist_info
-
-    return dist_info()[1]
-
 MODES = ("fast", "sequential", "reconstruct")
 
 
@@ -150,7 +145,7 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     evald = load_calib(eval_data, module, None, ConvertReport()) if eval_data is not None else None
     report.warnings.extend(check_data(evald, module, "eval data", raw=eval_data))
     held = 0
-    if _holdback and _world_size() > 1 and data is not None:
+    if _holdback and dist_info()[1] > 1 and data is not None:
         # each process would hold back its own samples: the pick between the fast and the sequential
         # fit could then differ from a single process on the union, so it is off under torch.distributed
         _holdback = False

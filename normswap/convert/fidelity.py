@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from ..data import Dataset
 from ..errors import NormswapError
+from ..onnx_utils import eval_mode  # noqa: F401  (re-exported: eval mode, every flag restored after)
 from .fit import rel as _rel
 from .report import Fidelity
 
@@ -158,37 +158,25 @@ def dist_info() -> tuple[bool, int]:
     return False, 1
 
 
-def allreduce_floats(values: list[float]) -> list[float]:
+def _allreduce(values: list[float], op_name: str) -> list[float]:
     on, _ = dist_info()
     if not on:
         return values
     import torch.distributed as dist
     dev = torch.device("cuda", torch.cuda.current_device()) if str(dist.get_backend()) == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op_name))
     return t.tolist()
 
 
-@contextmanager
-def eval_mode(m: nn.Module):
-    flags = [(mod, mod.training) for mod in m.modules()]
-    m.eval()
-    try:
-        yield m
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
+def allreduce_floats(values: list[float]) -> list[float]:
+    """Sum over the processes of a torch.distributed run (unchanged in a single process)."""
+    return _allreduce(values, "SUM")
 
 
 def allreduce_max(values: list[float]) -> list[float]:
-    on, _ = dist_info()
-    if not on:
-        return values
-    import torch.distributed as dist
-    dev = torch.device("cuda", torch.cuda.current_device()) if str(dist.get_backend()) == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    """Maximum over the processes of a torch.distributed run."""
+    return _allreduce(values, "MAX")
 
 
 def _chunked(model: nn.Module, x: Tensor, chunk: int | None):

@@ -74,9 +74,7 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     ``--onnx``): files are staged into it and the caller commits the set; without it convert_file
     claims, stages and commits its own (only when the job passed).
     """
-    from ..io import as_module, load_model, save_model
     from ..outputs import OutputSet
-    from .core import convert
 
     groups = parse_groups(groups)
     out_path, onnx_path = output_paths(model_path, to, output, onnx)

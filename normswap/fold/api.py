@@ -342,9 +342,9 @@ def compare_outputs(ref: list[torch.Tensor], out: list[torch.Tensor]) -> dict:
 
 
 def _flat(out) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
+    from normswap.onnx_utils import flatten_outputs  # the tensors of a (nested) output, one definition
 
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return flatten_outputs(out)
 
 
 def _install(ctx: Ctx, regions: list[Region], model: nn.Module) -> nn.Module:

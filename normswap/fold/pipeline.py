@@ -20,23 +20,10 @@ _default_output = default_output  # the old private name
 
 
 def bad_statistics(model) -> dict[str, str]:
-    """{qualified name: problem} of modules whose running statistics are NaN/Inf or negative
-    (``running_var`` / ``running_phi`` < 0, any non-finite ``running_*`` buffer)."""
-    import torch
+    """:func:`normswap.norms.bad_statistics` (kept importable here; torch is imported lazily)."""
+    from normswap.norms import bad_statistics as _bad
 
-    bad: dict[str, str] = {}
-    for name, m in model.named_modules():
-        problems = []
-        for bname, b in m.named_buffers(recurse=False):
-            if not bname.startswith("running_") or not isinstance(b, torch.Tensor) or not b.is_floating_point():
-                continue
-            if not bool(torch.isfinite(b).all()):
-                problems.append(f"{bname} has NaN/Inf")
-            elif bname in ("running_var", "running_phi") and bool((b < 0).any()):
-                problems.append(f"{bname} has negative values (min {float(b.min()):.3g})")
-        if problems:
-            bad[name or "<model>"] = "; ".join(problems)
-    return bad
+    return _bad(model)
 
 
 def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, bake_weight_std=False,

@@ -468,14 +468,7 @@ def _plan(ep, eval_: bool = False):
                 c.reason = (f"'{c.producer.name}' shares its weight with the layer before '{o.site}', "
                             f"which is not folded ({o.reason})")
                 changed = True
-    sites: dict[str, ProgramSite] = {}
-    for c in calls:
-        s = sites.get(c.site)
-        if s is None:
-            s = sites[c.site] = ProgramSite(c.site, c.kind)
-        s.calls.append(c)
-        if c.reason is not None and s.reason is None:
-            s.reason = c.reason
+    sites = _group_calls(calls)
     for s in sites.values():
         if s.reason is None:
             into = []
@@ -488,6 +481,18 @@ def _plan(ep, eval_: bool = False):
             if s.kind == "functional_bn":
                 s.pattern = "functional_bn"
     return prog, list(sites.values())
+
+
+def _group_calls(calls) -> dict[str, ProgramSite]:
+    """One site per module: its calls, and the first call's reason it cannot be folded (a site folds
+    only when every call does)."""
+    sites: dict[str, ProgramSite] = {}
+    for c in calls:
+        s = sites.setdefault(c.site, ProgramSite(c.site, c.kind))
+        s.calls.append(c)
+        if c.reason is not None and s.reason is None:
+            s.reason = c.reason
+    return sites
 
 
 def plan_program(ep) -> list[ProgramSite]:
@@ -778,12 +783,7 @@ def _plan_affine(ep):
         c = _AffCall(node, name, kind, roles)
         c.reason = _affine_problem(c, prog)
         calls.append(c)
-    sites: dict[str, ProgramSite] = {}
-    for c in calls:
-        s = sites.setdefault(c.site, ProgramSite(c.site, c.kind))
-        s.calls.append(c)
-        if c.reason is not None and s.reason is None:
-            s.reason = c.reason
+    sites = _group_calls(calls)
     for s in sites.values():
         if s.reason is None:
             into = []
@@ -838,9 +838,9 @@ def _apply_affine(ep, sites: list[ProgramSite]):
 
 
 def _flat(out) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
+    from normswap.onnx_utils import flatten_outputs  # the tensors of a (nested) output, one definition
 
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return flatten_outputs(out)
 
 
 def _run(ep, args, kwargs):
