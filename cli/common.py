@@ -66,6 +66,52 @@ def input_options(*, data_option: str = "--calib", input_shape_help: str = INPUT
     return decorate
 
 
+PREPROCESS_HELP = ("How image folders are read: imagenet (resize 256, crop 224, ImageNet mean/std), "
+                   "inception (same geometry at 299, [-1,1]), tf-lite (crop S/(S+32), bicubic, "
+                   "(p-127)/128), none ([0,1], plain resize). Default: the model's pretrained_cfg, "
+                   "else none with a warning.")
+
+
+def image_options(f: Callable) -> Callable:
+    """The one option group for reading image folders (``--preprocess``, ``--image-size``,
+    ``--resize``, ``--crop-pct``, ``--interpolation``, ``--skip-bad-images``), the same in every
+    command that takes data.  The values are validated before the job starts and reach the
+    command as one ``preprocess`` argument (a :class:`normswap.preprocess.Preprocess`)."""
+    from normswap.preprocess import INTERPOLATIONS, PRESETS
+
+    @functools.wraps(f)
+    def wrapper(*args, preprocess_name=None, image_size=None, resize=None, crop_pct=None, interpolation=None,
+                skip_bad_images=False, **kwargs):
+        from normswap.errors import NormswapError
+        from normswap.preprocess import Preprocess
+
+        try:
+            spec = Preprocess.from_options(preprocess_name, image_size, resize, crop_pct, interpolation,
+                                           skip_bad_images)
+        except NormswapError as e:
+            fail(str(e))
+        return f(*args, preprocess=spec, **kwargs)
+
+    opts = [
+        click.option("--preprocess", "preprocess_name", type=click.Choice(PRESETS), default=None,
+                     help=PREPROCESS_HELP),
+        click.option("--image-size", default=None, metavar="S|H,W",
+                     help="Image size fed to the model (default: the preset's, or --input-shape's H,W)."),
+        click.option("--resize", type=int, default=None, metavar="N",
+                     help="Resize the shorter side to N before the centre crop."),
+        click.option("--crop-pct", type=float, default=None, metavar="F",
+                     help="Centre crop fraction (resize to S/F, then crop S; tf-lite: crop F of the "
+                          "shorter side)."),
+        click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+                     help="Resize filter (default: the preset's)."),
+        click.option("--skip-bad-images", is_flag=True, default=False,
+                     help="Skip (and count) images that cannot be decoded instead of failing."),
+    ]
+    for opt in reversed(opts):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 def fit_epilog(text: str, width: int = 76) -> str:
     """Make an epilog of ``\\b`` blocks fit an 80-column terminal (click indents it by 2 and
     never rewraps a ``\\b`` block): prose lines are re-wrapped, a long example command is

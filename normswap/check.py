@@ -599,8 +599,10 @@ def _validate(meta: list[dict], tensors: tuple) -> None:
 
 
 def _as_tensors(inputs) -> tuple:
-    if hasattr(inputs, "inputs") and hasattr(inputs, "source"):  # normswap.data.Dataset
-        inputs = inputs.inputs[:MAX_SAMPLES]
+    from normswap.data import is_dataset
+
+    if is_dataset(inputs):  # normswap.data.Dataset or a streaming one: its first samples
+        inputs = inputs.head(MAX_SAMPLES).inputs
     return normalize_inputs(inputs)
 
 
@@ -761,13 +763,15 @@ def check_file(
     arch_kwargs=None,
     trust: bool = False,
     imports=(),
+    preprocess=None,
 ) -> ParityReport:
     """The job behind ``normswap check``: load MODEL and :func:`check` it against ``onnx_path``.
 
     Inputs: the first :data:`MAX_SAMPLES` samples of ``data`` ('random': ``N`` of
     ``input_shape``; with a path, ``input_shape`` says how to read an image folder and is
     checked against the data), else random inputs shaped like the ONNX inputs (the first one
-    ``input_shape`` when given); see :func:`normswap.inputs.resolve_inputs`.
+    ``input_shape`` when given); see :func:`normswap.inputs.resolve_inputs`.  ``preprocess``:
+    how an image folder is read (see :mod:`normswap.preprocess`).
     """
     from normswap.inputs import resolve_inputs
     from normswap.io import load_model
@@ -775,8 +779,8 @@ def check_file(
     if repeats < 0:
         raise NormswapError("--repeats must be >= 0")
     loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
-    resolved = resolve_inputs(input_shape=input_shape, data=data, limit=MAX_SAMPLES, data_option="--calib",
-                              example=False)
+    resolved = resolve_inputs(loaded.module, input_shape=input_shape, data=data, limit=MAX_SAMPLES,
+                              data_option="--calib", example=False, preprocess=preprocess)
     from normswap.report import attach_load
 
     if resolved.data is not None:  # the data set is the inputs; its shape was only for reading it

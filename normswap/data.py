@@ -10,12 +10,13 @@
 * an iterable of tensors or of ``(inputs, labels)`` batches (e.g. a DataLoader);
 * the string ``"random"`` (standard-normal data; needs ``input_shape``).
 
-Image folders (needs pillow): files ending in .png/.jpg/.jpeg/.bmp/.gif/.tif(f)/.webp,
-found recursively in sorted order; if the folder has sub-folders, their sorted names
-are the class labels (ImageFolder convention). Each image is converted to grayscale
-when the model takes 1 channel, RGB otherwise, resized to the input's H×W (bilinear),
-scaled to [0, 1] and laid out as C×H×W; no mean/std normalisation is applied, so
-normalise in the model or pass arrays instead.
+Image folders (needs pillow) are read by :func:`normswap.images.open_image_folder` into a
+*streaming* :class:`normswap.images.ImageFolder` (decoded one batch at a time), with the
+preprocessing of :mod:`normswap.preprocess` (``preprocess=``: a preset name or a
+:class:`~normswap.preprocess.Preprocess`; the model's ``pretrained_cfg`` when none is given).
+Every data set has the same protocol: ``len``, ``sample_shape``, ``labels``, ``source``,
+``synthetic``, ``batches(n)``, ``subset(indices)``, ``head(n)`` and ``to_dict()``; only the
+in-memory :class:`Dataset` has ``inputs``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class Dataset:
+    """An in-memory data set.  ``details``: what :meth:`to_dict` adds (e.g. how an image folder
+    it was read from was preprocessed)."""
+
     inputs: Any  # torch.Tensor (N, ...) float32
     labels: Any = None  # torch.Tensor (N,) int64 or None
     source: str = ""
     synthetic: bool = False
+    details: dict | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -52,6 +57,23 @@ class Dataset:
             y = self.labels[i : i + batch_size] if self.labels is not None else None
             yield self.inputs[i : i + batch_size], y
 
+    def subset(self, indices) -> "Dataset":
+        """The samples at ``indices`` (ints, a range or an int tensor), in that order."""
+        import torch
+
+        idx = torch.as_tensor(list(indices) if isinstance(indices, range) else indices, dtype=torch.long).reshape(-1)
+        n = len(self)
+        if idx.numel() and (int(idx.max()) >= n or int(idx.min()) < -n):
+            raise IndexError(f"sample index out of range for {n} samples")
+        labels = self.labels[idx] if self.labels is not None else None
+        return Dataset(self.inputs[idx], labels, self.source, self.synthetic, self.details)
+
+    def head(self, n: int) -> "Dataset":
+        """The first ``n`` samples (all of them when there are fewer)."""
+        n = max(0, int(n))
+        labels = self.labels[:n] if self.labels is not None else None
+        return Dataset(self.inputs[:n], labels, self.source, self.synthetic, self.details)
+
     def to_dict(self) -> dict:
         return {
             "source": self.source,
@@ -59,7 +81,24 @@ class Dataset:
             "sample_shape": list(self.sample_shape),
             "labelled": self.labels is not None,
             "synthetic": self.synthetic,
+            **(self.details or {}),
         }
+
+
+def is_dataset(obj) -> bool:
+    """True for an in-memory :class:`Dataset` or a streaming one (the same protocol)."""
+    return isinstance(obj, Dataset) or all(hasattr(type(obj), a) for a in ("batches", "subset", "head", "sample_shape"))
+
+
+def materialize(data):
+    """An in-memory :class:`Dataset` of all of ``data`` (a streaming set is decoded whole; its
+    size is checked first).  For code that still needs ``.inputs``."""
+    if data is None or isinstance(data, Dataset):
+        return data
+    from normswap.inputs import check_shape_size
+
+    check_shape_size((len(data), *data.sample_shape), what=f"{data.source}: all the data at once, shaped")
+    return data.head(len(data))
 
 
 def parse_shape(text: str | tuple | list) -> tuple[int, ...]:
@@ -131,44 +170,21 @@ def _pick(named: dict, names) -> Any:
     return None
 
 
-def _load_images(folder: Path, input_shape) -> tuple[Any, Any]:
-    import numpy as np
+def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0, random_samples: int = 64,
+              preprocess=None, model=None):
+    """Load calibration/evaluation data from any supported source (see module docstring).
 
-    try:
-        from PIL import Image
-    except ImportError:
-        raise NormswapError("reading an image folder needs pillow: pip install pillow") from None
-    if input_shape is None or len(input_shape) != 4:
-        raise NormswapError(f"{folder}: an image folder needs --input-shape N,C,H,W to know the size and channels")
-    _, c, h, w = input_shape
-    if c not in (1, 3):
-        raise NormswapError(f"{folder}: images can feed 1- or 3-channel inputs, the model takes {c}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise NormswapError(f"{folder}: no image files found")
-    xs, ys = [], []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except Exception as e:
-            raise NormswapError(f"{f}: cannot read image ({type(e).__name__}: {e})") from None
-        xs.append(a[None] if c == 1 else a.transpose(2, 0, 1))
-        if classes:
-            ys.append(classes.index(f.relative_to(folder).parts[0]) if len(f.relative_to(folder).parts) > 1 else -1)
-    y = np.asarray(ys, dtype=np.int64) if classes and all(v >= 0 for v in ys) else None
-    return np.stack(xs), y
-
-
-def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0, random_samples: int = 64) -> Dataset:
-    """Load calibration/evaluation data from any supported source (see module docstring)."""
+    An image folder gives a streaming :class:`normswap.images.ImageFolder` read with
+    ``preprocess`` (a preset name or a :class:`normswap.preprocess.Preprocess`; with neither,
+    ``model``'s ``pretrained_cfg``, else 'none' with a warning), sized by the preset,
+    ``--image-size`` or ``input_shape``; ``model`` also gives the channel count."""
     import numpy as np
     import torch
 
     if isinstance(spec, Dataset):
         return _finish(spec.inputs, spec.labels, spec.source, limit, input_shape)
+    if is_dataset(spec):  # a streaming data set: kept streaming
+        return spec.subset(range(min(limit, len(spec)))) if limit is not None else spec
     if isinstance(spec, str) and spec == "random":
         if input_shape is None:
             raise NormswapError("--calib random needs --input-shape to know what to generate")
@@ -181,8 +197,11 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
         if not path.exists():
             raise NormswapError(f"{path}: no such file or folder")
         if path.is_dir():
-            x, y = _load_images(path, input_shape)
-            return _finish(x, y, str(path), limit, input_shape)
+            from normswap.images import open_image_folder
+
+            if limit is not None and limit < 1:
+                raise NormswapError(f"{path}: a sample limit must be positive, got {limit}")
+            return open_image_folder(path, preprocess, model=model, input_shape=input_shape, limit=limit)
         if path.stat().st_size == 0:
             raise NormswapError(f"{path}: file is empty")
         with open(path, "rb") as f:
@@ -292,7 +311,7 @@ def example_inputs(model=None, *, input_shape=None, data: Dataset | None = None,
     import torch
 
     if data is not None:
-        return (data.inputs[:batch],)
+        return (data.head(batch).inputs,)
     if input_shape is None and isinstance(model, torch.export.ExportedProgram):
         args, kwargs = getattr(model, "example_inputs", None) or ((), {})
         if args and not kwargs and all(isinstance(a, torch.Tensor) for a in args):

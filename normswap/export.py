@@ -476,6 +476,7 @@ def export_file(
     trust: bool = False,
     imports=(),
     outputs=None,
+    preprocess=None,
 ) -> ExportReport:
     """The job behind ``normswap export``: load MODEL, resolve its example inputs
     (``input_shape`` / ``data``, see :func:`normswap.inputs.resolve_inputs`; with neither, the
@@ -485,7 +486,8 @@ def export_file(
 
     ``outputs``: the run's claimed :class:`normswap.outputs.OutputSet` (with ``-o``): the file is
     staged into it and the caller commits it; without it, export_file claims and commits its own.
-    MODEL and the ``--calib`` file are never overwritten, even with ``force``."""
+    MODEL and the ``--calib`` file are never overwritten, even with ``force``.  ``preprocess``: how
+    an image folder is read (see :mod:`normswap.preprocess`)."""
     from normswap.inputs import resolve_inputs
     from normswap.io import load_model
     from normswap.outputs import OutputSet
@@ -500,7 +502,7 @@ def export_file(
         loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
         # with data, input_shape says how to read it (an image folder's size, 'random') and is checked against it
         resolved = resolve_inputs(loaded.module, input_shape=input_shape, data=data, limit=8, batch=2,
-                                  required=True, data_option="--calib")
+                                  required=True, data_option="--calib", preprocess=preprocess)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the fallback is shown in the report
             report = export(loaded, outputs.staged("-o"), resolved.example, opset=opset,

@@ -44,7 +44,7 @@ class ResolvedInputs:
 
 def resolve_inputs(model=None, *, input_shape=None, data=None, limit: int | None = 8, batch: int = 2,
                    required: bool = False, seed: int = 0, data_option: str = "--data",
-                   example: bool = True) -> ResolvedInputs:
+                   example: bool = True, preprocess=None) -> ResolvedInputs:
     """Resolve ``--input-shape`` / ``--data`` (``--calib``) into inputs.
 
     * ``input_shape``: ``"N,C,H,W"`` text (or a tuple); random data of that shape (seeded), or,
@@ -56,6 +56,10 @@ def resolve_inputs(model=None, *, input_shape=None, data=None, limit: int | None
       else (``required=True``) a shape guessed from the model, else None.  With
       ``example=False`` none is built (a job that makes its own inputs from ``data`` /
       ``shape``, like ``check``, which shapes random inputs after the ONNX file).
+    * ``preprocess``: how an image folder is read (a preset name or a
+      :class:`normswap.preprocess.Preprocess`; None: the model's ``pretrained_cfg``, else 'none'
+      with a warning).  An image folder stays a streaming data set: ``data`` then has
+      ``batches``/``subset``/``head`` but no ``inputs``.
     """
     from normswap.data import example_inputs, load_data, parse_shape
 
@@ -71,7 +75,7 @@ def resolve_inputs(model=None, *, input_shape=None, data=None, limit: int | None
                 raise NormswapError(f"{data_option} random needs --input-shape N,C,H,W to know what to generate")
             ds = load_data("random", limit=shape[0], input_shape=shape, seed=seed)
         else:
-            ds = load_data(data, limit=limit, input_shape=shape, seed=seed)
+            ds = load_data(data, limit=limit, input_shape=shape, seed=seed, preprocess=preprocess, model=model)
     if not example or (ds is None and shape is None and not required):
         return ResolvedInputs(None, ds, shape)
     example = example_inputs(model, input_shape=shape, data=ds, batch=batch, seed=seed)
@@ -88,8 +92,10 @@ def normalize_inputs(example_inputs: Any, model=None) -> tuple:
         from normswap.data import example_inputs as guessed_inputs
 
         example_inputs = guessed_inputs(model)
-    if hasattr(example_inputs, "inputs") and isinstance(getattr(example_inputs, "inputs"), torch.Tensor):
-        example_inputs = (example_inputs.inputs,)  # normswap.data.Dataset
+    from normswap.data import is_dataset, materialize
+
+    if is_dataset(example_inputs):  # normswap.data.Dataset, or a streaming one (decoded whole)
+        example_inputs = (materialize(example_inputs).inputs,)
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, list):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import model_options, output_options, pass_settings, run_job
+from normswap_cli.common import image_options, model_options, output_options, pass_settings, run_job
 
 EPILOG = """\b
 Examples:
@@ -27,17 +27,20 @@ listed as analysed without a graph.
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--input-shape", default=None, metavar="N,C,H,W",
               help="Run the model on random data of this shape to learn input ranks and call counts.")
+@click.option("--data", default=None, metavar="DATA",
+              help="Run the model on the first samples of DATA (.npz/.npy/.pt/image folder) instead.")
+@image_options
 @model_options
 @output_options
 @pass_settings
-def command(model_path, input_shape, trust, imports, arch, arch_kwargs, opts):
+def command(model_path, input_shape, data, trust, imports, arch, arch_kwargs, opts, preprocess):
     """Audit the normalization layers of MODEL: kind, place, mode, foldability, risks."""
 
     def job():
         from normswap.audit import audit_file
 
-        return audit_file(model_path, input_shape=input_shape, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
-                          imports=imports)
+        return audit_file(model_path, input_shape=input_shape, data=data, arch=arch, arch_kwargs=arch_kwargs,
+                          trust=trust, imports=imports, preprocess=preprocess)
 
     run_job(job, render, opts)
 

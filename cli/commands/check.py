@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, image_options, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -32,6 +32,7 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 @input_options(data_option="--calib", data_first=True,
                data_help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).",
                input_shape_help="Random inputs of this shape (with --calib: the size to read an image folder at).")
+@image_options
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
 @click.option("--locate", is_flag=True, default=False,
               help="Find the first layer whose own ONNX error exceeds the tolerance.")
@@ -42,7 +43,7 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 @output_options
 @pass_settings
 def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, locate, report_path, trust,
-            imports, arch, arch_kwargs, force, opts):
+            imports, arch, arch_kwargs, force, opts, preprocess):
     """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
 
     def job(outs):
@@ -50,7 +51,8 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
 
         report = check_file(model_path, onnx_path, providers=providers, atol=atol, rtol=rtol, data=calib,
                             input_shape=input_shape, repeats=repeats, locate=locate, arch=arch,
-                            arch_kwargs=arch_kwargs, trust=trust, imports=imports)
+                            arch_kwargs=arch_kwargs, trust=trust, imports=imports,
+                            preprocess=preprocess)
         if report_path:
             from normswap.html_report import check_report_html
 

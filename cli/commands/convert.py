@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import image_options, model_options, output_options, pass_settings, run_job, write_options
 
 
 class TargetChoice(click.Choice):
@@ -66,6 +66,7 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @click.option("--eval", "eval_data", default=None, metavar="DATA",
               help="Held-out data (same forms as --calib) to measure fidelity on; without it the "
                    "fidelity numbers are in-sample (on the calibration data).")
+@image_options
 @click.option("--calib-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
 @click.option("--mode", type=click.Choice(("fast", "sequential", "reconstruct")), default="sequential", show_default=True, help="Calibration mode: fast (closed form on the original activations), sequential (closed form on the converted model's own inputs; never worse than fast on held-back calibration samples), reconstruct (sequential, then block-by-block optimisation of the new norms' parameters).")
@@ -85,7 +86,7 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @pass_settings
 def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, time_budget,
             recon_steps, distill_steps, output, report_path, onnx_path,
-            no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts):
+            no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts, preprocess):
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
     from normswap.convert.pipeline import output_paths
@@ -102,7 +103,7 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
                 export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
                 progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
-                eval_data=eval_data, outputs=outs)
+                eval_data=eval_data, outputs=outs, preprocess=preprocess)
         if report_path:
             from normswap.html_report import convert_report_html
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, image_options, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -27,6 +27,7 @@ atomically; an existing file is kept unless --force.
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
 @input_options(data_option="--calib")
+@image_options
 @click.option("--static-batch", is_flag=True, default=False, help="Fix the batch dimension instead of making it dynamic.")
 @click.option("--keep-norms", is_flag=True, default=False, help="Keep BatchNormalization nodes (do not fold them into Conv/Gemm).")
 @click.option("--eval", "eval_", is_flag=True, default=False, help="Switch norms in training mode to eval before exporting.")
@@ -34,7 +35,8 @@ atomically; an existing file is kept unless --force.
 @write_options
 @output_options
 @pass_settings
-def command(model_path, output, opset, input_shape, calib, static_batch, keep_norms, eval_, trust, imports, arch, arch_kwargs, force, opts):
+def command(model_path, output, opset, input_shape, calib, static_batch, keep_norms, eval_, trust, imports, arch, arch_kwargs, force, opts,
+            preprocess):
     """Export MODEL to a single validated ONNX file."""
 
     def job(outs):
@@ -42,7 +44,8 @@ def command(model_path, output, opset, input_shape, calib, static_batch, keep_no
 
         return export_file(model_path, output=output, opset=opset, input_shape=input_shape, data=calib,
                            dynamic_batch=not static_batch, keep_norms=keep_norms, eval=eval_, force=force,
-                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs)
+                           arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs,
+                           preprocess=preprocess)
 
     run_job(job, render, opts, outputs={"-o": output},
             inputs=[("the input model", model_path), ("the --calib data", calib)], force=force)

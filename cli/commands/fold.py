@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import fit_epilog, input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import fit_epilog, image_options, input_options, model_options, output_options, pass_settings, run_job, write_options
 
 EPILOG = """\b
 Examples:
@@ -43,6 +43,7 @@ norms become nn.Identity.
 @input_options(data_option="--data",
                input_shape_help="Example input shape (random data): input ranks and an output check.",
                data_help="Example inputs from data (.npz/.npy/.pt/image folder); the first batch is used.")
+@image_options
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False),
               help="Also export the folded model to this ONNX file (needs --input-shape or --data).")
 @model_options
@@ -50,7 +51,7 @@ norms become nn.Identity.
 @output_options
 @pass_settings
 def command(model_path, output, eval_, bake_spectral_norm, bake_weight_std, input_shape, data, onnx_path, trust,
-            imports, arch, arch_kwargs, force, opts):
+            imports, arch, arch_kwargs, force, opts, preprocess):
     """Fold the normalization layers of MODEL into neighbouring layers, exactly."""
 
     from normswap.fold.pipeline import default_output, fold_file
@@ -60,7 +61,8 @@ def command(model_path, output, eval_, bake_spectral_norm, bake_weight_std, inpu
     def job(outs):
         return fold_file(model_path, output=out_path, eval=eval_, bake_spectral_norm=bake_spectral_norm,
                          bake_weight_std=bake_weight_std, input_shape=input_shape, data=data, onnx_path=onnx_path,
-                         force=force, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs)
+                         force=force, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs,
+                         preprocess=preprocess)
 
     run_job(job, render, opts, outputs={"-o": out_path, "--onnx": onnx_path},
             inputs=[("the input model", model_path), ("the --data file", data)], force=force)

@@ -60,13 +60,14 @@ def audit(model: Any, example_inputs=None) -> AuditReport:
 
 
 def audit_file(model_path, *, input_shape=None, data=None, arch=None, arch_kwargs=None, trust=False,
-               imports=()) -> AuditReport:
+               imports=(), preprocess=None) -> AuditReport:
     """Load MODEL and audit it (the job behind ``normswap audit``).
 
     ``input_shape`` / ``data`` (resolved by :func:`normswap.inputs.resolve_inputs`) run an eager
     model once to learn input ranks and real call counts; a compiled model (TorchScript,
     ``.pt2``) is audited from its graph and the inputs are ignored (noted).  Inputs that do not
-    run through the model are an error, not a silent fallback."""
+    run through the model are an error, not a silent fallback.  ``preprocess``: how an image
+    folder given as ``data`` is read (see :mod:`normswap.preprocess`)."""
     from normswap.errors import NormswapError
     from normswap.inputs import resolve_inputs
     from normswap.io import load_model
@@ -77,8 +78,8 @@ def audit_file(model_path, *, input_shape=None, data=None, arch=None, arch_kwarg
     asked = input_shape is not None or data is not None
     inputs = None
     if asked and eager:
-        inputs = resolve_inputs(module, input_shape=input_shape, data=data,
-                                required=True).example
+        inputs = resolve_inputs(module, input_shape=input_shape, data=data, required=True,
+                                preprocess=preprocess).example
     report = audit(loaded, inputs)
     if asked and inputs is None:
         what = {"torchscript": "a TorchScript", "export": "a torch.export"}.get(loaded.format, "this")

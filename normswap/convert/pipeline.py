@@ -28,7 +28,7 @@ def parse_groups(groups):
         raise NormswapError(f"--groups must be a positive integer or auto, got {groups!r}") from None
 
 
-def _resolve(module, calib, calib_samples, input_shape, *, required: bool):
+def _resolve(module, calib, calib_samples, input_shape, *, required: bool, preprocess=None):
     """``--calib`` / ``--calib-samples`` / ``--input-shape`` through the one input resolver.
 
     ``--calib random`` draws ``--calib-samples`` (default 256) samples of the ``--input-shape``
@@ -44,7 +44,7 @@ def _resolve(module, calib, calib_samples, input_shape, *, required: bool):
         return resolve_inputs(module, input_shape=shape, data="random", batch=2, required=required,
                               data_option="--calib")
     return resolve_inputs(module, input_shape=input_shape, data=calib, limit=calib_samples, batch=2,
-                          required=required, data_option="--calib")
+                          required=required, data_option="--calib", preprocess=preprocess)
 
 
 def default_output_paths(model_path: str | Path, to: str) -> tuple[Path, Path]:
@@ -60,7 +60,7 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
                  onnx: str | Path | None = None, export_onnx: bool = True, check: bool = True,
                  input_shape=None, force: bool = False, progress: Callable | None = None,
                  arch=None, arch_kwargs=None, trust: bool = False, imports=(), providers=("cpu", "cuda"),
-                 eval_data=None, outputs=None):
+                 eval_data=None, outputs=None, preprocess=None):
     """Convert the model file ``model_path``; returns ``(converted_model, ConvertReport)``.
 
     Writes the converted model (default ``<stem>.<to><suffix>`` beside the input, in the input's
@@ -72,7 +72,8 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     float model, fractional float labels) is refused before anything is fitted or written.
     ``outputs``: the run's claimed :class:`normswap.outputs.OutputSet` (the CLI's, with ``-o`` and
     ``--onnx``): files are staged into it and the caller commits the set; without it convert_file
-    claims, stages and commits its own (only when the job passed).
+    claims, stages and commits its own (only when the job passed).  ``preprocess``: how image
+    folders given as ``calib`` / ``eval_data`` are read (see :mod:`normswap.preprocess`).
     """
     from ..outputs import OutputSet
 
@@ -88,7 +89,7 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
                              distill_steps=distill_steps, batch_size=batch_size, calib_samples=calib_samples,
                              export_onnx=export_onnx, check=check, input_shape=input_shape, progress=progress,
                              arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
-                             providers=providers, eval_data=eval_data, commit=own)
+                             providers=providers, eval_data=eval_data, commit=own, preprocess=preprocess)
     finally:
         if own:
             outputs.release()
@@ -108,7 +109,7 @@ def output_paths(model_path, to: str, output=None, onnx=None) -> tuple[Path, Pat
 
 def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, distill_steps, batch_size,
                   calib_samples, export_onnx, check, input_shape, progress, arch, arch_kwargs, trust, imports,
-                  providers, eval_data, commit):
+                  providers, eval_data, commit, preprocess=None):
     from ..io import as_module, load_model, save_model
     from .core import convert
 
@@ -118,8 +119,12 @@ def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, disti
     onnx_path = outputs.final.get("--onnx")
     if calib_samples is not None and calib_samples < 1:
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
-    resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx)
-    data, ex = resolved.data, resolved.example
+    from ..data import materialize
+
+    resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx, preprocess=preprocess)
+    # issue 18: until convert/ reads data through batches()/subset()/head(), a streaming image
+    # folder is decoded whole here (as before)
+    data, ex = materialize(resolved.data), resolved.example
     from .checks import check_data
 
     notes = check_data(data, module, "calibration data", raw=calib)
@@ -127,7 +132,8 @@ def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, disti
     if eval_data is not None:
         if isinstance(eval_data, str) and eval_data == "random":
             raise NormswapError("--eval needs real held-out data, not 'random'")
-        evald = _resolve(module, eval_data, None, input_shape, required=False).data
+        evald = materialize(_resolve(module, eval_data, None, input_shape, required=False,
+                                     preprocess=preprocess).data)
         notes += check_data(evald, module, "eval data", raw=eval_data)
 
     converted, report = convert(module, to, data, source=source, groups=groups, mode=mode,

@@ -28,12 +28,14 @@ def bad_statistics(model) -> dict[str, str]:
 
 def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, bake_weight_std=False,
               input_shape=None, data=None,
-              onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=(), outputs=None):
+              onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=(), outputs=None,
+              preprocess=None):
     """Load MODEL, fold it, save it (and export it to ONNX); returns the FoldReport.
 
     ``outputs``: the run's :class:`normswap.outputs.OutputSet` (the CLI's, already claimed, with
     ``-o`` and ``--onnx``); the files are staged into it and the caller commits them.  Without
-    it, ``fold_file`` claims, stages and commits its own set.
+    it, ``fold_file`` claims, stages and commits its own set.  ``preprocess``: how an image
+    folder given as ``data`` is read (see :mod:`normswap.preprocess`).
     """
     import torch
 
@@ -57,12 +59,13 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
         loaded = load(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
         if loaded.format == "export":  # a torch.export program: folded in its own graph
             report = _fold_program_file(loaded, outputs, input_shape=input_shape, data=data, onnx_path=onnx_path,
-                                        eval=eval, bake=bake_spectral_norm or bake_weight_std)
+                                        eval=eval, bake=bake_spectral_norm or bake_weight_std,
+                                        preprocess=preprocess)
             if own and report:
                 outputs.commit()
             return report
         module = as_module(loaded, require_eager=True, job="fold")
-        inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8).example
+        inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8, preprocess=preprocess).example
         if inputs is None and onnx_path:
             raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
         # norms with NaN/Inf or negative running statistics are never folded (the registry's eval
@@ -118,7 +121,7 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
             outputs.release()
 
 
-def _fold_program_file(loaded, outputs, *, input_shape, data, onnx_path, eval, bake):
+def _fold_program_file(loaded, outputs, *, input_shape, data, onnx_path, eval, bake, preprocess=None):
     """fold_file for a ``.pt2``: :func:`normswap.fold.program.fold_program`, saved with
     ``torch.export.save`` (and exported from the folded program with ``--onnx``)."""
     import torch
@@ -136,7 +139,7 @@ def _fold_program_file(loaded, outputs, *, input_shape, data, onnx_path, eval, b
         raise NormswapError("--bake-spectral-norm / --bake-weight-std inside an exported program is not "
                             "supported: bake in the eager model, then export")
     ep = loaded.module
-    inputs = resolve_inputs(ep, input_shape=input_shape, data=data, limit=8).example
+    inputs = resolve_inputs(ep, input_shape=input_shape, data=data, limit=8, preprocess=preprocess).example
     folded, report = fold_program(ep, inputs, eval=eval)
     report.model = str(loaded.path)
     report.notes[:0] = list(getattr(loaded, "notes", None) or [])
