@@ -97,7 +97,10 @@ def materialize(data):
         return data
     from normswap.inputs import check_shape_size
 
-    check_shape_size((len(data), *data.sample_shape), what=f"{data.source}: all the data at once, shaped")
+    try:
+        check_shape_size((len(data), *data.sample_shape), what=f"{data.source}: all {len(data)} samples at once, shaped")
+    except NormswapError as e:
+        raise NormswapError(f"{e} (read fewer samples, e.g. --calib-samples N)") from None
     return data.head(len(data))
 
 

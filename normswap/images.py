@@ -156,12 +156,10 @@ def _open(path: Path):
 
 def probe(path: Path, full: bool) -> str | None:
     """None if ``path`` opens as an image (``full``: and decodes), else the reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open(path) as im:
-                if full:
-                    im.load()
+    try:  # (no warnings.catch_warnings here: it is not thread-safe and would leak an "ignore" filter)
+        with _open(path) as im:
+            if full:
+                im.load()
     except Exception as e:  # noqa: BLE001 - every failure is a reason to report or skip
         return _reason(e)
     return None
@@ -170,11 +168,9 @@ def probe(path: Path, full: bool) -> str | None:
 def decode(path: Path, transform) -> "object":
     """The transformed array (C, H, W) of one file; a BadImage on failure."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open(path) as im:
-                im.load()
-                return transform(im)
+        with _open(path) as im:
+            im.load()
+            return transform(im)
     except Exception as e:  # noqa: BLE001
         raise BadImage(_reason(e)) from None
 

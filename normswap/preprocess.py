@@ -258,9 +258,8 @@ class ImageTransform:
         return center_crop(im.resize(resized_size(im.width, im.height, self.resize, self.geometry), f), h, w)
 
     def describe(self) -> str:
+        """One line: geometry, filter and the normalisation in pixel units (0-255)."""
         h, w = self.size
-        mean = ", ".join(f"{v:.4g}" for v in self.mean)
-        std = ", ".join(f"{v:.4g}" for v in self.std)
         if self.geometry == "resize":
             geo = f"resize to {h}x{w}"
         elif self.geometry == "crop-resize":
@@ -269,7 +268,9 @@ class ImageTransform:
             r = self.resize if isinstance(self.resize, int) else "x".join(map(str, self.resize))
             geo = f"resize {'shorter side ' if isinstance(self.resize, int) else ''}to {r}, centre crop {h}x{w}"
         gray = ", grayscale" if self.channels == 1 else ""
-        return f"{self.name} ({self.source}): {geo} ({self.interpolation}{gray}), (x/255 - [{mean}]) / [{std}]"
+        mean = "/".join(f"{255 * v:.4g}" for v in self.mean)
+        std = "/".join(f"{255 * v:.4g}" for v in self.std)
+        return f"{self.name} ({self.source}): {geo} ({self.interpolation}{gray}), (pixel - {mean}) / {std}"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "size": list(self.size), "channels": self.channels,
