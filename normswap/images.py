@@ -166,11 +166,11 @@ def probe(path: Path, full: bool) -> str | None:
 
 
 def decode(path: Path, transform) -> "object":
-    """The transformed array (C, H, W) of one file; a BadImage on failure."""
+    """The resized and cropped uint8 pixels (H, W, C) of one file; a BadImage on failure."""
     try:
         with _open(path) as im:
             im.load()
-            return transform(im)
+            return transform.pixels(im)
     except Exception as e:  # noqa: BLE001
         raise BadImage(_reason(e)) from None
 
@@ -287,21 +287,22 @@ class ImageFolder:
         from normswap.inputs import check_shape_size
 
         indices = list(indices)
-        shape = (len(indices), *self.sample_shape)
-        check_shape_size(shape, what=f"{self.source}: a batch of images shaped")
-        out = torch.empty(shape, dtype=torch.float32)
+        c, h, w = self.sample_shape
+        check_shape_size((len(indices), c, h, w), what=f"{self.source}: a batch of images shaped")
+        pixels = torch.empty((len(indices), h, w, c), dtype=torch.uint8)
+        view = pixels.numpy()  # the tensor's memory: each decoded image is copied in once
         own = pool is None and self.workers > 1 and len(indices) > 1
         if own:
             pool = ThreadPoolExecutor(min(self.workers, len(indices)))
         try:
             arrays = pool.map(self._decode_one, indices) if pool is not None else map(self._decode_one, indices)
             for j, a in enumerate(arrays):
-                out[j] = torch.from_numpy(a)
+                view[j] = a
                 self.stats.release(1)
         finally:
             if own:
                 pool.shutdown(wait=True, cancel_futures=True)
-        return out
+        return self.transform.normalize(pixels)  # one vectorised step for the whole batch
 
     def _decode_one(self, i: int):
         path = self.files[i]

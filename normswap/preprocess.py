@@ -235,14 +235,26 @@ class ImageTransform:
 
     def __call__(self, im):
         """PIL image -> float32 array (C, H, W)."""
+        import torch
+
+        return self.normalize(torch.from_numpy(self.pixels(im))[None])[0].numpy()
+
+    def pixels(self, im):
+        """PIL image -> uint8 array (H, W, C): mode, resize and crop, not yet normalised."""
         import numpy as np
 
-        im = _to_mode(im, "L" if self.channels == 1 else "RGB")
-        im = self.geometry_of(im)
-        a = np.asarray(im, dtype=np.float32)
-        a = a[:, :, None] if a.ndim == 2 else a
-        a = (a / np.float32(255.0) - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(a.transpose(2, 0, 1))
+        im = self.geometry_of(_to_mode(im, "L" if self.channels == 1 else "RGB"))
+        a = np.asarray(im, dtype=np.uint8)
+        return a[:, :, None] if a.ndim == 2 else a
+
+    def normalize(self, pixels):
+        """uint8 tensor (B, H, W, C) -> float32 (B, C, H, W): ``(pixels / 255 - mean) / std``."""
+        import torch
+
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        return x.sub_(mean).div_(std).contiguous()
 
     def geometry_of(self, im):
         """The resize / crop steps on a PIL image (already in the right mode)."""
