@@ -136,7 +136,7 @@ def _reason(e: Exception) -> str:
         return "permission denied"
     if isinstance(e, Image.DecompressionBombError):
         return "too many pixels (decompression-bomb guard)"
-    if isinstance(e, (OSError, SyntaxError, ValueError)) and "truncated" in str(e):
+    if isinstance(e, (OSError, SyntaxError, ValueError)) and "truncated" in str(e).lower():
         return "truncated image data"
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
