@@ -146,11 +146,13 @@ def _finish(x, y, source: str, limit: int | None, input_shape=None) -> Dataset:
     if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
         raise NormswapError(f"{source}: unsupported dtype {x.dtype}")
     x = x.float() if x.is_floating_point() or x.dtype == torch.uint8 else x
+    notes = []
     if y is not None:
         y = _as_tensor(y, source).reshape(-1)
         if y.shape[0] != x.shape[0]:
             raise NormswapError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels")
-        y = y.long()
+        y, note = integer_labels(y, source)
+        notes += [note] if note else []
     if limit is not None:
         x = x[:limit]
         y = y[:limit] if y is not None else None
@@ -163,7 +165,23 @@ def _finish(x, y, source: str, limit: int | None, input_shape=None) -> Dataset:
                 f"{source}: samples are shaped {tuple(x.shape[1:])} but the model expects {expected} "
                 f"(input shape (N, {', '.join(map(str, expected))}))"
             )
-    return Dataset(x, y, source)
+    return Dataset(x, y, source, details={"notes": notes} if notes else None)
+
+
+def integer_labels(y, source: str):
+    """Class labels as int64: float labels must hold whole numbers (refused otherwise, never
+    truncated).  Returns ``(labels, note or None)``."""
+    import torch
+
+    if y.is_floating_point():
+        whole = torch.isfinite(y) & (y == torch.round(y))
+        if not bool(whole.all()):
+            idx = int((~whole).nonzero()[0, 0])
+            raise NormswapError(
+                f"{source}: float labels that are not whole numbers (label {idx} is {float(y[idx])!r}): "
+                "class labels must be integers (refused, not truncated)")
+        return y.long(), f"{source}: float labels hold whole numbers; used as integer class labels"
+    return y.long(), None
 
 
 def _pick(named: dict, names) -> Any:

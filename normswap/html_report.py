@@ -352,6 +352,50 @@ def bar_plot_svg(
 # --------------------------------------------------------------------------- check
 
 
+def line_plot_svg(points: Sequence[tuple[float, float, str]], *, color: str = FITTED_COLOR, ylabel: str = "",
+                  xlabel: str = "", percent: bool = False, width: int = 940, height: int = 280) -> str:
+    """A linear line plot of ``(x, y, tooltip)`` points (e.g. held-back agreement against
+    seconds); ``percent``: y in [0, 1] drawn as 0-100 %."""
+    pts = [(float(a), float(b), t) for a, b, t in points if _num(a) is not None and _num(b) is not None]
+    ml, mr, mt, mb = 70, 20, 18, 50
+    pw, ph = width - ml - mr, height - mt - mb
+    if not pts:
+        return '<p class="muted">No points to plot.</p>'
+    x0, x1 = 0.0, max(max(p[0] for p in pts), 1e-9)
+    ys = [p[1] for p in pts]
+    lo, hi = (0.0, 1.0) if percent else (min(ys), max(ys))
+    if percent:
+        lo = max(0.0, math.floor(min(ys) * 10) / 10)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+
+    def X(v):
+        return ml + (v - x0) / (x1 - x0) * pw
+
+    def Y(v):
+        return mt + ph - (v - lo) / (hi - lo) * ph
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11" role="img">',
+           f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfc" stroke="#bbb"/>']
+    for k in range(6):
+        v = lo + (hi - lo) * k / 5
+        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e3e3e3"/>')
+        out.append(f'<text x="{ml - 6}" y="{Y(v) + 4:.1f}" text-anchor="end" fill="#333">'
+                   f'{_e(f"{100 * v:.0f}%" if percent else _fmt(v))}</text>')
+    for k in range(6):
+        v = x0 + (x1 - x0) * k / 5
+        out.append(f'<text x="{X(v):.1f}" y="{mt + ph + 16}" text-anchor="middle" fill="#333">{_e(_fmt(v))}</text>')
+    out.append(f'<text x="{ml + pw / 2}" y="{height - 14}" text-anchor="middle" fill="#333">{_e(xlabel)}</text>')
+    out.append(f'<text transform="translate(16,{mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#333">{_e(ylabel)}</text>')
+    d = "M" + " L".join(f"{X(a):.1f},{Y(b):.1f}" for a, b, _ in pts)
+    out.append(f'<path d="{d}" stroke="{color}" stroke-width="1.7" fill="none"/>')
+    for a, b, tip in pts:
+        out.append(f'<circle cx="{X(a):.1f}" cy="{Y(b):.1f}" r="3.8" fill="{color}" stroke="{color}"><title>{_e(tip)}</title></circle>')
+    out.append("</svg>")
+    return "".join(out)
+
+
 def _outputs_section(parity: dict) -> str:
     parts = []
     series_vals, tols, labels, tips = [], [], [], []
@@ -550,10 +594,10 @@ def check_report_html(parity_dict: dict | None, locate_result_dict: dict | None 
 # --------------------------------------------------------------------------- convert
 
 
-def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool, held: dict | None = None) -> str:
+def _fidelity_table(cal: dict | None, fin: dict | None, repaired: bool, held: dict | None = None) -> str:
     cols = [("after calibration (in-sample)", cal)] + (
-        [("final (after distillation, in-sample)", fin)] if distilled and fin else [])
-    if not distilled and fin and not cal:
+        [("after repair (in-sample)", fin)] if repaired and fin else [])
+    if not repaired and fin and not cal:
         cols = [("final (in-sample)", fin)]
     if held:
         cols.append((f"held-out (--eval, {held.get('samples')} samples)", held))
@@ -563,10 +607,12 @@ def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool, held: d
     rows = [
         ("samples", "samples", lambda v: _fmt(v)),
         ("top-1 agreement with the original", "top1_agreement", _pct),
+        ("top-5 overlap with the original", "top5_overlap", _pct),
         ("mean KL(original ‖ converted)", "kl", _fmt),
         ("relative output error", "rel_output_error", _fmt),
         ("accuracy of the original", "accuracy_original", _pct),
         ("accuracy of the converted model", "accuracy_converted", _pct),
+        ("accuracy drop (points)", "accuracy_drop", lambda v: "—" if v is None else f"{100 * v:.1f}"),
     ]
     out = ["<table><tr><th></th>" + "".join(f"<th>{_e(h)}</th>" for h, _ in cols) + "</tr>"]
     for label, key, f in rows:
@@ -575,6 +621,32 @@ def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool, held: d
         out.append(f"<tr><th>{_e(label)}</th>" + "".join(f'<td class="num">{f(d.get(key))}</td>' for _, d in cols) + "</tr>")
     out.append("</table>")
     return "".join(out)
+
+
+def _repair_section(rep: dict) -> str:
+    """Repair: what ran, and the held-back agreement (or KL) against time."""
+    before, after = rep.get("before") or {}, rep.get("after") or {}
+    body = ["<h2>Repair</h2>", _kv([
+        ("steps", f'{rep.get("steps")} in {_fmt(rep.get("seconds"))} s (budget {_fmt(rep.get("budget_s"))} s; '
+                  f'stopped: {rep.get("stopped")})'),
+        ("trained on", f'{rep.get("train_samples")} calibration samples ({rep.get("held_samples")} held back), '
+                       f'{rep.get("trained_parameters")} parameters, micro-batch {rep.get("micro_batch")}, '
+                       f'{rep.get("feature_points")} feature points'),
+        ("held-back top-1 agreement", f'{_pct(before.get("agreement"))} → {_pct(after.get("agreement"))}'
+         if before.get("agreement") is not None else None),
+        ("held-back KL", f'{_fmt(before.get("kl"))} → {_fmt(after.get("kl"))}' if before else None),
+        ("result", "the repaired model was returned" if rep.get("kept") else
+         "not better on the held-back samples: the calibrated model was returned unchanged"),
+    ])]
+    curve = rep.get("curve") or []
+    key = "agreement" if curve and curve[0].get("agreement") is not None else "kl"
+    pts = [(c.get("seconds"), c.get(key), f'{_fmt(c.get("seconds"))} s, step {c.get("step")}: '
+            f'agreement {_pct(c.get("agreement"))}, KL {_fmt(c.get("kl"))}') for c in curve]
+    if len(pts) > 1:
+        body.append(f"<h3>Held-back {'top-1 agreement' if key == 'agreement' else 'KL'} against time</h3>")
+        body.append(line_plot_svg(pts, percent=(key == "agreement"), xlabel="seconds of repair",
+                                  ylabel="held-back top-1 agreement" if key == "agreement" else "held-back KL"))
+    return "".join(body)
 
 
 def convert_report_html(convert_report_dict: dict) -> str:
@@ -601,13 +673,14 @@ def convert_report_html(convert_report_dict: dict) -> str:
         ("calibrated", calib),
         ("passes over the data", r.get("passes")),
         ("calibration time", timing),
-        ("distillation", f'{r.get("distill_steps")} steps, loss {_fmt(r.get("distill_loss"))}, {_fmt(r.get("distill_seconds"))} s'
-         if r.get("distill_steps") else None),
         ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
     ]))
     body.append("<h2>Fidelity</h2>")
-    body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(r.get("distill_steps")),
+    rep = r.get("repair") or None
+    body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(rep and rep.get("kept")),
                                 r.get("fidelity_eval")))
+    if rep:
+        body.append(_repair_section(rep))
 
     if layers:
         body.append("<h2>Per-layer reconstruction error</h2>")

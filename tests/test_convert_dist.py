@@ -1,5 +1,6 @@
 """Calibration statistics are all-reduced under torch.distributed: two gloo ranks calibrating on
-halves of the data give the model a single process gets from the union."""
+halves of the data give the model a single process gets from the union; repair trains with
+DistributedDataParallel and every rank returns the same model."""
 
 from __future__ import annotations
 
@@ -38,11 +39,21 @@ TARGETS = ("gn", "bn_from_gn", "frn")
 def _run(to: str, x: torch.Tensor):
     # under torch.distributed the held-back fast-vs-sequential pick is off (each process would hold
     # back its own samples); the single process on the union is run the same way
+    from normswap.convert.core import ConvertOptions
+
     model = _model()
+    opts = ConvertOptions(holdback=False)
     if to == "bn_from_gn":
         model, _ = convert(model, "gn", None)  # a GroupNorm model (uncalibrated is fine)
-        return convert(model, "bn", x, batch_size=8, _holdback=False)
-    return convert(model, to, x, batch_size=8, _holdback=False)
+        return convert(model, "bn", x, batch_size=8, options=opts)
+    return convert(model, to, x, batch_size=8, options=opts)
+
+
+def _repair(x: torch.Tensor):
+    from normswap.convert.core import ConvertOptions
+
+    return convert(_model(), "gn", x, batch_size=8, repair=True, time_budget_s=120,
+                   options=ConvertOptions(repair_steps=3))
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -59,6 +70,8 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
             conv, rep = _run(to, part)
             out[to] = ({k: v.clone() for k, v in conv.state_dict().items()},
                        rep.calib_samples, rep.fidelity.top1_agreement, rep.distributed_world_size)
+        conv, rep = _repair(part)  # DistributedDataParallel: every rank ends with the same model
+        out["repair"] = ({k: v.clone() for k, v in conv.state_dict().items()}, rep.repair)
         torch.save(out, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -89,3 +102,8 @@ def test_two_gloo_ranks_equal_single_process_on_union(tmp_path):
             assert sd.keys() == ref.keys()
             for k in ref:
                 assert torch.allclose(sd[k].double(), ref[k].double(), rtol=1e-5, atol=1e-6), (to, k)
+    (sd0, r0), (sd1, r1) = results[0]["repair"], results[1]["repair"]
+    assert r0.steps == r1.steps == 3 and r0.kept == r1.kept and r0.after == r1.after  # all-reduced decisions
+    assert r0.held_samples == 3 and r1.held_samples == 2  # each rank holds back 1/7 of its own samples
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]), k

@@ -62,6 +62,7 @@ def _locate_dict():
 
 
 def _convert_dict():
+    from normswap.convert.repair import RepairResult
     from normswap.convert.report import ConvertReport, Fidelity, LayerFit
 
     layers = [
@@ -76,8 +77,14 @@ def _convert_dict():
         fidelity_calibrated=Fidelity(256, classifier=True, top1_agreement=0.965, kl=0.05, rel_output_error=0.1,
                                      accuracy_original=0.995, accuracy_converted=0.96),
         fidelity=Fidelity(256, classifier=True, top1_agreement=0.99, kl=0.01, rel_output_error=0.05,
-                          accuracy_original=0.995, accuracy_converted=0.99), distill_steps=100, distill_loss=0.01,
-        distill_seconds=3.0, calib_seconds=1.2, forward_seconds=0.4, warnings=["calibrated on 256 samples"],
+                          accuracy_original=0.995, accuracy_converted=0.99, top5_overlap=0.97),
+        repair=RepairResult(budget_s=60, steps=40, seconds=58.2, train_samples=220, held_samples=36, micro_batch=8,
+                            trained_parameters=151738, feature_points=4, stopped="time budget", kept=True,
+                            before={"kl": 0.05, "agreement": 0.94}, after={"kl": 0.01, "agreement": 0.972},
+                            curve=[{"seconds": 0.0, "step": 0, "kl": 0.05, "agreement": 0.94},
+                                   {"seconds": 30.1, "step": 20, "kl": 0.02, "agreement": 0.961},
+                                   {"seconds": 58.2, "step": 40, "kl": 0.01, "agreement": 0.972}]),
+        calib_seconds=1.2, forward_seconds=0.4, warnings=["calibrated on 256 samples"],
     )
     return rep.to_dict()
 
@@ -128,10 +135,13 @@ def test_locate_unavailable_and_zero_and_infinite_errors():
 def test_convert_report_html():
     html = convert_report_html(_convert_dict())
     _assert_self_contained(html)
-    assert html.count("<svg") == 2  # naive vs fitted, group counts
+    assert html.count("<svg") == 3  # naive vs fitted, group counts, repair's held-back agreement vs time
     assert "naive replacement" in html and "fitted replacement" in html
     assert "Group counts chosen" in html
-    assert "96.5%" in html and "99.0%" in html  # fidelity after calibration and after distillation
+    assert "96.5%" in html and "99.0%" in html  # fidelity after calibration and after repair
+    assert "after repair (in-sample)" in html and "top-5 overlap" in html and "accuracy drop" in html
+    assert "Held-back top-1 agreement against time" in html and "97.2%" in html
+    assert "30.1 s, step 20: agreement 96.1%" in html  # a point's tooltip
     assert re.sub(r"<wbr>", "", html).count(LONG) >= 1
     assert "calibrated on 256 samples" in html
 

@@ -36,6 +36,21 @@ class ConvertCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
+def _positive_seconds(ctx, param, value):
+    """--time-budget: a positive, finite number of seconds (nan, inf, 0 and negatives are refused)."""
+    if value is None:
+        return None
+    import math
+
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number of seconds") from None
+    if not (math.isfinite(v) and v > 0):
+        raise click.BadParameter(f"{value!r}: expected a positive, finite number of seconds")
+    return v
+
+
 EPILOG = """\b
 Examples:
   normswap convert samples/digits/digits_resnet_module.pt --trust --to gn --calib samples/digits/calib.npz
@@ -69,10 +84,18 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @image_options
 @click.option("--calib-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
-@click.option("--mode", type=click.Choice(("fast", "sequential", "reconstruct")), default="sequential", show_default=True, help="Calibration mode: fast (closed form on the original activations), sequential (closed form on the converted model's own inputs; never worse than fast on held-back calibration samples), reconstruct (sequential, then block-by-block optimisation of the new norms' parameters).")
-@click.option("--time-budget", "time_budget", type=float, default=None, metavar="SECONDS", help="Wall-clock budget of --mode reconstruct (default: about 5.5x the closed-form calibration time).")
-@click.option("--recon-steps", "recon_steps", type=int, default=None, metavar="N", help="Optimisation steps per block in --mode reconstruct (default 40, cut to fit the time budget).")
-@click.option("--distill-steps", type=int, default=0, show_default=True, metavar="N", help="Distillation steps against the original after calibration.")
+@click.option("--mode", type=click.Choice(("fast", "sequential")), default="sequential", show_default=True,
+              help="Calibration: fast (closed form on the original activations, 1 pass) or sequential "
+                   "(closed form on the converted model's own inputs, 2 passes; never worse than fast on "
+                   "held-back calibration samples).")
+@click.option("--repair", is_flag=True, default=False,
+              help="After calibration, distil the converted model toward the original on augmented "
+                   "views of the calibration data, early-stopped on held-back samples (never returned "
+                   "worse than calibration alone).")
+@click.option("--time-budget", "time_budget", default=None, metavar="SECONDS", callback=_positive_seconds,
+              help="Wall-clock budget of --repair in seconds (default 600).")
+@click.option("--repair-steps", "repair_steps", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Expert: stop --repair after N steps (reproducible runs).")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="Converted model file (default MODEL.<to>.pt).")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), metavar="FILE.html",
               help="Write a self-contained HTML report with plots.")
@@ -84,8 +107,8 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @write_options
 @output_options
 @pass_settings
-def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, time_budget,
-            recon_steps, distill_steps, output, report_path, onnx_path,
+def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, repair, time_budget,
+            repair_steps, output, report_path, onnx_path,
             no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts, preprocess):
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
@@ -94,12 +117,13 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
     out_path, onnx_file = output_paths(model_path, to, output, onnx_path)
 
     def job(outs):
-        from normswap.convert.core import recon_options
+        from normswap.convert.core import ConvertOptions
         from normswap.convert.pipeline import convert_file
 
-        with _Progress(opts.quiet) as progress, recon_options(time_budget_s=time_budget, recon_steps=recon_steps):
+        with _Progress(opts.quiet) as progress:
             _, report = convert_file(
-                model_path, to, calib=calib, source=source, groups=groups, mode=mode, distill_steps=distill_steps,
+                model_path, to, calib=calib, source=source, groups=groups, mode=mode, repair=repair,
+                time_budget_s=time_budget, options=ConvertOptions(repair_steps=repair_steps),
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
                 export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
                 progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
@@ -117,7 +141,8 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
 
 
 class _Progress:
-    """A rich progress bar for the calibration passes and the distillation loss."""
+    """A rich progress bar for the calibration passes and for repair (time against its budget,
+    with the step, the loss and the time left)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -128,26 +153,29 @@ class _Progress:
         return self  # the bar starts with the first progress report: an error before it prints alone
 
     def _start(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from normswap_cli.common import console
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(),
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                             console=console(stderr=True), transient=True)
         self.bar.__enter__()
 
-    def __call__(self, stage: str, step: int, total: int, loss=None) -> None:
+    def __call__(self, stage: str, step: int, total, loss=None, eta=None) -> None:
         if self.quiet:
             return
         if self.bar is None:
             self._start()
         if stage not in self.tasks:
-            label = {"calibrate": "calibrating (passes)", "reconstruct": "reconstructing (steps)",
-                     "distill": "distilling"}.get(stage, stage)
-            self.tasks[stage] = self.bar.add_task(label, total=total, loss="")
-        text = f"loss {loss:.4g}" if loss is not None else ""
-        self.bar.update(self.tasks[stage], completed=step, loss=text)
+            label = {"calibrate": "calibrating", "repair": "repairing"}.get(stage, stage)
+            self.tasks[stage] = self.bar.add_task(label, total=total, info="")
+        if stage == "repair" and eta is not None:  # total: the time budget (s); eta: what is left of it
+            info = f"step {step}" + (f" loss {loss:.3g}" if loss is not None else "") + f" ~{eta:.0f} s left"
+            self.bar.update(self.tasks[stage], completed=max(0.0, total - eta), info=info)
+            return
+        info = f"{step}/{total}" if total else f"{step}"
+        self.bar.update(self.tasks[stage], completed=step, info=info + (f" loss {loss:.3g}" if loss is not None else ""))
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -170,6 +198,56 @@ def _outputs_rows(table, f) -> None:
     for o in f.outputs:
         table.add_row(f"output {o['name']}", f"max abs error {_num(o['max_abs_error'])}, "
                                              f"rel. error {_num(o['rel_error'])}")
+
+
+def _repaired(report) -> bool:
+    return report.repair is not None and bool(getattr(report.repair, "kept", False))
+
+
+def _fid_table(title: str, f, source, before=None):
+    """Rows of one Fidelity (``before``: the calibrated model's, shown as ``before -> after``)."""
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column("what", style="bold", overflow="fold")
+    t.add_column("value", overflow="fold")
+
+    def pair(fmt, key):
+        now = fmt(getattr(f, key))
+        return now if before is None else f"{fmt(getattr(before, key))} calibrated -> {now} repaired"
+
+    t.add_row("samples", f"{f.samples} ({source})")
+    if f.classifier:
+        t.add_row("top-1 agreement", pair(_pct, "top1_agreement"))
+        t.add_row("top-5 overlap", pair(_pct, "top5_overlap"))
+        t.add_row("KL(original || converted)", pair(_num, "kl"))
+    t.add_row("relative output error", pair(_num, "rel_output_error"))
+    if f.accuracy_converted is not None:
+        d = f.accuracy_drop
+        t.add_row("accuracy", f"{_pct(f.accuracy_converted)} converted, {_pct(f.accuracy_original)} original "
+                              f"({'drop' if d >= 0 else 'gain'} {abs(100 * d):.1f} points)")
+    _outputs_rows(t, f)
+    return t
+
+
+def _repair_table(r):
+    from rich.table import Table
+
+    t = Table(title="repair (distillation toward the original; held-back calibration samples)",
+              show_header=False, title_justify="left")
+    t.add_column("what", style="bold", overflow="fold")
+    t.add_column("value", overflow="fold")
+    t.add_row("steps", f"{r.steps} in {r.seconds:.0f} s (budget {_num(r.budget_s)} s; stopped: {r.stopped})")
+    t.add_row("trained on", f"{r.train_samples} samples, {r.trained_parameters} parameters, "
+                            f"micro-batch {r.micro_batch}; {r.held_samples} held back")
+    b, a = r.before or {}, r.after or {}
+    if b.get("agreement") is not None:
+        t.add_row("held-back top-1 agreement", f"{_pct(b.get('agreement'))} -> {_pct(a.get('agreement'))}")
+    if b:
+        t.add_row("held-back KL", f"{_num(b.get('kl'))} -> {_num(a.get('kl'))}")
+    t.add_row("result", "repaired model returned" if r.kept else
+              "not better on the held-back samples: the calibrated model is returned")
+    return t
 
 
 def render(report, console) -> None:
@@ -197,43 +275,18 @@ def render(report, console) -> None:
     console.print(t)
     f = report.fidelity
     if f is not None:
-        s = Table(title="fidelity on the calibration data (in-sample"
-                        + ("; held-out below)" if report.fidelity_eval is not None else "; pass --eval DATA for held-out)"),
-                  show_header=False, title_justify="left")
-        s.add_column("what", style="bold", overflow="fold")
-        s.add_column("value", overflow="fold")
-        s.add_row("samples", f"{f.samples} ({report.calib_source})")
-        fc = report.fidelity_calibrated
-        if f.classifier:
-            if report.distill_steps and fc is not None:
-                s.add_row("top-1 agreement", f"{_pct(fc.top1_agreement)} calibrated -> {_pct(f.top1_agreement)} "
-                                             f"after {report.distill_steps} distillation steps")
-                s.add_row("KL(original || converted)", f"{_num(fc.kl)} -> {_num(f.kl)}")
-            else:
-                s.add_row("top-1 agreement", _pct(f.top1_agreement))
-                s.add_row("KL(original || converted)", _num(f.kl))
-        s.add_row("relative output error", _num(f.rel_output_error))
-        if f.accuracy_converted is not None:
-            s.add_row("accuracy", f"{_pct(f.accuracy_converted)} (original {_pct(f.accuracy_original)})")
+        s = _fid_table("fidelity on the calibration data (in-sample"
+                       + ("; held-out below)" if report.fidelity_eval is not None else "; pass --eval DATA for held-out)"),
+                       f, report.calib_source, report.fidelity_calibrated if _repaired(report) else None)
         if report.calib_ratio is not None:
             s.add_row("calibration time", f"{report.calib_seconds:.2f} s = {report.calib_ratio:.1f}x one forward "
                                           f"pass ({report.passes} pass{'es' if report.passes != 1 else ''})")
-        _outputs_rows(s, f)
         console.print(s)
+    if report.repair is not None:
+        console.print(_repair_table(report.repair))
     fe = report.fidelity_eval
     if fe is not None:
-        h = Table(title="fidelity on held-out data (--eval)", show_header=False, title_justify="left")
-        h.add_column("what", style="bold", overflow="fold")
-        h.add_column("value", overflow="fold")
-        h.add_row("samples", f"{fe.samples} ({report.eval_source})")
-        if fe.classifier:
-            h.add_row("top-1 agreement", _pct(fe.top1_agreement))
-            h.add_row("KL(original || converted)", _num(fe.kl))
-        h.add_row("relative output error", _num(fe.rel_output_error))
-        if fe.accuracy_converted is not None:
-            h.add_row("accuracy", f"{_pct(fe.accuracy_converted)} (original {_pct(fe.accuracy_original)})")
-        _outputs_rows(h, fe)
-        console.print(h)
+        console.print(_fid_table("fidelity on held-out data (--eval)", fe, report.eval_source))
     if report.files:
         for k, v in report.files.items():
             console.print(f"wrote {k}: {v}", markup=False)

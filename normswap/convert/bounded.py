@@ -56,32 +56,28 @@ class BoundedBatches(Batches):
         cap = max(1, budget // per)
         return max(d for d in range(1, bs + 1) if bs % d == 0 and d <= cap)
 
-    def _first_chunk(self, bs: int) -> int:
+    def _first_chunk(self, x: Tensor, bs: int) -> int:
         """Before any shape is known: the whole batch when even 32x its input bytes (a network's
         norm activations are rarely smaller) fit the budget, else one sample to learn the shapes."""
         budget = RECORD_BUDGET_BYTES if self.budget is None else int(self.budget)
-        x = self.data.inputs
-        per_in = x[:1].numel() * x.element_size() if len(self.data) else 0
+        per_in = x[:1].numel() * x.element_size() if x.shape[0] else 0
         return bs if per_in * bs * 32 <= budget else 1
 
     def run(self, model: nn.Module, step: Callable[[nn.Module, Tensor], object]):
-        """Yield ``step``'s output per batch; each batch runs in chunks within the budget.  Before
-        any site has been seen (the first pass), the first sample runs alone to learn the shapes."""
-        bs, n = int(self.batch_size), len(self.data)
-        data = self.data
+        """Yield ``step``'s output per batch; each batch (streamed from the data set) runs in
+        chunks within the budget.  Before any site has been seen (the first pass), the first
+        sample runs alone to learn the shapes."""
         chunks = []
-        for b0 in range(0, n, bs):
-            b1 = min(b0 + bs, n)
-            group, pos = [], b0
+        for x, y in self.data.batches(self.batch_size):
+            group, pos, b1 = [], 0, x.shape[0]
             while pos < b1:
-                chunk = self.chunk_size() if recorded_bytes_per_sample(self.sites) else self._first_chunk(bs)
+                chunk = self.chunk_size() if recorded_bytes_per_sample(self.sites) else self._first_chunk(x, b1)
                 chunks.append(chunk)
                 end = min(pos + chunk, b1)
-                if chunk >= bs and pos == b0:  # the whole batch at once
+                if chunk >= b1 and pos == 0:  # the whole batch at once
                     end = b1
                 proxy = copy.copy(self)
-                proxy.data = Dataset(data.inputs[pos:end], None if data.labels is None else data.labels[pos:end],
-                                     getattr(data, "source", ""))
+                proxy.data = Dataset(x[pos:end], None if y is None else y[pos:end], getattr(self.data, "source", ""))
                 proxy.batch_size = end - pos
                 for out in Batches.run(proxy, model, step):
                     group.append(out)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..data import Dataset, guess_input_shape, load_data
+from ..data import Dataset, guess_input_shape, is_dataset, load_data
 from ..errors import NormswapError
 from .fidelity import OutputCache, allreduce_floats, dist_info
 from .fit import assign, build_new, data_free, fit_site, fix_nonfinite, make_stats
@@ -59,31 +60,51 @@ def _warn_random(report: ConvertReport, shape) -> None:
     report.warnings.append(msg)
 
 
-def load_calib(calib, model: nn.Module, calib_samples: int | None, report: ConvertReport) -> Dataset | None:
-    """The calibration inputs as a :class:`normswap.data.Dataset` (None without ``calib``)."""
+def load_calib(calib, model: nn.Module, calib_samples: int | None, report: ConvertReport):
+    """The calibration inputs as a data set (an in-memory :class:`normswap.data.Dataset` or a
+    streaming :class:`normswap.images.ImageFolder`; None without ``calib``); at most
+    ``calib_samples`` of them, evenly spread over the data (sorted folders hold whole classes)."""
     if calib is None:
         return None
-    # a normswap.data.Dataset or anything with .inputs
-    if hasattr(calib, "inputs") and isinstance(getattr(calib, "inputs"), Tensor):
-        x, y = calib.inputs, getattr(calib, "labels", None)
-        if getattr(calib, "synthetic", False):
-            _warn_random(report, tuple(x.shape[1:]))
-        if calib_samples is not None:
-            x = x[:calib_samples]
-            y = None if y is None else y[:calib_samples]
-        return Dataset(x, y, str(getattr(calib, "source", "dataset")))
     if isinstance(calib, str) and calib == "random":
         guess = guess_input_shape(model)
         if guess is None:
             raise NormswapError("calib='random' needs to know the input shape; pass a tensor "
                                 "(or on the command line --calib FILE)")
-        shape = tuple(guess[1:])
-        _warn_random(report, shape)
         n = calib_samples or 256
-        ds = load_data("random", limit=n, input_shape=(n,) + shape, seed=0)
-        return Dataset(ds.inputs[:n], None, "random")
-    ds = load_data(calib, limit=calib_samples)
-    return Dataset(ds.inputs, ds.labels, str(getattr(ds, "source", "data")))
+        ds = load_data("random", limit=n, input_shape=(n,) + tuple(guess[1:]), seed=0)
+    elif is_dataset(calib):
+        ds = calib
+    else:
+        ds = load_data(calib, model=model)
+    if len(ds) == 0:
+        raise NormswapError(f"{ds.source or 'calibration data'}: holds no samples")
+    if getattr(ds, "synthetic", False):
+        _warn_random(report, tuple(ds.sample_shape))
+    if calib_samples is not None and int(calib_samples) < len(ds):
+        k = int(calib_samples)
+        ds = ds.subset([int(i * len(ds) / k) for i in range(k)])
+    for key in ("skipped",):
+        n_bad = (ds.to_dict() if hasattr(ds, "to_dict") else {}).get(key) or 0
+        if n_bad:
+            report.warnings.append(f"{ds.source}: {n_bad} unreadable image(s) skipped (--skip-bad-images)")
+    return ds
+
+
+def forward_error(e: Exception, x, module: nn.Module) -> str:
+    """One line for a model forward that raised on user data: what raised and where, and the
+    input shape the model expects when it looks like a shape problem."""
+    import traceback
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    shape = tuple(x.shape) if hasattr(x, "shape") else "?"
+    text = f"the model's forward raised {type(e).__name__}{where} on a calibration batch of shape {shape}: {first}"
+    if isinstance(e, (RuntimeError, ValueError)) and any(w in first.lower() for w in ("shape", "size", "channels",
+                                                                                       "dimension", "expected")):
+        text += f" (the model expects inputs of shape {expected_input_text(module)})"
+    return text
 
 
 class Batches:
@@ -109,18 +130,14 @@ class Batches:
             except AttributeError as e:
                 attr = getattr(e, "name", None)
                 if CalibSite.__name__ not in str(e) or not attr:
-                    raise
+                    raise NormswapError(forward_error(e, x, self.module)) from None
                 which = [s.name for s in self.sites if hasattr(s.orig, attr)] or [s.name for s in self.sites]
                 raise NormswapError(
                     f"the model's forward reads '{attr}' of a norm layer directly instead of only calling it "
                     f"({', '.join(which[:5])}{' …' if len(which) > 5 else ''}): such a layer cannot be "
                     f"replaced; exclude its kind with --from or change the model") from None
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise NormswapError(
-                    f"calibration data of shape {tuple(self.data.inputs.shape)} does not fit the model: "
-                    f"it expects inputs of shape {expected_input_text(self.module)} ({type(e).__name__}: {first})"
-                ) from None
+            except Exception as e:  # noqa: BLE001 - the user's model raised on the user's data
+                raise NormswapError(forward_error(e, x, self.module)) from None
             yield out
 
 
@@ -192,8 +209,7 @@ HOLDBACK_SHARE = 1 / 7
 HOLDBACK_MIN_SAMPLES = 14
 
 
-def holdback_split(data: Dataset, share: float = HOLDBACK_SHARE,
-                   min_samples: int = HOLDBACK_MIN_SAMPLES) -> tuple[Dataset, int]:
+def holdback_split(data, share: float = HOLDBACK_SHARE, min_samples: int = HOLDBACK_MIN_SAMPLES):
     """The calibration data reordered so that a deterministic ``share`` of it (every k-th sample,
     so that sorted data is sampled evenly) comes last; returns ``(data, held)`` with ``held`` the
     number of held-back samples at the end (0 when there are too few samples)."""
@@ -205,15 +221,12 @@ def holdback_split(data: Dataset, share: float = HOLDBACK_SHARE,
     mask = torch.ones(n, dtype=torch.bool)
     mask[held_idx] = False
     order = torch.cat([mask.nonzero().flatten(), held_idx])
-    labels = data.labels[order] if data.labels is not None else None
-    return Dataset(data.inputs[order], labels, data.source), int(held_idx.numel())
+    return data.subset(order), int(held_idx.numel())
 
 
 def _sub_batches(batches: Batches, start: int, stop: int) -> Batches:
-    d = batches.data
-    labels = d.labels[start:stop] if d.labels is not None else None
     # the same kind of batches (a BoundedBatches stays memory-bounded)
-    return type(batches)(Dataset(d.inputs[start:stop], labels, d.source), batches.batch_size, batches.module,
+    return type(batches)(batches.data.subset(range(start, stop)), batches.batch_size, batches.module,
                          batches.sites)
 
 

@@ -201,21 +201,23 @@ class _OutputErrors:
         ok = torch.isfinite(ref) & torch.isfinite(out)
         d = torch.where(ok, out - ref, torch.zeros_like(out))
         r = torch.where(ok, ref, torch.zeros_like(ref))
-        a = self.acc.setdefault(name, [0.0, 0.0, 0.0, list(ref.shape[1:]) if ref.dim() else [], 0.0])
+        a = self.acc.setdefault(name, [0.0, 0.0, 0.0, list(ref.shape[1:]) if ref.dim() else [], 0.0, 0.0])
         a[0] += float((d ** 2).sum())
         a[1] += float((r ** 2).sum())
         a[2] = max(a[2], float(d.abs().max())) if d.numel() else a[2]
         a[4] += float((~ok).sum())
+        a[5] += float((~torch.isfinite(out) & torch.isfinite(ref)).sum())
 
     def results(self) -> list[dict]:
         names = sorted(self.acc)
-        sums = allreduce_floats([v for n in names for v in (self.acc[n][0], self.acc[n][1], self.acc[n][4])])
+        sums = allreduce_floats([v for n in names for v in (self.acc[n][0], self.acc[n][1], self.acc[n][4],
+                                                            self.acc[n][5])])
         mx = allreduce_max([self.acc[n][2] for n in names])
         out = []
         for i, n in enumerate(names):
-            sse, ssy, bad = sums[3 * i], sums[3 * i + 1], sums[3 * i + 2]
+            sse, ssy, bad, conv_bad = sums[4 * i: 4 * i + 4]
             out.append({"name": n, "shape": self.acc[n][3], "max_abs_error": mx[i], "rel_error": _rel(sse, ssy),
-                        "nonfinite": int(bad)})
+                        "nonfinite": int(bad), "converted_nonfinite": int(conv_bad)})
         order = {n: k for k, n in enumerate(self.acc)}  # the model's output order
         return sorted(out, key=lambda d: order[d["name"]])
 
@@ -226,7 +228,7 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
     """Fidelity of ``work`` against ``original`` on ``data``; ``cache``: the original's outputs
     per batch (:class:`OutputCache`'s ``tensors``) or None (the original is run).  ``where``:
     "calibration" (in-sample) or "held-out".  Returns ``(Fidelity, converted forward seconds)``."""
-    n = agree = kl = sse = ssy = 0.0
+    n = agree = kl = sse = ssy = top5 = 0.0
     correct_o = correct_c = 0.0
     bad = 0.0  # samples whose original output is not finite: no meaningful comparison
     oob = 0.0  # labels outside the model's classes
@@ -274,6 +276,9 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
         ssy += float((ref ** 2).sum())
         if classifier:
             agree += float((out.argmax(1) == ref.argmax(1)).sum())
+            k = min(5, ref.shape[1])
+            to, tr = out.topk(k, 1).indices, ref.topk(k, 1).indices
+            top5 += float((to.unsqueeze(2) == tr.unsqueeze(1)).any(2).sum()) / k
             lp, lq = F.log_softmax(ref, 1), F.log_softmax(out, 1)
             kl += float((lp.exp() * (lp - lq)).sum())
             if y is not None:
@@ -281,14 +286,15 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
                 oob += float(((yb < 0) | (yb >= ref.shape[1])).sum())
                 correct_o += float((ref.argmax(1) == yb).sum())
                 correct_c += float((out.argmax(1) == yb).sum())
-    n, agree, kl, sse, ssy, correct_o, correct_c, bad, oob = allreduce_floats(
-        [n, agree, kl, sse, ssy, correct_o, correct_c, bad, oob])
+    n, agree, kl, sse, ssy, correct_o, correct_c, bad, oob, top5 = allreduce_floats(
+        [n, agree, kl, sse, ssy, correct_o, correct_c, bad, oob, top5])
     fid = Fidelity(samples=int(n), classifier=bool(classifier), rel_output_error=_rel(sse, ssy) if n else None,
                    data=where, in_sample=(where == "calibration"), output=primary, outputs=errors.results())
     fid._nonfinite = int(bad)  # not a field: the caller turns it into a warning
     if classifier and n:
         fid.top1_agreement = agree / max(n, 1)
-        fid.kl = kl / max(n, 1)
+        fid.kl = max(0.0, kl / max(n, 1))  # a rounding artefact is never printed as -0.0000
+        fid.top5_overlap = top5 / max(n, 1)
         fid._labels_out_of_range = int(oob)
         if data.labels is not None and not oob:
             fid.accuracy_original = correct_o / max(n, 1)

@@ -43,7 +43,8 @@ def _resolve(module, calib, calib_samples, input_shape, *, required: bool, prepr
         shape = (calib_samples or RANDOM_CALIB_SAMPLES,) + tuple(base[1:])
         return resolve_inputs(module, input_shape=shape, data="random", batch=2, required=required,
                               data_option="--calib")
-    return resolve_inputs(module, input_shape=input_shape, data=calib, limit=calib_samples, batch=2,
+    # --calib-samples is applied by convert() (evenly spread over the data, not the first N)
+    return resolve_inputs(module, input_shape=input_shape, data=calib, limit=None, batch=2,
                           required=required, data_option="--calib", preprocess=preprocess)
 
 
@@ -55,7 +56,8 @@ def default_output_paths(model_path: str | Path, to: str) -> tuple[Path, Path]:
 
 
 def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=None, groups="auto",
-                 mode: str = "sequential", distill_steps: int = 0, batch_size: int = 64,
+                 mode: str = "sequential", repair: bool = False, time_budget_s: float | None = None,
+                 options=None, batch_size: int = 64,
                  calib_samples: int | None = None, output: str | Path | None = None,
                  onnx: str | Path | None = None, export_onnx: bool = True, check: bool = True,
                  input_shape=None, force: bool = False, progress: Callable | None = None,
@@ -68,8 +70,9 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
     the input, or the ``-o`` file with the suffix ``.onnx``), then
     checks ONNX parity in onnxruntime (CPU, and CUDA when available) unless ``check=False``.
     ``eval_data`` (``--eval``): held-out data on which fidelity is measured (else the report's
-    fidelity is in-sample, on the calibration data).  Bad data (NaN/Inf inputs, integer inputs to a
-    float model, fractional float labels) is refused before anything is fitted or written.
+    fidelity is in-sample, on the calibration data).  ``repair`` / ``time_budget_s`` / ``options``:
+    as in :func:`normswap.convert.convert`.  Bad data (NaN/Inf inputs, integer inputs to a float
+    model, fractional float labels, unreadable images) is refused before anything is written.
     ``outputs``: the run's claimed :class:`normswap.outputs.OutputSet` (the CLI's, with ``-o`` and
     ``--onnx``): files are staged into it and the caller commits the set; without it convert_file
     claims, stages and commits its own (only when the job passed).  ``preprocess``: how image
@@ -86,7 +89,8 @@ def convert_file(model_path: str | Path, to: str = "gn", *, calib=None, source=N
                                     ("the --eval data", eval_data)], force=force).claim()
     try:
         return _convert_file(outputs, model_path, to, calib=calib, source=source, groups=groups, mode=mode,
-                             distill_steps=distill_steps, batch_size=batch_size, calib_samples=calib_samples,
+                             repair=repair, time_budget_s=time_budget_s, options=options,
+                             batch_size=batch_size, calib_samples=calib_samples,
                              export_onnx=export_onnx, check=check, input_shape=input_shape, progress=progress,
                              arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
                              providers=providers, eval_data=eval_data, commit=own, preprocess=preprocess)
@@ -107,9 +111,9 @@ def output_paths(model_path, to: str, output=None, onnx=None) -> tuple[Path, Pat
     return out_path, onnx_default
 
 
-def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, distill_steps, batch_size,
-                  calib_samples, export_onnx, check, input_shape, progress, arch, arch_kwargs, trust, imports,
-                  providers, eval_data, commit, preprocess=None):
+def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, repair, time_budget_s, options,
+                  batch_size, calib_samples, export_onnx, check, input_shape, progress, arch, arch_kwargs, trust,
+                  imports, providers, eval_data, commit, preprocess=None):
     from ..io import as_module, load_model, save_model
     from .core import convert
 
@@ -119,27 +123,19 @@ def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, disti
     onnx_path = outputs.final.get("--onnx")
     if calib_samples is not None and calib_samples < 1:
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
-    from ..data import materialize
-
+    if isinstance(eval_data, str) and eval_data == "random":
+        raise NormswapError("--eval needs real held-out data, not 'random'")
+    # the data is loaded (an image folder: opened, streamed later) once, here; convert() checks it
     resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx, preprocess=preprocess)
-    # issue 18: until convert/ reads data through batches()/subset()/head(), a streaming image
-    # folder is decoded whole here (as before)
-    data, ex = materialize(resolved.data), resolved.example
-    from .checks import check_data
-
-    notes = check_data(data, module, "calibration data", raw=calib)
+    data, ex = resolved.data, resolved.example
     evald = None
     if eval_data is not None:
-        if isinstance(eval_data, str) and eval_data == "random":
-            raise NormswapError("--eval needs real held-out data, not 'random'")
-        evald = materialize(_resolve(module, eval_data, None, input_shape, required=False,
-                                     preprocess=preprocess).data)
-        notes += check_data(evald, module, "eval data", raw=eval_data)
+        evald = _resolve(module, eval_data, None, input_shape, required=False, preprocess=preprocess).data
 
-    converted, report = convert(module, to, data, source=source, groups=groups, mode=mode,
-                                distill_steps=distill_steps, batch_size=batch_size,
+    converted, report = convert(module, to, data, source=source, groups=groups, mode=mode, repair=repair,
+                                time_budget_s=time_budget_s, options=options, batch_size=batch_size,
                                 calib_samples=calib_samples, progress=progress, eval_data=evald)
-    report.warnings[:0] = list(resolved.notes) + [n for n in notes if n not in report.warnings]
+    report.warnings[:0] = [n for n in resolved.notes if n not in report.warnings]
     report.warnings.extend(getattr(loaded, "notes", []) or [])
 
     # every file is staged; the set is committed only when the export and the parity check ran
@@ -162,7 +158,7 @@ def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, disti
             from ..check import check as check_parity
 
             if data is not None:
-                inputs = data.inputs[:MAX_SAMPLES]
+                inputs = data.head(MAX_SAMPLES).inputs
             else:
                 inputs = ex[0] if len(ex) == 1 else ex
             try:

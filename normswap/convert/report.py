@@ -52,6 +52,7 @@ class Fidelity:
     classifier: bool = False
     top1_agreement: float | None = None  # classifiers
     kl: float | None = None  # mean KL(original || converted), classifiers
+    top5_overlap: float | None = None  # mean |top-5 of converted ∩ top-5 of original| / 5, classifiers
     rel_output_error: float | None = None  # ||out_new - out_orig|| / ||out_orig||
     accuracy_original: float | None = None  # when the calibration data has labels
     accuracy_converted: float | None = None
@@ -60,6 +61,20 @@ class Fidelity:
     #: every output of the model: {"name", "shape" (per sample), "max_abs_error", "rel_error",
     #: "nonfinite"} (errors are converted - original)
     outputs: list = field(default_factory=list)
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Original accuracy minus converted accuracy (points as a fraction; None without labels)."""
+        if self.accuracy_original is None or self.accuracy_converted is None:
+            return None
+        return self.accuracy_original - self.accuracy_converted
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        d = {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d["accuracy_drop"] = self.accuracy_drop
+        return d
 
     @property
     def worst_output(self) -> dict | None:
@@ -82,16 +97,19 @@ class ConvertReport(Report):
     calib_labels: bool = False
     passes: int = 0
     layers: list = field(default_factory=list)
-    #: fidelity after calibration (and before distillation)
+    #: what the calibration data was (source, samples, layout, preprocessing, skipped images)
+    calib_data: dict | None = None
+    #: sequential mode: the held-back scores of the fast and the sequential fit and the pick
+    calibration_choice: dict | None = None
+    #: fidelity after calibration (before repair), on the calibration data: in-sample
     fidelity_calibrated: Fidelity | None = None
-    #: final fidelity on the calibration data (after distillation when distill_steps > 0): in-sample
+    #: final fidelity on the calibration data (after repair when it was kept): in-sample
     fidelity: Fidelity | None = None
     #: final fidelity on held-out data (``eval_data`` / ``--eval``); None without it
     fidelity_eval: Fidelity | None = None
     eval_source: str | None = None
-    distill_steps: int = 0
-    distill_loss: float | None = None
-    distill_seconds: float | None = None
+    #: :class:`normswap.convert.repair.RepairResult` when repair ran
+    repair: Any = None
     calib_seconds: float | None = None
     #: seconds of one plain forward pass over the calibration set (the converted model)
     forward_seconds: float | None = None
@@ -141,6 +159,8 @@ class ConvertReport(Report):
             "calib_samples": self.calib_samples,
             "calib_labels": self.calib_labels,
             "passes": self.passes,
+            "calib_data": jsonable(self.calib_data),
+            "calibration_choice": jsonable(self.calibration_choice),
             "layers": [jsonable(x) for x in self.layers],
             "fidelity_calibrated": jsonable(self.fidelity_calibrated),
             "fidelity": jsonable(self.fidelity),
@@ -148,9 +168,7 @@ class ConvertReport(Report):
             "eval_source": self.eval_source,
             #: which fidelity the headline numbers are: "held-out" or "in-sample"
             "fidelity_basis": self.fidelity_basis,
-            "distill_steps": self.distill_steps,
-            "distill_loss": self.distill_loss,
-            "distill_seconds": self.distill_seconds,
+            "repair": jsonable(self.repair),
             "calib_seconds": self.calib_seconds,
             "forward_seconds": self.forward_seconds,
             "calib_ratio": self.calib_ratio,
@@ -174,8 +192,10 @@ class ConvertReport(Report):
             f = self.fidelity
             on = " on random inputs" if self.calib_source == "random" else ""
             txt = f"calibrated{on} ({self.mode}, {self.calib_samples} samples"
-            if self.distill_steps:
-                txt += f", {self.distill_steps} distill steps"
+            r = self.repair
+            if r is not None:
+                txt += (f", repaired {r.steps} steps in {r.seconds:.0f} s" if r.kept
+                        else ", repair not kept")
             txt += ")"
             heldout = self.fidelity_eval is not None
             if heldout:
@@ -199,7 +219,9 @@ def _fid_text(f: Fidelity) -> str:
     elif f.rel_output_error is not None:
         txt = f"rel. output error {f.rel_output_error:.3g}"
     if f.accuracy_converted is not None and f.accuracy_original is not None:
-        txt += f", accuracy {100 * f.accuracy_converted:.1f}% (original {100 * f.accuracy_original:.1f}%)"
+        d = f.accuracy_drop
+        txt += (f", accuracy {100 * f.accuracy_converted:.1f}% (original {100 * f.accuracy_original:.1f}%, "
+                f"{'drop' if d >= 0 else 'gain'} {abs(100 * d):.1f} pt)")
     w = f.worst_output
     if len(f.outputs) > 1 and w is not None:
         txt += f", worst output {w['name']} rel. error {w['rel_error']:.3g}"

@@ -1,0 +1,439 @@
+"""Repair: after calibration, distil the converted model toward the original on the calibration
+inputs, within a wall-clock budget, and never return a model worse than the calibrated one.
+
+Each step draws a batch of calibration samples, makes one augmented view of it (random resized
+crop and horizontal flip of image-like ``(N, C, H, W)`` inputs, optionally mixup), gives the
+*same* view to the original (no gradient) and to the converted model, and minimises
+
+    KL(original || converted) on the logits  +  feature_weight * mean over feature points of
+    ||f_conv - f_orig||^2 / ||f_orig||^2
+
+where the feature points are the outputs of the model's blocks (the children of its
+``Sequential`` / ``ModuleList`` containers that hold converted norms; the converted norms
+themselves when there are none).  Models whose first output is not a classifier's logits are
+matched by relative squared error of that output instead of KL.
+
+A held-back part of the calibration samples (never trained on) is scored (KL to the original)
+before the first step and every ``eval_every_s`` seconds; the best state is kept and restored at
+the end, and when no step beat the calibrated model it is restored unchanged: repair never
+returns a model worse on the held-back samples than calibration alone.  Training stops at the
+time budget (with the final scoring inside it), at ``max_steps``, or when ``patience``
+scorings in a row did not improve.
+
+Memory: each step is split into micro-batches whose saved activations (measured on one
+sample) fit within ``memory_factor`` times the activation memory of a plain forward pass of
+the batch, with the gradients accumulated, so repair at batch 64 costs about what the
+calibration pass costs.  Under ``torch.distributed`` the model is wrapped in
+``DistributedDataParallel`` (each rank trains on its own samples; the held-back scores and the
+stop decision are all-reduced so every rank stops at the same step with the same model).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fidelity import allreduce_floats, allreduce_max, dist_info, first_tensor, is_classifier
+
+__all__ = ["RepairOptions", "RepairResult", "repair", "feature_points", "augment"]
+
+
+@dataclass
+class RepairOptions:
+    """Expert settings of the repair step (the defaults are what the benchmarks measured)."""
+
+    #: samples per optimisation step (split into micro-batches by the memory budget)
+    batch_size: int = 32
+    #: "all" parameters of the converted model, or only the "norms" (the replacements)
+    params: str = "all"
+    #: peak learning rate (AdamW, warm-up then cosine decay over the budget)
+    lr: float = 1e-4
+    #: learning rate of the replacement norms' parameters (they moved most in conversion)
+    norm_lr: float = 1e-3
+    #: weight of the block feature-matching term
+    feature_weight: float = 1.0
+    #: random resized crop: share of the area kept, and whether to flip horizontally
+    crop_scale: tuple = (0.25, 1.0)
+    flip: bool = True
+    #: mixup: probability that a step mixes its batch with a shuffled copy (0: off)
+    mixup: float = 0.0
+    #: seconds between held-back scorings
+    eval_every_s: float = 30.0
+    #: stop after this many scorings in a row without improvement (0: never)
+    patience: int = 0
+    #: saved activations of a micro-batch stay within this multiple of a plain forward's
+    memory_factor: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class RepairResult:
+    """What repair did: steps, time, the held-back curve and whether its result was kept."""
+
+    budget_s: float | None = None
+    max_steps: int | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    train_samples: int = 0
+    held_samples: int = 0
+    micro_batch: int = 0
+    trained_parameters: int = 0
+    feature_points: int = 0
+    #: why it stopped: "time budget", "max steps", "no improvement", "nothing to train"
+    stopped: str = ""
+    #: held-back scores: {"seconds", "step", "kl", "agreement"} (the first is the calibrated model)
+    curve: list = field(default_factory=list)
+    #: the held-back scores of the calibrated model and of the returned one
+    before: dict | None = None
+    after: dict | None = None
+    #: True when a repaired state was returned (False: the calibrated model, unchanged)
+    kept: bool = False
+    options: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ feature points
+
+
+def feature_points(model: nn.Module, replaced: list[nn.Module], limit: int = 32) -> list[str]:
+    """Names of the modules whose outputs are matched: the outermost children of ``Sequential`` /
+    ``ModuleList`` containers that hold at least one replaced norm (a network's blocks), else the
+    replaced norms themselves; at most ``limit``, evenly spread over the depth."""
+    ids = {id(m) for m in replaced}
+    holds: dict[int, bool] = {}
+
+    def has(mod: nn.Module) -> bool:
+        if id(mod) not in holds:
+            holds[id(mod)] = id(mod) in ids or any(has(c) for c in mod.children())
+        return holds[id(mod)]
+
+    names: list[str] = []
+
+    def visit(mod: nn.Module, prefix: str) -> None:
+        container = isinstance(mod, (nn.Sequential, nn.ModuleList))
+        for n, c in mod.named_children():
+            full = f"{prefix}.{n}" if prefix else n
+            if container and has(c) and not isinstance(c, (nn.Sequential, nn.ModuleList)) and id(c) not in ids:
+                names.append(full)  # a block: its insides are not points of their own
+            elif has(c):
+                visit(c, full)
+
+    visit(model, "")
+    if len(names) < 2:
+        by_id = {id(m): n for n, m in model.named_modules()}
+        names = [by_id[id(m)] for m in replaced if id(m) in by_id]
+    if len(names) > limit:
+        step = len(names) / limit
+        names = [names[int(i * step)] for i in range(limit)]
+    return names
+
+
+class _Taps:
+    """Forward hooks that keep the outputs of the named modules (first tensor of each)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.out: dict[str, Tensor] = {}
+        mods = dict(model.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names if n in mods]
+
+    def _hook(self, name: str):
+        def hook(_mod, _inp, out):
+            try:
+                self.out[name] = first_tensor(out)
+            except Exception:  # noqa: BLE001 - an output without a tensor is simply not matched
+                pass
+        return hook
+
+    def take(self) -> dict[str, Tensor]:
+        out, self.out = self.out, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+
+def augment(x: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
+    """One random view per sample of an image-like float batch ``(N, C, H, W)``: a random resized
+    crop (area share in ``opts.crop_scale``, aspect 3/4..4/3) resampled to the same size, flipped
+    horizontally with probability 1/2; then, with probability ``opts.mixup``, mixup with a
+    shuffled copy.  Other inputs are returned unchanged."""
+    if x.dim() != 4 or not x.is_floating_point():
+        return x
+    n = x.shape[0]
+    lo, hi = opts.crop_scale
+    area = torch.empty(n).uniform_(lo, hi, generator=gen)
+    logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    ratio = torch.exp(logr)
+    sw = torch.sqrt(area * ratio).clamp(max=1.0)   # crop width / image width
+    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sh)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0) if opts.flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if opts.mixup > 0 and float(torch.rand(1, generator=gen)) < opts.mixup and n > 1:
+        lam = float(torch.rand(1, generator=gen))
+        perm = torch.randperm(n, generator=gen)
+        out = lam * out + (1 - lam) * out[perm]
+    return out
+
+
+# ------------------------------------------------------------------------------ losses, scores
+
+
+def _distill_loss(s_out, t_out, s_feats: dict, t_feats: dict, opts: RepairOptions) -> Tensor:
+    s, t = first_tensor(s_out).float(), first_tensor(t_out).float()
+    if is_classifier(t):
+        loss = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    else:
+        loss = ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
+    if opts.feature_weight > 0 and t_feats:
+        terms = [((s_feats[k].float() - v.float()) ** 2).sum() / (v.float() ** 2).sum().clamp_min(1e-12)
+                 for k, v in t_feats.items() if k in s_feats and s_feats[k].shape == v.shape]
+        if terms:
+            loss = loss + opts.feature_weight * torch.stack(terms).mean()
+    return loss
+
+
+@torch.no_grad()
+def _score(model: nn.Module, held_batches: list, refs: list) -> dict:
+    """Mean KL(original || model) (classifiers; else relative squared output error) and top-1
+    agreement over the held-back batches, all-reduced over ranks."""
+    kl = agree = n = 0.0
+    for x, ref in zip(held_batches, refs):
+        out = first_tensor(model(x)).float()
+        ref = ref.to(out.device).float()
+        if is_classifier(ref):
+            lp, lq = F.log_softmax(ref, 1), F.log_softmax(out, 1)
+            kl += float((lp.exp() * (lp - lq)).sum())
+            agree += float((out.argmax(1) == ref.argmax(1)).sum())
+        else:
+            kl += float(((out - ref) ** 2).flatten(1).sum(1).div((ref ** 2).flatten(1).sum(1).clamp_min(1e-12)).sum())
+        n += out.shape[0]
+    kl, agree, n = allreduce_floats([kl, agree, n])
+    return {"kl": max(0.0, kl / max(n, 1.0)), "agreement": agree / max(n, 1.0) if n else None}
+
+
+class _Held:
+    """The held-back samples as model-ready batches, decoded anew at every iteration."""
+
+    def __init__(self, data, batch_size: int, to_dev: Callable) -> None:
+        self.data, self.batch_size, self.to_dev = data, batch_size, to_dev
+
+    def __bool__(self) -> bool:
+        return self.data is not None and len(self.data) > 0
+
+    def __iter__(self):
+        if self:
+            for x, _ in self.data.batches(self.batch_size):
+                yield self.to_dev(x)
+
+
+# ------------------------------------------------------------------------------ memory
+
+#: a micro-batch may always save this much (small models train in whole batches)
+MIN_SAVED_BYTES = 64 * 2**20
+
+
+def _micro_batch(model: nn.Module, x1: Tensor, batch: int, factor: float) -> int:
+    """The largest micro-batch whose autograd-saved activations (measured on one sample) stay
+    within ``factor`` times the activation memory of a plain forward of ``batch`` samples
+    (estimated as the two largest consecutive activations of a module)."""
+    saved = [0]
+    largest = [0]
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def pack(t: Tensor):
+        if t.data_ptr() not in params:  # weights are saved once, whatever the batch
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    def hook(_m, inp, out):
+        try:
+            o = first_tensor(out)
+            i = inp[0] if inp and isinstance(inp[0], Tensor) else o
+            largest[0] = max(largest[0], o.numel() * o.element_size() + i.numel() * i.element_size())
+        except Exception:  # noqa: BLE001
+            pass
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    if saved[0] <= 0:
+        return batch
+    budget = max(factor * largest[0] * batch, MIN_SAVED_BYTES)
+    return max(1, min(batch, int(budget // saved[0])))
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def _trainable(model: nn.Module, replaced: list[nn.Module], opts: RepairOptions) -> list[dict]:
+    norm_params = {id(p) for m in replaced for p in m.parameters()}
+    norms = [p for p in model.parameters() if id(p) in norm_params]
+    groups = [{"params": norms, "lr": opts.norm_lr}] if norms else []
+    if opts.params == "all":
+        rest = [p for p in model.parameters() if id(p) not in norm_params and p.is_floating_point()]
+        if rest:
+            groups.append({"params": rest, "lr": opts.lr})
+    return groups
+
+
+def _lr_factor(frac: float, warmup: float = 0.03) -> float:
+    if frac < warmup:
+        return max(0.05, frac / warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warmup) / (1 - warmup))))
+
+
+def repair(work: nn.Module, original: nn.Module, train, held, *, replaced: list[nn.Module], to_dev: Callable,
+           time_budget_s: float | None, max_steps: int | None = None, opts: RepairOptions | None = None,
+           progress: Callable | None = None) -> RepairResult:
+    """Distil ``work`` toward ``original`` in place (see the module docstring).
+
+    ``train`` / ``held``: data sets (``batches``, ``subset``, ``len``) of the calibration samples
+    to train on and of the held-back ones; ``replaced``: the replacement norm modules in
+    ``work``; ``to_dev``: moves a batch to the model's device and dtype.  ``progress("repair",
+    step, total, loss, eta_s)`` is called after every step, ``total`` being the budget in seconds
+    (else ``max_steps``) and ``eta_s`` the seconds left of it."""
+    opts = opts or RepairOptions()
+    res = RepairResult(budget_s=time_budget_s, max_steps=max_steps, train_samples=len(train),
+                       held_samples=len(held) if held is not None else 0, options=vars(opts).copy())
+    t0 = time.perf_counter()
+    groups = _trainable(work, replaced, opts)
+    res.trained_parameters = sum(p.numel() for g in groups for p in g["params"])
+    if not groups or len(train) == 0 or (max_steps is not None and max_steps <= 0):
+        res.stopped = "nothing to train"
+        return res
+    held_x = _Held(held, opts.batch_size, to_dev)  # streamed again at every scoring (bounded memory)
+    with torch.no_grad():
+        refs = [first_tensor(original(x)).detach() for x in held_x]
+    was = work.training
+    work.eval()  # eval-mode forward (no dropout, no running-statistics updates), gradients on
+    flags = [(p, p.requires_grad) for p in work.parameters()]
+    trained = {id(p) for g in groups for p in g["params"]}
+    for p, _ in flags:
+        p.requires_grad_(id(p) in trained)
+    names = feature_points(work, replaced)
+    res.feature_points = len(names)
+    s_taps, t_taps = _Taps(work, names), _Taps(original, names)
+    try:
+        _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, res, opts, t0,
+              time_budget_s, max_steps, progress)
+    finally:
+        s_taps.remove()
+        t_taps.remove()
+        for p, rg in flags:
+            p.requires_grad_(rg)
+        work.train(was)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, res, opts, t0, budget,
+          max_steps, progress) -> None:
+    import torch.distributed as dist
+    multi = dist_info()[0]
+    gen = torch.Generator().manual_seed(opts.seed + 7919 * (dist.get_rank() if multi else 0))
+    model = work
+    if multi:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(work)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    params = [p for g in groups for p in g["params"]]
+
+    def snapshot():
+        return [p.detach().clone() for p in params]
+
+    has_held = bool(held_x)
+    if multi:  # a rank with no held-back samples still takes part in the all-reduced scores
+        has_held = allreduce_max([float(has_held)])[0] > 0
+    best = _score(work, held_x, refs) if has_held else None
+    res.before = dict(best) if best else None
+    res.curve.append({"seconds": time.perf_counter() - t0, "step": 0, **(best or {})})
+    best_state = snapshot()
+    x1 = next(iter(train.subset([0]).batches(1)))[0]
+    res.micro_batch = _micro_batch(work, to_dev(x1), opts.batch_size, opts.memory_factor)
+    bs = min(opts.batch_size, len(train))
+    last_eval, step_time, eval_time, stale = time.perf_counter(), None, 0.0, 0
+    res.stopped = "max steps"
+    while max_steps is None or res.steps < max_steps:
+        now = time.perf_counter()
+        if budget is not None:
+            need = (step_time or 0.0) + eval_time
+            stop = float(now - t0 + need > budget)
+            if multi:
+                stop = allreduce_max([stop])[0]
+            if stop:
+                res.stopped = "time budget"
+                break
+        frac = (now - t0) / budget if budget else res.steps / max(1, max_steps or 1)
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * _lr_factor(frac)
+        ts = time.perf_counter()
+        idx = torch.randperm(len(train), generator=gen)[:bs]
+        x = to_dev(next(iter(train.subset(idx).batches(bs)))[0])
+        x = augment(x, opts, gen)
+        loss_sum = 0.0
+        for xm in x.split(res.micro_batch):
+            with torch.no_grad():
+                t_out = original(xm)
+            t_feats = t_taps.take()
+            s_out = model(xm)
+            loss = _distill_loss(s_out, t_out, s_taps.take(), t_feats, opts) * (xm.shape[0] / x.shape[0])
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        res.steps += 1
+        step_time = time.perf_counter() - ts if step_time is None else 0.8 * step_time + 0.2 * (time.perf_counter() - ts)
+        due = float(time.perf_counter() - last_eval >= opts.eval_every_s or
+                    (max_steps is not None and res.steps >= max_steps))
+        if multi:  # every rank scores at the same steps (the scores are all-reduced)
+            due = allreduce_max([due])[0]
+        if has_held and due:
+            te = time.perf_counter()
+            score = _score(work, held_x, refs)
+            eval_time = time.perf_counter() - te
+            last_eval = time.perf_counter()
+            res.curve.append({"seconds": last_eval - t0, "step": res.steps, **score})
+            if score["kl"] < best["kl"]:
+                best, best_state, stale = score, snapshot(), 0
+            else:
+                stale += 1
+                if opts.patience and stale >= opts.patience:
+                    res.stopped = "no improvement"
+                    break
+        if progress is not None:
+            eta = None if budget is None else max(0.0, budget - (time.perf_counter() - t0))
+            progress("repair", res.steps, budget if budget is not None else max_steps, loss_sum, eta)
+    if has_held and res.curve[-1]["step"] != res.steps:  # score the last state too
+        score = _score(work, held_x, refs)
+        res.curve.append({"seconds": time.perf_counter() - t0, "step": res.steps, **score})
+        if score["kl"] < best["kl"]:
+            best, best_state = score, snapshot()
+    if not has_held:  # nothing to compare against: the trained state is returned
+        res.kept = True
+        return
+    with torch.no_grad():
+        for p, v in zip(params, best_state):
+            p.copy_(v)
+    res.after = dict(best)
+    res.kept = best["kl"] < res.before["kl"]
