@@ -70,3 +70,29 @@ def test_timm_batchnormact_folds_exactly():
 def test_hf_convnext_layernorm_channels_first():
     cn = pytest.importorskip("transformers.models.convnext.modeling_convnext")
     assert classify(cn.ConvNextLayerNorm(8, data_format="channels_first")) == "ln2d"
+
+
+def test_hf_backbone_output_converts_like_its_rebuild():
+    # issue 18 item 7: HF backbones (ResNetBackbone, RTDetrResNetBackbone, HGNetV2Backbone) return
+    # BackboneOutput(feature_maps=(...)); samples.hf_like.ResNetLikeBackbone rebuilds it
+    transformers = pytest.importorskip("transformers")
+    from torch import nn
+
+    from normswap.convert import convert
+    from samples.hf_like import BackboneOutput, ResNetLikeBackbone
+
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32], depths=[1, 1, 1],
+                                    layer_type="basic", out_features=["stage1", "stage2", "stage3"])
+    real = transformers.AutoBackbone.from_config(cfg).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rebuilt = ResNetLikeBackbone()
+    for m in (real, rebuilt):
+        out = m(x[:2])
+        assert list(out.keys()) == ["feature_maps"] and isinstance(out.feature_maps, tuple)
+        assert [t.shape[1] for t in out.feature_maps] == [8, 16, 32]
+    assert type(real(x[:2])).__name__ == BackboneOutput.__name__
+    assert ([type(m).__name__ for m in real.modules() if isinstance(m, nn.BatchNorm2d)].count("BatchNorm2d")
+            == sum(isinstance(m, nn.BatchNorm2d) for m in rebuilt.modules()))
+    conv, rep = convert(real, "gn", calib=x, mode="fast", batch_size=4)
+    assert rep.fidelity.samples == 8 and rep.fidelity.output == "feature_maps.0"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
