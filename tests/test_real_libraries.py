@@ -96,3 +96,34 @@ def test_hf_backbone_output_converts_like_its_rebuild():
     conv, rep = convert(real, "gn", calib=x, mode="fast", batch_size=4)
     assert rep.fidelity.samples == 8 and rep.fidelity.output == "feature_maps.0"
     assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+
+
+def test_timm_fx_feature_extractor_folds_in_eval_mode_like_its_rebuild():
+    # issue 18: deepcopy of torchvision's DualGraphModule comes back in training mode with the train
+    # graph; samples.timm_like.feature_graph_net rebuilds it (DualGraphModule, FeatureGraphNet)
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
+    import copy
+
+    from torch import nn
+
+    from normswap.fold import fold
+
+    real = timm.create_model("mobilenetv3_small_100", features_only=True, feature_cls="fx").eval()
+    assert type(real).__name__ == "FeatureGraphNet"
+    assert type(real.graph_module).__mro__[1].__name__ == "DualGraphModule"
+    assert sum(m.training for m in copy.deepcopy(real).modules()) > 0  # the library behaviour
+    with torch.no_grad():
+        for m in real.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = real(x)
+    folded, rep = fold(real, (x,))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in real.modules())
+    assert len(rep.folded) == n_bn == 34 and rep.verification["ok"]
+    with torch.no_grad():
+        out = folded(x)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(out, ref))
