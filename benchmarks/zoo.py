@@ -76,8 +76,16 @@ class Entry:
 
 def _tv(fn: str, **kw) -> Callable[[], nn.Module]:
     def build():
-        import torchvision.models as tvm
-        return getattr(tvm, fn)(weights=None, **kw)
+        import importlib
+        mod, _, name = f"torchvision.models.{fn}".rpartition(".")
+        return getattr(importlib.import_module(mod), name)(weights=None, **kw)
+    return build
+
+
+def _tv_fpn(backbone: str) -> Callable[[], nn.Module]:
+    def build():  # detection backbone: FrozenBatchNorm2d, OrderedDict output
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+        return resnet_fpn_backbone(backbone_name=backbone, weights=None, trainable_layers=5)
     return build
 
 
@@ -88,11 +96,11 @@ def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     return build
 
 
-def _hf(config_cls: str, **kw) -> Callable[[], nn.Module]:
+def _hf(config_cls: str, auto: str = "AutoModel", **kw) -> Callable[[], nn.Module]:
     def build():
         import transformers
         cfg = getattr(transformers, config_cls)(**kw)
-        return transformers.AutoModel.from_config(cfg)
+        return getattr(transformers, auto).from_config(cfg)
     return build
 
 
@@ -115,11 +123,13 @@ ZOO: list[Entry] = [
     Entry("tv_vgg11_bn", "torchvision", _tv("vgg11_bn")),
     Entry("tv_googlenet", "torchvision", _tv("googlenet", aux_logits=False, init_weights=False)),
     Entry("tv_inception_v3", "torchvision", _tv("inception_v3", aux_logits=False, init_weights=False), size=80),
+    Entry("tv_fcn_resnet50", "torchvision", _tv("segmentation.fcn_resnet50", weights_backbone=None, num_classes=5)),
+    Entry("tv_resnet18_fpn_frozen_bn", "torchvision", _tv_fpn("resnet18")),
     # ---- timm
     Entry("timm_efficientnet_b0", "timm", _timm("efficientnet_b0")),
     Entry("timm_tf_efficientnet_lite0", "timm", _timm("tf_efficientnet_lite0")),
-    Entry("timm_mobilenetv3_small_100", "timm", _timm("mobilenetv3_small_100")),
-    Entry("timm_tf_mobilenetv3_small_100", "timm", _timm("tf_mobilenetv3_small_100")),
+    Entry("timm_mobilenetv3_small", "timm", _timm("mobilenetv3_small_100")),
+    Entry("timm_tf_mobilenetv3_small", "timm", _timm("tf_mobilenetv3_small_100")),
     Entry("timm_resnet50d", "timm", _timm("resnet50d")),
     Entry("timm_resnetv2_50", "timm", _timm("resnetv2_50")),
     Entry("timm_regnety_002", "timm", _timm("regnety_002")),
@@ -137,6 +147,8 @@ ZOO: list[Entry] = [
     Entry("timm_rexnet_100", "timm", _timm("rexnet_100")),
     Entry("timm_lcnet_050", "timm", _timm("lcnet_050")),
     Entry("timm_mixnet_s", "timm", _timm("mixnet_s")),
+    Entry("timm_mobilenetv3_features_fx", "timm", _timm("mobilenetv3_small_100", features_only=True,
+                                                        feature_cls="fx")),
     # ---- Hugging Face transformers
     Entry("hf_bert", "hf", _hf("BertConfig", **_TEXT), kind="tokens"),
     Entry("hf_gpt2", "hf", _hf("GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
@@ -159,6 +171,10 @@ ZOO: list[Entry] = [
                                     neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 160])),
     Entry("hf_levit", "hf", _hf("LevitConfig", image_size=64, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2],
                                 depths=[1, 1, 1], key_dim=[8, 8, 8])),
+    Entry("hf_mobilenet_v1", "hf", _hf("MobileNetV1Config", depth_multiplier=0.25, image_size=64)),
+    Entry("hf_rtdetr_resnet_backbone", "hf", _hf("RTDetrResNetConfig", embedding_size=16, hidden_sizes=[32, 64, 128, 256],
+                                                 depths=[1, 1, 1, 1], out_features=["stage2", "stage4"],
+                                                 auto="AutoBackbone")),
     Entry("hf_bit", "hf", _hf("BitConfig", embedding_size=32, hidden_sizes=[128, 256, 512, 1024],
                               depths=[1, 1, 1, 1])),
 ]
@@ -193,6 +209,14 @@ def prepare(model: nn.Module, entry: Entry, seed: int = 0) -> nn.Module:
                 w.copy_(torch.rand(w.shape, generator=g) + 0.5)
             if isinstance(b, nn.Parameter) and b.dim() == 1:
                 b.copy_((torch.rand(b.shape, generator=g) - 0.5) * 0.6)
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):  # frozen BatchNorm: buffers only
+                rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+                if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor) and rm.is_floating_point():
+                    rm.copy_((torch.rand(rm.shape, generator=g) - 0.5) * 0.6)
+                    rv.copy_(torch.rand(rv.shape, generator=g) * 1.5 + 0.5)
+                    for t in (w, b):
+                        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.shape == rm.shape:
+                            t.copy_(torch.rand(t.shape, generator=g) + 0.5 if t is w else (rm * 0.5))
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -262,6 +286,31 @@ def compare(ref, out) -> tuple[float, float, bool]:
     return err, scale, ok and err <= 1e-4 * (1 + scale)
 
 
+def exact_in_float64(model: nn.Module, x: tuple, ok32: bool, folded: int) -> tuple[float | None, bool]:
+    """Fold a float64 copy and compare in float64: a correct fold then agrees to ~1e-12 relative,
+    so float32 rounding (amplified through a deep random network) cannot hide a wrong fold, nor
+    pass for one.  Returns (relative error, ok); without a float64 run that folds the same number
+    of sites as the float32 one, the float32 verdict."""
+    import normswap
+    from normswap.fold.api import deepcopy_model  # keeps every module's train/eval mode
+
+    try:
+        m64 = deepcopy_model(model).double()
+        x64 = tuple(t.double() if t.is_floating_point() else t for t in x)
+        with torch.no_grad():
+            ref = m64(*x64)
+        f64, rep = normswap.fold(m64, x64)
+        with torch.no_grad():
+            out = f64(*x64)
+    except Exception:  # noqa: BLE001 - the model does not run in float64
+        return None, ok32
+    if len(rep.folded) != folded:
+        return None, ok32
+    err, scale, _ = compare(ref, out)
+    rel = err / (1 + scale)
+    return rel, rel <= 1e-9
+
+
 def _bn_like(kind: str) -> bool:
     from normswap.norms import NORMS
     k = NORMS.get(kind[len("functional_"):] if kind.startswith("functional_") else kind)
@@ -282,6 +331,7 @@ class Row:
     fold_err: float | None = None
     fold_scale: float | None = None
     fold_ok: bool | None = None
+    fold64_err: float | None = None  # relative, folded and compared in float64
     fold_error: str | None = None
     convert: str = "n/a"  # n/a (no BatchNorm) / ok / FAIL
     convert_error: str | None = None
@@ -332,6 +382,7 @@ def run_entry(entry: Entry, *, do_export: bool, calib: str) -> Row:
             out = folded(*x)
         row.fold_err, row.fold_scale, row.fold_ok = compare(ref, out)
         del folded
+        row.fold64_err, row.fold_ok = exact_in_float64(model, x, row.fold_ok, row.folded_all)
     except Exception as e:  # noqa: BLE001
         row.fold_error = _exc(e)
         row.fold_ok = False
@@ -379,19 +430,24 @@ def _fmt_err(r: Row) -> str:
         return "ERROR"
     if r.fold_err is None:
         return "-"
-    rel = r.fold_err / (1 + (r.fold_scale or 0.0))
-    return f"{rel:.0e}" + ("" if r.fold_ok else " WRONG")
+    return f"{r.fold_err / (1 + (r.fold_scale or 0.0)):.0e}"
 
 
 def table(rows: list[Row]) -> str:
-    """At most 80 columns: architecture | BN-like | folded | fold err (relative) | convert."""
-    head = f"{'architecture':<30} {'BN-like':>7} {'folded':>6} {'fold err':>11} {'convert':>7} {'export':>6}"
+    """At most 80 columns: architecture | BN-like | folded | fold error relative to 1 + max|y| in
+    float32 and in float64 (WRONG: the float64 fold is not exact) | convert | export."""
+    head = (f"{'architecture':<28} {'BN-like':>7} {'folded':>6} {'err f32':>7} {'err f64':>7} "
+            f"{'convert':>7} {'export':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"{r.name:<30} {r.status}")
+            lines.append(f"{r.name:<28} {r.status}"[:80])
             continue
-        lines.append(f"{r.name:<30} {r.bn_like:>7} {r.folded:>6} {_fmt_err(r):>11} {r.convert:>7} {r.export:>6}")
+        e64 = "-" if r.fold64_err is None else f"{r.fold64_err:.0e}"
+        if r.fold_ok is False:
+            e64 = "WRONG"
+        lines.append(f"{r.name:<28} {r.bn_like:>7} {r.folded:>6} {_fmt_err(r):>7} {e64:>7} "
+                     f"{r.convert:>7} {r.export:>6}")
     ok = [r for r in rows if r.status == "ok"]
     bn = sum(r.bn_like for r in ok)
     fo = sum(r.folded for r in ok)
@@ -410,7 +466,8 @@ def failures(rows: list[Row]) -> str:
             if err:
                 out.append(f"- {r.name} {what}: {err}")
         if r.fold_ok is False and not r.fold_error:
-            out.append(f"- {r.name} fold: WRONG model, max |diff| {r.fold_err:.3g} (max |y| {r.fold_scale:.3g})")
+            out.append(f"- {r.name} fold: WRONG model, max |diff| {r.fold_err:.3g} (max |y| {r.fold_scale:.3g}), "
+                       f"float64 relative error {r.fold64_err}")
     return "\n".join(out) or "(none)"
 
 

@@ -16,6 +16,8 @@ blocks' forwards do the same, so FX sees none of the norms' producers and consum
   HGNetV2's backbones answer the same way): conv -> BatchNorm -> ReLU layers whose forward
   returns a :class:`BackboneOutput` -- a ``ModelOutput`` (an ``OrderedDict`` dataclass) whose only
   field set is ``feature_maps``, a *tuple* of tensors: no tensor among the output's values.
+* :class:`WeightStandardizedConv2d` -- HF BiT's (ViT-hybrid, DPT-hybrid) weight-standardised conv,
+  with its optional :class:`DynamicPad2d` (TF 'same' padding); :func:`bit_like_stem` uses both.
 * :class:`LlamaLikeModel` -- Llama blocks with an RMSNorm written like HF's ``LlamaRMSNorm``
   (a "custom" norm to normswap): ``input_layernorm -> q/k/v_proj`` and
   ``post_attention_layernorm -> gate_proj/up_proj`` are foldable, the final ``norm`` is not.
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "BaseModelOutput", "ModelOutput", "BackboneOutput", "ResNetLikeBackbone", "Conv1D", "LlamaLikeRMSNorm", "GemmaLikeRMSNorm",
+    "BaseModelOutput", "ModelOutput", "BackboneOutput", "ResNetLikeBackbone", "DynamicPad2d",
+    "WeightStandardizedConv2d", "bit_like_stem", "Conv1D", "LlamaLikeRMSNorm", "GemmaLikeRMSNorm",
     "BertLikeModel", "GPT2LikeModel", "GPT2LikeLMHeadModel", "LlamaLikeModel",
     "example_ids", "fx_fails",
 ]
@@ -455,6 +458,73 @@ class ResNetLikeBackbone(nn.Module):
         feature_maps = tuple(hs for name, hs in zip(self.stage_names, hidden_states) if name in self.out_features)
         return BackboneOutput(feature_maps=feature_maps,
                               hidden_states=hidden_states if output_hidden_states else None, attentions=None)
+
+
+# --------------------------------------------------------------------------- BiT-like
+
+
+class DynamicPad2d(nn.Module):
+    """HF ``transformers.models.bit.modeling_bit.DynamicPad2d``: TF 'same' padding computed from
+    the input size at every call."""
+
+    def __init__(self, kernel_size, stride, dilation, value=0):
+        super().__init__()
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.stride = (stride, stride) if isinstance(stride, int) else stride
+        self.dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
+        self.value = value
+
+        def compute_padding(x, kernel_size, stride, dilation):
+            return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+        self.compute_padding = compute_padding
+
+    def forward(self, input):
+        input_height, input_width = input.size()[-2:]
+        padding_height = self.compute_padding(input_height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        padding_width = self.compute_padding(input_width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if padding_height > 0 or padding_width > 0:
+            input = F.pad(input, [padding_width // 2, padding_width - padding_width // 2,
+                                  padding_height // 2, padding_height - padding_height // 2], value=self.value)
+        return input
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """HF ``WeightStandardizedConv2d``: ``padding="SAME"`` is static (an int) for stride 1 and an
+    odd kernel, else a :class:`DynamicPad2d` child ``pad``; the forward pads, standardises the
+    weight per output channel with ``F.batch_norm(w.reshape(1, out, -1), training=True)`` and convolves."""
+
+    def __init__(self, in_channel, out_channels, kernel_size, stride=1, padding="SAME", dilation=1, groups=1,
+                 bias=False, eps=1e-6):
+        is_dynamic = False
+        if isinstance(padding, str) and padding.lower() == "same":
+            if stride == 1 and (dilation * (kernel_size - 1)) % 2 == 0:
+                padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
+            else:
+                padding, is_dynamic = 0, True
+        elif padding is None:
+            padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
+        super().__init__(in_channel, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias)
+        self.pad = DynamicPad2d(kernel_size, stride, dilation) if is_dynamic else None
+        self.eps = eps
+
+    def forward(self, hidden_state):
+        if self.pad is not None:
+            hidden_state = self.pad(hidden_state)
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(hidden_state, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def bit_like_stem(seed: int = 0):
+    """A BiT-like stem: a static-padding weight-standardised conv, then one with dynamic 'same'
+    padding (stride 2), GroupNorm, head.  Returns (model, example inputs)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(WeightStandardizedConv2d(3, 8, 3, eps=1e-8), nn.ReLU(),
+                      WeightStandardizedConv2d(8, 16, 3, stride=2, eps=1e-8), nn.GroupNorm(4, 16), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return m.eval(), (torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(seed)),)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -95,3 +95,36 @@ def test_convert_a_feature_graph_net():
     assert not any(m.training for m in conv.modules())
     with torch.no_grad():
         assert all(torch.isfinite(t).all() for t in conv(x))
+
+
+# ============================================================ HF BiT: WeightStandardizedConv2d (+ DynamicPad2d)
+
+def test_hf_weight_standardized_conv_is_a_weight_site_not_a_functional_batchnorm():
+    # before: FX traced into it and reported each F.batch_norm on its weight as a BatchNorm site
+    # that could not be folded (17 "BatchNorm-like" sites in HF BiT, none of them a BatchNorm)
+    from normswap.audit import audit
+    from normswap.fold import plan
+    from samples.hf_like import bit_like_stem
+
+    m, x = bit_like_stem()
+    kinds = {s.name: s.kind for s in audit(m, x).sites}
+    assert kinds == {"0.weight": "weight_std", "2.weight": "weight_std", "3": "gn"}
+    assert {d.norm: d.kind for d in plan(m, example_inputs=x)} == kinds
+
+
+def test_bake_hf_weight_standardized_conv_exactly_but_not_its_dynamic_padding():
+    from samples.hf_like import DynamicPad2d, bit_like_stem
+
+    m, x = bit_like_stem()
+    assert m[0].pad is None and isinstance(m[2].pad, DynamicPad2d)
+    folded, rep = fold(m, x, bake_weight_std=True)
+    assert [b["norm"] for b in rep.baked] == ["0.weight"]
+    assert type(folded[0]) is nn.Conv2d  # the static-padding one became a plain Conv2d
+    skipped = {s["norm"]: s["reason"] for s in rep.skipped}
+    assert "'same' padding depends on the input size" in skipped["2.weight"]
+    assert type(folded[2]).__name__ == "WeightStandardizedConv2d"
+    assert rep.verification["ok"]
+    for shape in ((2, 3, 15, 15), (1, 3, 16, 12)):  # other input sizes too
+        xi = _x(*shape, seed=3)
+        with torch.no_grad():
+            assert torch.allclose(folded(xi), m(xi), atol=1e-5, rtol=1e-5)

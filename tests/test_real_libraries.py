@@ -127,3 +127,19 @@ def test_timm_fx_feature_extractor_folds_in_eval_mode_like_its_rebuild():
     with torch.no_grad():
         out = folded(x)
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(out, ref))
+
+
+def test_hf_weight_standardized_conv_like_its_rebuild():
+    bit = pytest.importorskip("transformers.models.bit.modeling_bit")
+    from normswap.norms import is_weight_std_conv
+    from samples.hf_like import WeightStandardizedConv2d
+
+    static, dynamic = bit.WeightStandardizedConv2d(3, 8, 3), bit.WeightStandardizedConv2d(3, 8, 3, stride=2)
+    assert static.pad is None and type(dynamic.pad).__name__ == "DynamicPad2d"
+    assert is_weight_std_conv(static) and is_weight_std_conv(dynamic)
+    x = torch.randn(2, 3, 15, 15)
+    for real, rebuilt in ((static, WeightStandardizedConv2d(3, 8, 3)), (dynamic, WeightStandardizedConv2d(3, 8, 3, stride=2))):
+        rebuilt.load_state_dict(real.state_dict())
+        rebuilt.eps = real.eps
+        assert (rebuilt.pad is None) == (real.pad is None)
+        assert torch.allclose(real(x), rebuilt(x), atol=1e-6)

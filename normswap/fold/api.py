@@ -152,7 +152,7 @@ def _reparam_decisions(model: nn.Module, bake: bool, bake_ws: bool = False) -> l
             if not bake_ws:
                 reason = ("weight standardization: pass bake_weight_std=True / --bake-weight-std to bake "
                           "the standardised weight into a plain Conv2d")
-            elif type(mod).__name__.endswith("Same"):
+            elif type(mod).__name__.endswith("Same") or getattr(mod, "pad", None) is not None:
                 reason = (f"{type(mod).__name__}: its 'same' padding depends on the input size, so it "
                           f"cannot become a plain Conv2d")
             elif mod._forward_hooks or mod._forward_pre_hooks:
