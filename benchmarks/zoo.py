@@ -446,7 +446,7 @@ def table(rows: list[Row]) -> str:
         e64 = "-" if r.fold64_err is None else f"{r.fold64_err:.0e}"
         if r.fold_ok is False:
             e64 = "WRONG"
-        lines.append(f"{r.name:<28} {r.bn_like:>7} {r.folded:>6} {_fmt_err(r):>7} {e64:>7} "
+        lines.append(f"{r.name[:28]:<28} {r.bn_like:>7} {r.folded:>6} {_fmt_err(r):>7} {e64:>7} "
                      f"{r.convert:>7} {r.export:>6}")
     ok = [r for r in rows if r.status == "ok"]
     bn = sum(r.bn_like for r in ok)
