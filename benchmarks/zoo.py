@@ -21,7 +21,8 @@ separate environment (``benchmarks/zoo_results.md`` has the recipe); run with th
 ``PYTHONPATH``::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. /work/venv-zoo/bin/python benchmarks/zoo.py [--export]
-        [--only resnet18,tv_*] [--lib torchvision,timm,hf] [--json FILE] [--md FILE]
+        [--only tv_resnet18,timm_*] [--lib torchvision,timm,hf] [--mode fast|sequential]
+        [--json FILE] [--md FILE]
 
 Calibration inputs: 16 photographs of ``shared/imagenet-sample`` (resized to 64x64, ImageNet
 normalisation) when that folder and Pillow are present, else random normal inputs.
@@ -348,7 +349,7 @@ def _exc(e: BaseException) -> str:
     return text[:300]
 
 
-def run_entry(entry: Entry, *, do_export: bool, calib: str) -> Row:
+def run_entry(entry: Entry, *, do_export: bool, calib: str, mode: str = "fast") -> Row:
     import normswap
     from normswap.convert.kinds import DEFAULT_SOURCES
     from normswap.norms import iter_norms
@@ -393,7 +394,7 @@ def run_entry(entry: Entry, *, do_export: bool, calib: str) -> Row:
             cx, row_calib = calibration_inputs(entry) if calib == "photos" else (_inputs(entry, CALIB_N, 99)[0], "random")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                conv, crep = normswap.convert(model, "gn", calib=cx, mode="fast", batch_size=8)
+                conv, crep = normswap.convert(model, "gn", calib=cx, mode=mode, batch_size=8)
             left = [(n, k) for n, _, k in iter_norms(conv) if k in crep.sources]
             if left:
                 raise AssertionError(f"{len(left)} {left[0][1]} site(s) left, e.g. {left[0][0]}")
@@ -492,6 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lib", help="comma-separated libraries: torchvision,timm,hf")
     ap.add_argument("--export", action="store_true", help="also export each converted model to ONNX")
     ap.add_argument("--calib", choices=("photos", "random"), default="photos")
+    ap.add_argument("--mode", choices=("fast", "sequential", "reconstruct"), default="fast",
+                    help="convert's calibration mode (default fast)")
     ap.add_argument("--json", help="write the rows as JSON to this file ('-': stdout)")
     ap.add_argument("--md", help="write the results as markdown to this file")
     args = ap.parse_args(argv)
@@ -516,7 +519,7 @@ def main(argv=None) -> int:
             rows.append(Row(e.name, e.lib, status=f"skipped: {LIB_MODULES[e.lib]} not installed"))
             continue
         try:
-            row = run_entry(e, do_export=args.export, calib=args.calib)
+            row = run_entry(e, do_export=args.export, calib=args.calib, mode=args.mode)
         except Exception as ex:  # noqa: BLE001 - building / preparing the model itself failed
             row = Row(e.name, e.lib, status=f"error: {_exc(ex)}"[:60])
         rows.append(row)
