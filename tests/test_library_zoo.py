@@ -128,3 +128,30 @@ def test_bake_hf_weight_standardized_conv_exactly_but_not_its_dynamic_padding():
         xi = _x(*shape, seed=3)
         with torch.no_grad():
             assert torch.allclose(folded(xi), m(xi), atol=1e-5, rtol=1e-5)
+
+
+# ============================================================ the zoo script itself (no library needed)
+
+def test_zoo_machinery_on_a_sample_model_without_the_libraries():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_zoo", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py")
+    zoo = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["_zoo"] = zoo  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(zoo)
+    finally:
+        sys.modules.pop("_zoo", None)
+    from samples.models import resnet_style
+
+    entry = zoo.Entry("sample_resnet", "samples", lambda: resnet_style()[0], size=16)
+    row = zoo.run_entry(entry, do_export=False, calib="random")
+    assert row.bn_like == row.folded > 0 and row.fold_ok is True
+    assert row.fold64_err is not None and row.fold64_err < 1e-9
+    assert row.convert == "ok" and row.convert_layers == row.bn_like
+    text = zoo.table([row, zoo.Row("x", "timm", status="skipped: timm not installed")])
+    assert "sample_resnet" in text and "skipped: timm not installed" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
