@@ -357,8 +357,8 @@ register(NormKind(
     "weight_std", (), "weight",
     "the producer's weight, per output channel (mean and biased variance over in/groups x k x k)",
     False, False, "bake", ("constant weight after baking",),
-    "weight standardization (timm StdConv2d, ScaledStdConv2d in BiT / NFNets): the conv weight is "
-    "standardised in forward; constant at eval, so it can be baked",
+    "weight standardization (timm StdConv2d, ScaledStdConv2d in BiT / NFNets; HF WeightStandardizedConv2d): "
+    "the conv weight is standardised in forward; constant at eval, so it can be baked",
 ))
 register(NormKind(
     "custom", (), "unknown", "unknown (recognised by class name and parameter shapes)",
@@ -573,13 +573,22 @@ class WeightReparam:
 
 
 #: timm's weight-standardised convs (BiT, NFNet): ``forward`` standardises ``self.weight`` per
-#: output channel with ``F.batch_norm(w.reshape(1, out, -1), None, None, training=True, ...)``
-_WEIGHT_STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+#: output channel with ``F.batch_norm(w.reshape(1, out, -1), None, None, training=True, ...)``;
+#: Hugging Face's ``WeightStandardizedConv2d`` (BiT, ViT-hybrid, DPT-hybrid) does the same after
+#: its optional ``self.pad`` (``DynamicPad2d``, TF 'same' padding, or None)
+_WEIGHT_STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame",
+                     "WeightStandardizedConv2d")
 
 
 def _is_weight_std_conv(module: nn.Module) -> bool:
-    return (type(module).__name__ in _WEIGHT_STD_CONVS and isinstance(module, nn.Conv2d)
-            and isinstance(getattr(module, "eps", None), float))
+    if not (type(module).__name__ in _WEIGHT_STD_CONVS and isinstance(module, nn.Conv2d)
+            and isinstance(getattr(module, "eps", None), float)):
+        return False
+    if type(module).__name__ == "WeightStandardizedConv2d":  # HF: only its `pad` child, no own parameters
+        kids = dict(module.named_children())
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        return set(kids) <= {"pad"} and own <= {"weight", "bias"}
+    return True
 
 
 def is_weight_std_conv(module: nn.Module) -> bool:

@@ -12,6 +12,12 @@ blocks' forwards do the same, so FX sees none of the norms' producers and consum
 * :class:`GPT2LikeModel` -- GPT-2 blocks with HF's ``Conv1D`` (weight (in, out)):
   ``ln_1 -> attn.c_attn``, ``ln_2 -> mlp.c_fc`` are foldable, ``ln_f`` (model output) is not.
   :class:`GPT2LikeLMHeadModel` adds an ``lm_head`` tied to ``wte`` after ``ln_f``.
+* :class:`ResNetLikeBackbone` -- HF ``ResNetBackbone`` (``AutoBackbone``; RT-DETR's, DETR's and
+  HGNetV2's backbones answer the same way): conv -> BatchNorm -> ReLU layers whose forward
+  returns a :class:`BackboneOutput` -- a ``ModelOutput`` (an ``OrderedDict`` dataclass) whose only
+  field set is ``feature_maps``, a *tuple* of tensors: no tensor among the output's values.
+* :class:`WeightStandardizedConv2d` -- HF BiT's (ViT-hybrid, DPT-hybrid) weight-standardised conv,
+  with its optional :class:`DynamicPad2d` (TF 'same' padding); :func:`bit_like_stem` uses both.
 * :class:`LlamaLikeModel` -- Llama blocks with an RMSNorm written like HF's ``LlamaRMSNorm``
   (a "custom" norm to normswap): ``input_layernorm -> q/k/v_proj`` and
   ``post_attention_layernorm -> gate_proj/up_proj`` are foldable, the final ``norm`` is not.
@@ -21,7 +27,8 @@ blocks' forwards do the same, so FX sees none of the norms' producers and consum
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -29,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "BaseModelOutput", "Conv1D", "LlamaLikeRMSNorm", "GemmaLikeRMSNorm",
+    "BaseModelOutput", "ModelOutput", "BackboneOutput", "ResNetLikeBackbone", "DynamicPad2d",
+    "WeightStandardizedConv2d", "bit_like_stem", "Conv1D", "LlamaLikeRMSNorm", "GemmaLikeRMSNorm",
     "BertLikeModel", "GPT2LikeModel", "GPT2LikeLMHeadModel", "LlamaLikeModel",
     "example_ids", "fx_fails",
 ]
@@ -45,6 +53,36 @@ class BaseModelOutput:
 
 # HF registers every ModelOutput subclass as a pytree node (so torch.export can return it)
 torch.utils._pytree.register_dataclass(BaseModelOutput)
+
+
+class ModelOutput(OrderedDict):
+    """Like ``transformers.utils.ModelOutput``: a dataclass that is also an ``OrderedDict`` of its
+    fields that are not None (in field order), registered as a pytree node by its subclasses."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        torch.utils._pytree.register_pytree_node(
+            cls, lambda o: (list(o.values()), list(o.keys())),
+            lambda values, keys, _cls=cls: _cls(**dict(zip(keys, values))),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                self[f.name] = v
+
+    def to_tuple(self) -> tuple:
+        return tuple(self[k] for k in self.keys())
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    """``transformers.modeling_outputs.BackboneOutput``: ``feature_maps`` is a tuple of tensors."""
+
+    feature_maps: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
 
 
 def _check_len(x: torch.Tensor, max_len: int) -> None:
@@ -346,6 +384,147 @@ class LlamaLikeModel(nn.Module):
         for layer in self.layers:
             h = layer(h, **kwargs)
         return BaseModelOutput(last_hidden_state=self.norm(h))
+
+
+# --------------------------------------------------------------------------- ResNetBackbone-like
+
+
+class ResNetLikeConvLayer(nn.Module):
+    """HF ``ResNetConvLayer``: convolution -> normalization (BatchNorm2d) -> activation."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, activation: bool = True):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.normalization = nn.BatchNorm2d(cout)
+        self.activation = nn.ReLU() if activation else nn.Identity()
+
+    def forward(self, input):
+        return self.activation(self.normalization(self.convolution(input)))
+
+
+class ResNetLikeBasicLayer(nn.Module):
+    """HF ``ResNetBasicLayer``: two conv layers and a (1x1 conv + BatchNorm) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+                         if cin != cout or stride != 1 else nn.Identity())
+        self.layer = nn.Sequential(ResNetLikeConvLayer(cin, cout, stride=stride),
+                                   ResNetLikeConvLayer(cout, cout, activation=False))
+        self.activation = nn.ReLU()
+
+    def forward(self, hidden_state):
+        residual = self.shortcut(hidden_state)
+        hidden_state = self.layer(hidden_state)
+        hidden_state += residual
+        return self.activation(hidden_state)
+
+
+class ResNetLikeBackbone(nn.Module):
+    """HF ``ResNetBackbone`` (``AutoBackbone.from_config(ResNetConfig(out_features=...))``): stem
+    (7x7 conv layer + max pool), one basic layer per stage; the forward takes ``**kwargs`` and
+    returns ``BackboneOutput(feature_maps=(...))`` with the maps of the ``out_features`` stages."""
+
+    def __init__(self, channels: int = 3, embedding_size: int = 8, hidden_sizes=(8, 16, 32),
+                 out_features=("stage1", "stage2", "stage3"), seed: int = 0):
+        super().__init__()
+        self.num_channels = channels
+        self.embedder = ResNetLikeConvLayer(channels, embedding_size, kernel_size=7, stride=2)
+        self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        sizes = [embedding_size, *hidden_sizes]
+        self.stages = nn.ModuleList([ResNetLikeBasicLayer(a, b, stride=1 if i == 0 else 2)
+                                     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))])
+        self.stage_names = ["stem"] + [f"stage{i + 1}" for i in range(len(hidden_sizes))]
+        self.out_features = list(out_features)
+        with torch.no_grad():  # trained-looking statistics and affines
+            g = torch.Generator().manual_seed(seed)
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                    m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                    m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+        self.eval()
+
+    def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs) -> BackboneOutput:
+        if pixel_values.shape[1] != self.num_channels:
+            raise ValueError("Make sure that the channel dimension of the pixel values match with the one set "
+                             "in the configuration.")
+        h = self.pooler(self.embedder(pixel_values))
+        hidden_states = (h,)
+        for stage in self.stages:
+            h = stage(h)
+            hidden_states += (h,)
+        feature_maps = tuple(hs for name, hs in zip(self.stage_names, hidden_states) if name in self.out_features)
+        return BackboneOutput(feature_maps=feature_maps,
+                              hidden_states=hidden_states if output_hidden_states else None, attentions=None)
+
+
+# --------------------------------------------------------------------------- BiT-like
+
+
+class DynamicPad2d(nn.Module):
+    """HF ``transformers.models.bit.modeling_bit.DynamicPad2d``: TF 'same' padding computed from
+    the input size at every call."""
+
+    def __init__(self, kernel_size, stride, dilation, value=0):
+        super().__init__()
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.stride = (stride, stride) if isinstance(stride, int) else stride
+        self.dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
+        self.value = value
+
+        def compute_padding(x, kernel_size, stride, dilation):
+            return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+        self.compute_padding = compute_padding
+
+    def forward(self, input):
+        input_height, input_width = input.size()[-2:]
+        padding_height = self.compute_padding(input_height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        padding_width = self.compute_padding(input_width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        if padding_height > 0 or padding_width > 0:
+            input = F.pad(input, [padding_width // 2, padding_width - padding_width // 2,
+                                  padding_height // 2, padding_height - padding_height // 2], value=self.value)
+        return input
+
+
+class WeightStandardizedConv2d(nn.Conv2d):
+    """HF ``WeightStandardizedConv2d``: ``padding="SAME"`` is static (an int) for stride 1 and an
+    odd kernel, else a :class:`DynamicPad2d` child ``pad``; the forward pads, standardises the
+    weight per output channel with ``F.batch_norm(w.reshape(1, out, -1), training=True)`` and convolves."""
+
+    def __init__(self, in_channel, out_channels, kernel_size, stride=1, padding="SAME", dilation=1, groups=1,
+                 bias=False, eps=1e-6):
+        is_dynamic = False
+        if isinstance(padding, str) and padding.lower() == "same":
+            if stride == 1 and (dilation * (kernel_size - 1)) % 2 == 0:
+                padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
+            else:
+                padding, is_dynamic = 0, True
+        elif padding is None:
+            padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
+        super().__init__(in_channel, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups, bias=bias)
+        self.pad = DynamicPad2d(kernel_size, stride, dilation) if is_dynamic else None
+        self.eps = eps
+
+    def forward(self, hidden_state):
+        if self.pad is not None:
+            hidden_state = self.pad(hidden_state)
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(hidden_state, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def bit_like_stem(seed: int = 0):
+    """A BiT-like stem: a static-padding weight-standardised conv, then one with dynamic 'same'
+    padding (stride 2), GroupNorm, head.  Returns (model, example inputs)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(WeightStandardizedConv2d(3, 8, 3, eps=1e-8), nn.ReLU(),
+                      WeightStandardizedConv2d(8, 16, 3, stride=2, eps=1e-8), nn.GroupNorm(4, 16), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    return m.eval(), (torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(seed)),)
 
 
 # --------------------------------------------------------------------------- helpers

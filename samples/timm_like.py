@@ -6,7 +6,9 @@ checks the same verdicts against the real classes where they are installed.
 
 from __future__ import annotations
 
+import copy
 import math
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ __all__ = [
     "BatchNormAct2d", "GroupNormAct", "LayerNorm2d", "ConvNextLayerNorm", "FilterResponseNormAct2d",
     "FilterResponseNormTlu2d", "EvoNorm2dB0", "EvoNorm2dS0", "StdConv2d", "ScaledStdConv2d",
     "Conv2dSame", "Conv2dStaticSamePadding", "timm_bnact_net", "conv2dsame_net", "frn_act_net",
-    "evonorm_net", "stdconv_net", "convnext_block",
+    "evonorm_net", "stdconv_net", "convnext_block", "DropPath", "DualGraphModule", "create_feature_extractor",
+    "FeatureGraphNet", "feature_graph_net",
 ]
 
 
@@ -359,6 +362,141 @@ class ConvNextBlock(nn.Module):
 
 def convnext_block():
     return _randomize(ConvNextBlock()), (_x(2, 3, 16, 16),)
+
+
+# --------------------------------------------------------------------------- FX feature extraction
+# torchvision.models.feature_extraction.DualGraphModule / create_feature_extractor, as timm's
+# FeatureGraphNet (timm.create_model(..., features_only=True, feature_cls="fx")) uses them.
+
+
+class DropPath(nn.Module):
+    """timm ``DropPath``: stochastic depth; its forward branches on ``self.training``, so an FX
+    trace of a model in training mode differs from one in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
+        if keep_prob > 0.0 and self.scale_by_keep:
+            random_tensor.div_(keep_prob)
+        return x * random_tensor
+
+
+class DualGraphModule(torch.fx.GraphModule):
+    """torchvision's ``DualGraphModule``: a GraphModule holding a train graph and an eval graph;
+    ``train(mode)`` swaps them.  Its ``__deepcopy__`` re-runs ``__init__``, which calls
+    ``self.train()``: the copy of an eval-mode module comes back in training mode, with every
+    submodule in training mode and the *train* graph."""
+
+    def __init__(self, root: nn.Module, train_graph: torch.fx.Graph, eval_graph: torch.fx.Graph,
+                 class_name: str = "GraphModule"):
+        super(torch.fx.GraphModule, self).__init__()
+        self.__class__.__name__ = class_name
+        self.train_graph = train_graph
+        self.eval_graph = eval_graph
+        for node in chain(iter(train_graph.nodes), iter(eval_graph.nodes)):
+            if node.op in ["get_attr", "call_module"]:
+                torch.fx.graph_module._copy_attr(root, self, node.target)
+        # train mode by default
+        self.train()
+        self.graph = train_graph
+        self._tracer_cls = None
+
+    def train(self, mode=True):
+        if mode and not self.training:
+            self.graph = self.train_graph
+        elif not mode and self.training:
+            self.graph = self.eval_graph
+        return super().train(mode=mode)
+
+    def _deepcopy_init(self):
+        return DualGraphModule.__init__
+
+    def __deepcopy__(self, memo):
+        res = type(self).__new__(type(self))
+        memo[id(self)] = res
+        fake_mod = torch.fx.graph_module._CodeOnlyModule(copy.deepcopy(self.__dict__, memo))
+        self._deepcopy_init()(res, fake_mod, fake_mod.__dict__["train_graph"], fake_mod.__dict__["eval_graph"])
+        res.meta = copy.deepcopy(getattr(self, "meta", {}), memo)
+        return res
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """torchvision's ``NodePathTracer`` with timm's leaf modules (``register_notrace_module``:
+    ``BatchNormAct2d`` stays one ``call_module`` node)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, BatchNormAct2d) or super().is_leaf_module(m, qualname)
+
+
+def create_feature_extractor(model: nn.Module, return_nodes: dict[str, str]) -> DualGraphModule:
+    """torchvision's ``create_feature_extractor`` (the parts timm uses): trace ``model`` in
+    training and in eval mode, return the outputs of the modules named in ``return_nodes``
+    (``{module name: output key}``) as a dict, and hold both graphs."""
+    mode = model.training
+    graphs = []
+    for training in (True, False):
+        model.train(training)
+        graph = _LeafTracer().trace(model)
+        picked = {}
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target in return_nodes:
+                picked[return_nodes[node.target]] = node
+        for node in list(graph.nodes):
+            if node.op == "output":
+                graph.erase_node(node)
+        graph.output(picked)
+        graph.lint()
+        graphs.append(graph)
+    model.train(mode)
+    out = DualGraphModule(model, graphs[0], graphs[1], class_name=type(model).__name__)
+    out.train(mode)
+    return out
+
+
+class _FeatBlock(nn.Module):
+    """A residual block with timm's stochastic depth: x + drop_path(bn2(pw(bn(conv(x)))))."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn = BatchNormAct2d(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x):
+        return x + self.drop_path(self.bn2(self.pw(self.bn(self.conv(x)))))
+
+
+class FeatureGraphNet(nn.Module):
+    """timm's ``FeatureGraphNet``: ``self.graph_module = create_feature_extractor(model, ...)``;
+    the forward returns the feature maps as a list."""
+
+    def __init__(self, model: nn.Module, return_nodes: dict[str, str]):
+        super().__init__()
+        self.graph_module = create_feature_extractor(model, return_nodes)
+
+    def forward(self, x):
+        return list(self.graph_module(x).values())
+
+
+def feature_graph_net():
+    """timm ``features_only=True, feature_cls="fx"`` on a small conv/BatchNorm net whose blocks
+    have DropPath (so its train graph and eval graph differ)."""
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         _FeatBlock(8), nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+                         nn.ReLU(), _FeatBlock(16), nn.ReLU())
+    _randomize(body)
+    net = FeatureGraphNet(body, {"2": "stem", "6": "stage1", "8": "stage2"})
+    return net.eval(), (_x(2, 3, 16, 16),)
 
 
 # --------------------------------------------------------------------------- --arch factories (module only)

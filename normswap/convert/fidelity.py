@@ -83,10 +83,12 @@ def named_outputs(out, prefix: str = "") -> list[tuple[str, Tensor]]:
 
 def first_tensor(out) -> Tensor:
     """The output fidelity's agreement / KL and distillation use: a plain tensor; for dicts
-    ``logits`` / ``out`` / ``output`` else the first tensor; for tuples the first classifier-shaped
-    (N, classes) tensor, else the first tensor."""
+    ``logits`` / ``out`` / ``output`` else the first tensor, else the first tensor nested in a value
+    (HF ``BackboneOutput(feature_maps=(t0, t1, ...))``: ``t0``); for tuples the first
+    classifier-shaped (N, classes) tensor, else the first tensor."""
     if isinstance(out, Tensor):
         return out
+    nested: list = []  # a dict's / dataclass's values that hold tensors in turn (HF BackboneOutput.feature_maps)
     if isinstance(out, dict):
         for k in ("logits", "out", "output"):
             if isinstance(out.get(k), Tensor):
@@ -94,12 +96,20 @@ def first_tensor(out) -> Tensor:
         for v in out.values():
             if isinstance(v, Tensor):
                 return v
+        nested = list(out.values())
     if hasattr(out, "logits") and isinstance(out.logits, Tensor):
         return out.logits
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         for f in dataclasses.fields(out):
             if isinstance(getattr(out, f.name), Tensor):
                 return getattr(out, f.name)
+        nested = nested or [getattr(out, f.name) for f in dataclasses.fields(out)]
+    for v in nested:
+        if isinstance(v, (dict, tuple, list)) or (dataclasses.is_dataclass(v) and not isinstance(v, type)):
+            try:
+                return first_tensor(v)
+            except NormswapError:
+                pass
     if isinstance(out, (tuple, list)):
         for v in out:
             if isinstance(v, Tensor) and is_classifier(v):

@@ -152,7 +152,7 @@ def _reparam_decisions(model: nn.Module, bake: bool, bake_ws: bool = False) -> l
             if not bake_ws:
                 reason = ("weight standardization: pass bake_weight_std=True / --bake-weight-std to bake "
                           "the standardised weight into a plain Conv2d")
-            elif type(mod).__name__.endswith("Same"):
+            elif type(mod).__name__.endswith("Same") or getattr(mod, "pad", None) is not None:
                 reason = (f"{type(mod).__name__}: its 'same' padding depends on the input size, so it "
                           f"cannot become a plain Conv2d")
             elif mod._forward_hooks or mod._forward_pre_hooks:
@@ -257,7 +257,27 @@ def plan(model: nn.Module, regions: list[Region] | None = None, *, example_input
 def deepcopy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also works with the legacy ``weight_norm`` / ``spectral_norm``
     hooks (their computed ``weight`` attribute is a non-leaf tensor deepcopy refuses): the
-    computed attribute is detached for the copy (it is recomputed on every forward)."""
+    computed attribute is detached for the copy (it is recomputed on every forward).  Every
+    module of the copy keeps the original's train/eval flag (:func:`_same_modes`)."""
+    return _same_modes(model, _deepcopy(model))
+
+
+def _same_modes(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give each module of the copy ``dst`` the train/eval mode of the module of ``src`` with the
+    same name (parents first, through the module's own ``train()``).  torchvision's
+    ``DualGraphModule`` (``create_feature_extractor``; timm's ``features_only=True,
+    feature_cls="fx"``) re-runs its ``__init__`` when deep-copied, which puts the copy and all its
+    submodules in training mode with the *train* graph: the copy of an eval model computed batch
+    statistics.  Its ``train(False)`` swaps the eval graph back in."""
+    flags = {name: m.training for name, m in src.named_modules(remove_duplicate=False)}
+    for name, m in dst.named_modules(remove_duplicate=False):  # pre-order: a parent before its children
+        want = flags.get(name)
+        if want is not None and m.training != want:
+            m.train(want)
+    return dst
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(model)
     except RuntimeError:
