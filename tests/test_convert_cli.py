@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from normswap_cli.main import cli
+from normswap_cli.common import unwrap_summary
 
 ARCH = "samples.digits:digits_resnet"
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
@@ -69,7 +70,7 @@ def test_cli_convert_uncalibrated(sd_model, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "in", "--no-onnx", "-o",
                                  str(tmp_path / "u.pt")])
     assert r.exit_code == 0, r.output
-    assert "uncalibrated" in r.output.splitlines()[-1]
+    assert "uncalibrated" in unwrap_summary(r.output)
 
 
 def _digits_model(tmp_path) -> Path:
@@ -159,7 +160,7 @@ def test_cli_convert_calib_random_says_so_in_summary(sd_model, tmp_path):
                                  "--input-shape", "1,1,32,32", "--calib-samples", "16", "-o", str(tmp_path / "o.pt"),
                                  "--no-onnx"])
     assert r.exit_code == 0, r.output
-    assert "calibrated on random inputs (" in r.output.strip().splitlines()[-1]
+    assert "calibrated on random inputs (" in unwrap_summary(r.output)
 
 
 def test_cli_convert_eval_held_out(sd_model, tmp_path):

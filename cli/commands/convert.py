@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import (fit_epilog, fits, model_options, output_options, pass_settings, print_stacked,
+                                 run_job, write_options)
 
 
 class TargetChoice(click.Choice):
@@ -32,7 +33,7 @@ class ConvertCommand(click.Command):
         from normswap.convert import TARGETS
 
         targets = "; ".join(f"{name} {spec.description}" for name, spec in TARGETS.items())
-        self.epilog = EPILOG.replace("{targets}", targets)
+        self.epilog = fit_epilog(EPILOG.replace("{targets}", targets))
         super().format_epilog(ctx, formatter)
 
 
@@ -40,8 +41,11 @@ EPILOG = """\b
 Examples:
   normswap convert samples/digits/digits_resnet_module.pt --trust --to gn --calib samples/digits/calib.npz
   normswap convert weights.pt --arch samples.digits:digits_resnet --to in --calib calib.npz -o m.in.pt
-  normswap convert gn_model.pt --trust --to bn --calib calib.npz     # GN -> BN, then `normswap fold`
-  normswap convert vit.pt --trust --to rms --calib tokens.pt           # LayerNorm -> RMSNorm
+  normswap convert weights.pt --arch samples.digits:digits_resnet --to gn --calib calib.npz --eval test.npz --report convert.html
+  # GroupNorm -> BatchNorm (then `normswap fold` folds it away):
+  normswap convert gn_model.pt --trust --to bn --calib calib.npz
+  # LayerNorm -> RMSNorm:
+  normswap convert vit.pt --trust --to rms --calib tokens.pt
 
 Targets: {targets}.  Default source: every BatchNorm (for --to bn every other
 conv norm, for --to rms every LayerNorm).
@@ -105,6 +109,9 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
                 eval_data=eval_data, outputs=outs)
         if report_path:
             from normswap.html_report import convert_report_html
+            from normswap_cli.common import attach_loaded
+
+            attach_loaded(report)  # --non-strict keys in the HTML report too
 
             outs.staged("--report").write_text(convert_report_html(report.to_dict()), encoding="utf-8")
         return report
@@ -181,19 +188,27 @@ def render(report, console) -> None:
     pairs = {(layer.source_type, layer.target_type) for layer in report.layers}
     uniform = len(pairs) == 1
     kinds = f", {next(iter(pairs))[0]} -> {next(iter(pairs))[1]}" if uniform else ""
-    t = Table(title=f"convert -> {report.target} ({report.sites} sites{kinds}, "
+    t = Table(title=f"convert -> {report.target} ({report.sites} site{'' if report.sites == 1 else 's'}{kinds}, "
                     f"{'calibrated, ' + report.mode if report.calibrated else 'uncalibrated'})",
               title_justify="left", box=box.SIMPLE_HEAD)
     cols = [("layer", "left")] + ([] if uniform else [("from", "left"), ("to", "left")]) + [
         ("C", "right"), ("groups", "right"), ("err naive", "right"), ("err fitted", "right"), ("method", "left")]
     for col, j in cols:
         t.add_column(col, justify=j, overflow="fold")
+    rows = []
     for layer in report.layers:
         row = [layer.name] + ([] if uniform else [layer.source_type, layer.target_type]) + [
             str(layer.channels), "-" if layer.groups is None else str(layer.groups), _num(layer.err_naive),
             _num(layer.err_fitted), layer.method + (f" ({layer.note})" if layer.note else "")]
         t.add_row(*row)
-    console.print(t)
+        rows.append(row)
+    if fits(console, t) or not rows:
+        console.print(t)
+    else:  # a layer name is never cut: a block per layer
+        from rich.text import Text
+
+        print_stacked(console, t.title.plain if isinstance(t.title, Text) else str(t.title),
+                      [c for c, _ in cols], rows)
     f = report.fidelity
     if f is not None:
         s = Table(title="fidelity on the calibration data (in-sample"

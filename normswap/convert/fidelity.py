@@ -288,7 +288,7 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
     fid._nonfinite = int(bad)  # not a field: the caller turns it into a warning
     if classifier and n:
         fid.top1_agreement = agree / max(n, 1)
-        fid.kl = kl / max(n, 1)
+        fid.kl = max(0.0, kl / max(n, 1))  # KL >= 0: a negative sum is float rounding
         fid._labels_out_of_range = int(oob)
         if data.labels is not None and not oob:
             fid.accuracy_original = correct_o / max(n, 1)
