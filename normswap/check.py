@@ -498,11 +498,14 @@ def compare_provider(
 def _onnx_meta(onnx_path) -> tuple[str, list[dict]]:
     import onnx
 
+    from normswap.inputs import check_input_path
+
     path = Path(onnx_path)
     if not path.exists():
         raise NormswapError(f"ONNX file not found: {path}")
     if path.is_dir():
         raise NormswapError(f"{path} is a folder, not an ONNX file")
+    check_input_path(path, "the ONNX file", folder_ok=False)  # a FIFO would block onnx.load forever
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001

@@ -298,7 +298,10 @@ def _probe_claim(c: Path, lock: bool = True) -> _Probe:
     if not locked:
         return _Probe("creating" if fresh else "stale", pid, start, nonce, ino=ino)
     holders = _lock_holders(st)
-    if pid > 0 and _pid_alive(pid, start) and (not start or _start_time(pid) in ("", start)) and \
+    now = _start_time(pid) if pid > 0 else ""
+    # a normswap run: the pid it names is alive, started when it says (where /proc tells: a claim
+    # without a start time is no normswap claim) and, where /proc/locks tells, holds the lock
+    if pid > 0 and _pid_alive(pid, start) and (start == now if now else True) and \
             (not holders or pid in holders):
         return _Probe("live", pid, start, nonce, holders[0] if holders else pid, ino=ino)
     if fresh:
@@ -595,6 +598,7 @@ class OutputSet:
                 self.inputs.append((label, Path(p)))
         #: this run's mark on its staged files and journal (recovery trusts only matching names)
         self.nonce = secrets.token_hex(8)
+        self._owner = os.getpid()  # a forked child (a data-loader worker) never touches these files
         self._staged: dict[str, Path] = {}
         self._claims: dict[Path, int] = {}  # claim file -> open, flock'ed descriptor
         self.committed: list[Path] = []
@@ -688,9 +692,11 @@ class OutputSet:
                     continue
                 if time.monotonic() >= deadline:  # foreign / creating: held, but not by a normswap run
                     self.release()
-                    who = (_program(pr.holder) if pr.holder else "another program")
-                    what = f"is held by {who}, which is not a normswap run writing it" if pr.state == "foreign" \
-                        else "is an empty claim that nobody completed"
+                    if pr.state == "foreign" or pr.holder:
+                        who = _program(pr.holder) if pr.holder else "another program"
+                        what = f"is held by {who}, which is not a normswap run writing it"
+                    else:
+                        what = "is an empty claim that nobody completed"
                     raise _err(opt, f"{show_path(p)} cannot be claimed: {show_path(c)} {what} (waited "
                                     f"{wait:g} s); nothing was written. Stop that program, or delete {c.name} if "
                                     f"no normswap run is writing {p.name}, then rerun")
@@ -827,6 +833,8 @@ class OutputSet:
 
     def release(self) -> None:
         """Remove this run's staged files and claims (safe to call again, and from a signal handler)."""
+        if os.getpid() != self._owner:
+            return
         for opt in list(self._staged):
             s = self._staged.pop(opt, None)
             if s is not None:
@@ -917,7 +925,7 @@ def _on_signal(signum, frame):  # noqa: ARG001
     code that runs swallows the KeyboardInterrupt), then unwind like Ctrl-C."""
     if not _INTERRUPTED:
         _INTERRUPTED.append(signum)
-    abort_all()
+    abort_all()  # (in a forked child this touches nothing: the sets belong to the parent)
     raise KeyboardInterrupt
 
 
