@@ -40,7 +40,7 @@ def test_cli_convert_state_dict_json(sd_model, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "-o", str(out),
                                  "--no-onnx", "--json", str(js), "--mode", "fast", "--groups", "4"])
     assert r.exit_code == 0, r.output
-    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (fast, 24 samples)" in r.output
+    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (fast, 24 samples)" in unwrap_summary(r.output)
     d = json.loads(js.read_text())
     assert d["sites"] == 11 and d["calibrated"] and d["calib_labels"] and d["files"]["model"] == str(out)
     assert all(layer["groups"] == 4 and layer["err_fitted"] <= layer["err_naive"] for layer in d["layers"])
