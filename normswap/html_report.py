@@ -115,6 +115,12 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
+def _nonneg(x: Any) -> Any:
+    """A KL / squared-error value: a tiny negative is float rounding, shown as 0 (never "-0")."""
+    v = _num(x)
+    return 0.0 if v is not None and -1e-6 < v < 0 else x
+
+
 def _pct(x: Any) -> str:
     v = _num(x)
     return "—" if v is None else f"{100 * v:.1f}%"
@@ -623,7 +629,7 @@ def _fidelity_table(cal: dict | None, fin: dict | None, distilled: bool, held: d
     rows = [
         ("samples", "samples", lambda v: _fmt(v)),
         ("top-1 agreement with the original", "top1_agreement", _pct),
-        ("mean KL(original ‖ converted)", "kl", _fmt),
+        ("mean KL(original ‖ converted)", "kl", lambda v: _fmt(_nonneg(v))),
         ("relative output error", "rel_output_error", _fmt),
         ("accuracy of the original", "accuracy_original", _pct),
         ("accuracy of the converted model", "accuracy_converted", _pct),
@@ -662,7 +668,8 @@ def convert_report_html(convert_report_dict: dict) -> str:
         ("calibrated", calib),
         ("passes over the data", r.get("passes") if calibrated else None),
         ("calibration time", timing),
-        ("distillation", f'{r.get("distill_steps")} steps, loss {_fmt(r.get("distill_loss"))}, {_fmt(r.get("distill_seconds"))} s'
+        ("distillation", f'{r.get("distill_steps")} steps, loss {_fmt(_nonneg(r.get("distill_loss")))}, '
+                         f'{_fmt(r.get("distill_seconds"))} s'
          if r.get("distill_steps") else None),
         ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
     ]))

@@ -152,7 +152,7 @@ class _Progress:
             label = {"calibrate": "calibrating (passes)", "reconstruct": "reconstructing (steps)",
                      "distill": "distilling"}.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total, loss="")
-        text = f"loss {loss:.4g}" if loss is not None else ""
+        text = f"loss {max(0.0, loss):.4g}" if loss is not None else ""  # KL / MSE >= 0: no "-0.0000"
         self.bar.update(self.tasks[stage], completed=step, loss=text)
 
     def __exit__(self, *exc):
