@@ -7,6 +7,7 @@ error (one line; ``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -30,8 +31,20 @@ def output_options(f: Callable) -> Callable:
     return f
 
 
+def _remember_non_strict(ctx, param, value):  # noqa: ARG001
+    if value:
+        ctx.meta["normswap.non_strict"] = True
+    return value
+
+
 def model_options(f: Callable) -> Callable:
-    """Options that say how to load MODEL safely."""
+    """Options that say how to load MODEL safely.  ``--non-strict`` is not passed to the command
+    function: :func:`run_job` applies it to every model the job loads."""
+    f = click.option(
+        "--non-strict", is_flag=True, default=False, expose_value=False, callback=_remember_non_strict,
+        help="Load a state dict whose keys do not match --arch exactly (missing tensors keep the "
+             "factory's initial values, unexpected ones are ignored; both are listed in the report).",
+    )(f)
     f = click.option(
         "--arch-kwargs", default=None, metavar="JSON", help="Keyword arguments for the --arch factory, as a JSON object."
     )(f)
@@ -314,9 +327,12 @@ def run_job(
     traceback instead).  Ctrl-C / SIGTERM → the staged files and claims are removed, exit 130.
     """
     from normswap.errors import NormswapError
-    from normswap.outputs import OutputSet
+    from normswap.io import load_options
+    from normswap.outputs import OutputSet, ignore_signals, interrupted_by
 
     command, params = _params()
+    ctx = click.get_current_context(silent=True)
+    strict = not (ctx is not None and ctx.meta.get("normswap.non_strict", False))
     derived_inputs, derived_outputs = run_inputs_outputs(command, params)
     inputs = derived_inputs if inputs is None else list(inputs)
     outputs = dict(derived_outputs if outputs is None else outputs)
@@ -338,11 +354,14 @@ def run_job(
 
     try:
         try:
+            _check_inputs(inputs)  # a FIFO / device would block the job forever: refused unopened
             outs.claim()  # before the (possibly long) job, not after it
-            with warnings.catch_warnings(record=True) as caught:
+            _say_output_notes(outs)
+            with warnings.catch_warnings(record=True) as caught, load_options(strict=strict) as loads:
                 warnings.simplefilter("always", UserWarning)
                 report = job(outs) if _accepts_outputs(job) else job()
             _warnings_as_notes(caught, report)
+            _attach_loads(report, loads["loaded"], outs)
         except NormswapError as e:
             if opts.debug:
                 raise
@@ -350,8 +369,14 @@ def run_job(
         except click.exceptions.Exit:
             raise
         except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
+            if interrupted_by() is not None:  # a signal surfaced as another exception (e.g. in an import)
+                raise KeyboardInterrupt from None
             if opts.debug:
                 raise
+            if isinstance(e, OSError) and e.errno in _USER_ERRNOS and e.filename is not None:
+                from normswap.outputs import show_path
+
+                user_error(e, EXIT_USAGE, f"{show_path(e.filename)}: {e.strerror or e}")
             user_error(e, EXIT_INTERNAL,
                        f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
         out = console()
@@ -385,14 +410,130 @@ def run_job(
             out.print(f"report written to {opts.json_path}", markup=False)
         line = report.summary_line()
         style = "bold green" if report else "bold red"
-        out.print(line, style=style, markup=False, soft_wrap=True)  # one line, whatever the terminal width
+        for part in wrap_summary(line, max(40, out.width)):  # readable at 80 columns, in a pipe too
+            out.print(part, style=style, markup=False, soft_wrap=True)
         sys.exit(EXIT_OK if report else EXIT_FAILED)
     except KeyboardInterrupt:
+        ignore_signals()  # tidy up and exit: a second Ctrl-C / SIGTERM does not cut this short
         outs.release()
-        click.echo("interrupted: nothing was written", err=True)
+        sig = interrupted_by()
+        what = "interrupted" + (f" by {_signal_name(sig)}" if sig else "")
+        if outs.committed:
+            click.echo(f"{what} after the outputs were written: "
+                       + ", ".join(str(p) for p in outs.committed), err=True)
+        else:
+            click.echo(f"{what}: nothing was written", err=True)
         sys.exit(130)
     finally:
         outs.release()
+
+
+def _user_errnos() -> frozenset:
+    import errno
+
+    names = ("ENAMETOOLONG", "ELOOP", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EISDIR", "ENOTDIR", "EFBIG")
+    return frozenset(getattr(errno, n) for n in names if hasattr(errno, n))
+
+
+#: OS errors about the user's paths or disk (exit 2, one line), not normswap bugs
+_USER_ERRNOS = _user_errnos()
+
+
+def wrap_summary(line: str, width: int = 80) -> list[str]:
+    """The summary line in lines of at most ``width`` columns (a single word longer than that,
+    e.g. a path, stays whole): broken at its `` | `` separators first, then at spaces.  The
+    first line always starts with ``PASSED | normswap JOB |`` (or FAILED); continuation lines
+    are indented, so :func:`unwrap_summary` gives the one-line form back."""
+    if len(line) <= width:
+        return [line]
+    chunks = line.split(" | ")
+    if len(chunks) < 3:
+        segments = [line]
+    else:
+        segments = [" | ".join(chunks[:3])] + ["| " + c for c in chunks[3:]]
+    lines: list[str] = []
+    cur = ""
+    for i, seg in enumerate(segments):
+        if cur and len(cur) + 1 + len(seg) <= width:
+            cur += " " + seg
+            continue
+        if cur:
+            lines.append(cur)
+        indent = "" if i == 0 else "  "
+        cur = indent
+        for word in seg.split(" "):
+            if cur.strip() and len(cur) + 1 + len(word) > width:
+                lines.append(cur)
+                cur = "    " + word
+            else:
+                cur += (" " if cur.strip() else "") + word
+    if cur:
+        lines.append(cur)
+    return lines
+
+
+def unwrap_summary(output: str) -> str:
+    """The one-line summary from a command's output (the inverse of :func:`wrap_summary`): the
+    last line that starts with PASSED or FAILED, joined with its indented continuation lines."""
+    lines = output.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(("PASSED |", "FAILED |")):
+            block = [lines[i]] + [ln for ln in lines[i + 1:] if ln.startswith("  ")]
+            return " ".join(ln.strip() for ln in block)
+    return lines[-1] if lines else ""
+
+
+def _signal_name(sig: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _check_inputs(inputs) -> None:
+    """Every input path of the run (MODEL, --calib/--data/--eval, the ONNX file being checked)
+    must be a regular file or a folder: checked with stat, before anything opens it."""
+    from normswap.inputs import check_input_path
+
+    for item in inputs or ():
+        label, path = item if isinstance(item, tuple) else ("an input", item)
+        folder_ok = "model" not in label and "ONNX" not in label
+        check_input_path(path, label, folder_ok=folder_ok)
+
+
+def _say_output_notes(outs) -> None:
+    """What cleaning the output folders did (notes) and left alone (warnings), on stderr."""
+    for n in outs.notes:
+        click.echo(f"note: {n}", err=True)
+    for w in outs.warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+def attach_loaded(report) -> None:
+    """Put the load facts of the model the job loaded (format, missing / unexpected keys) into
+    ``report`` now, e.g. before an HTML report is made from it inside the job."""
+    from normswap.io import loaded_models
+    from normswap.report import attach_load
+
+    loaded = loaded_models()
+    if loaded and getattr(report, "load", None) is None:
+        with contextlib.suppress(Exception):
+            attach_load(report, loaded[0])
+
+
+def _attach_loads(report, loaded: list, outs) -> None:
+    """The load facts (format, missing / unexpected keys) in every report, also of jobs that do
+    not attach them themselves; warnings about output folders on the summary line."""
+    from normswap.report import add_summary_warning, attach_load
+
+    if loaded and getattr(report, "load", None) is None:
+        with contextlib.suppress(Exception):
+            attach_load(report, loaded[0])
+    if outs.warnings:
+        n = len(outs.warnings)
+        add_summary_warning(report, f"{n} file(s) in the output folder left alone (see the warning above)")
 
 
 def _check_json_path(json_path) -> None:
@@ -404,6 +545,47 @@ def _check_json_path(json_path) -> None:
     inputs, outputs = run_inputs_outputs(command, params)
     outputs["--json"] = json_path
     OutputSet(outputs, inputs=inputs, force=True).validate()
+
+
+def fits(console, renderable) -> bool:
+    """Does ``renderable`` (a rich Table) fit the console at its natural width, i.e. without
+    folding any cell?"""
+    from rich.measure import Measurement
+
+    try:
+        wide = console.options.update(max_width=10 ** 6)
+        return Measurement.get(console, wide, renderable).maximum <= console.width
+    except Exception:  # noqa: BLE001 - measuring is only a layout choice
+        return True
+
+
+def print_stacked(console, title: str, headers: list[str], rows: list[list], *, name_style: str = "bold") -> None:
+    """A table too wide for the terminal, one block per row: the first cell (a layer name, never
+    cut) on a line of its own, then its ``header value`` pairs packed into indented lines, each
+    pair whole (a pair longer than a line gets a line of its own, uncut)."""
+    from rich.text import Text
+
+    width = max(20, console.width)
+    console.print(title, style="italic", markup=False)
+    for row in rows:
+        name = row[0].copy() if isinstance(row[0], Text) else Text(str(row[0]))
+        name.stylize(name_style)
+        console.print(name, overflow="ignore", crop=False, soft_wrap=True)
+        items = []
+        for h, v in zip(headers[1:], row[1:]):
+            text = v if isinstance(v, Text) else Text(str(v) if v is not None else "")
+            if text.plain:
+                items.append(Text.assemble((f"{h} ", "dim"), text))
+        line, indent = Text("    "), 4
+        for item in items:
+            if len(line.plain) > indent and len(line.plain) + 2 + len(item.plain) > width:
+                console.print(line, overflow="ignore", crop=False, soft_wrap=True)
+                line = Text("    ")
+            if len(line.plain) > indent:
+                line.append("  ")
+            line.append_text(item)
+        if len(line.plain) > indent:
+            console.print(line, overflow="ignore", crop=False, soft_wrap=True)
 
 
 def print_notes(notes: list[str], out=None) -> None:

@@ -498,11 +498,14 @@ def compare_provider(
 def _onnx_meta(onnx_path) -> tuple[str, list[dict]]:
     import onnx
 
+    from normswap.inputs import check_input_path
+
     path = Path(onnx_path)
     if not path.exists():
         raise NormswapError(f"ONNX file not found: {path}")
     if path.is_dir():
         raise NormswapError(f"{path} is a folder, not an ONNX file")
+    check_input_path(path, "the ONNX file", folder_ok=False)  # a FIFO would block onnx.load forever
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001
@@ -617,6 +620,60 @@ def _feeds(meta: list[dict], tensors: tuple) -> dict:
     return feeds
 
 
+def program_batch_sizes(model) -> tuple[int, int | None] | None:
+    """The batch sizes a ``torch.export`` program accepts, as ``(lo, hi)`` (``hi`` None: no upper
+    bound; ``lo == hi``: a static batch), from its first input's dimension 0; None for an eager
+    model or when the program does not say."""
+    import torch
+
+    if not isinstance(model, torch.export.ExportedProgram):
+        return None
+    try:
+        user = set(model.graph_signature.user_inputs)
+        for node in model.graph.nodes:
+            if node.op != "placeholder" or node.name not in user:
+                continue
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is None or len(shape) == 0:
+                return None
+            d = shape[0]
+            if isinstance(d, int):
+                return int(d), int(d)
+            vr = model.range_constraints.get(d.node.expr)
+            if vr is None:
+                return None
+            lo = int(vr.lower) if vr.lower.is_finite else 0
+            hi = int(vr.upper) if vr.upper.is_finite else None
+            return lo, hi
+    except Exception:  # noqa: BLE001 - a program we cannot read: the check says what fails
+        return None
+    return None
+
+
+def _check_program_batches(accepted, sizes, static_onnx: bool) -> None:
+    """A torch.export program runs only on the batch sizes it was captured for: refuse, in one
+    line, a check whose batch sizes it does not accept (instead of its raw guard message)."""
+    if accepted is None:
+        return
+    lo, hi = accepted
+    bad = [s for s in sizes if s < lo or (hi is not None and s > hi)]
+    if not bad:
+        return
+    takes = f"only batch size {lo}" if lo == hi else (f"batch sizes {lo} to {hi}" if hi is not None
+                                                      else f"batch sizes {lo} and up")
+    if static_onnx:
+        why = f"the ONNX file's static batch is {sizes[0]}"
+    else:
+        why = ("the ONNX file has a dynamic batch, so the check compares batch sizes "
+               + " and ".join(str(s) for s in sizes))
+    fix = (f"pass inputs of batch {lo} (--input-shape {lo},... or --calib with {lo} samples)" if lo == hi and
+           static_onnx else "check the ONNX file against the eager model (a state dict with --arch, or a "
+                            "pickled module with --trust), or capture the program with a dynamic batch "
+                            "(torch.export.Dim)")
+    raise NormswapError(f"the torch.export program accepts {takes} (it was captured that way), but {why}; {fix}")
+
+
 def _second_batch(n: int) -> int:
     return 1 if n > 1 else 3
 
@@ -657,6 +714,7 @@ def check(
     if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):  # also refuses NaN
         raise NormswapError(f"atol and rtol must be finite numbers >= 0 (got atol {atol:g}, rtol {rtol:g})")
     specs = parse_providers(providers)
+    accepted = program_batch_sizes(torch_module(model, keep_program=True))
     model = torch_module(model)
     path, meta = _onnx_meta(onnx_path)
     if input_shape is not None and not isinstance(input_shape, (tuple, list)):
@@ -694,6 +752,13 @@ def check(
         batched = [False] * len(tensors)
     else:
         sizes = [n, _second_batch(n)]
+    if accepted is not None and len(sizes) == 2:  # a second size the program accepts, if it has one
+        lo, hi = accepted
+        fits = [s for s in (sizes[1], sizes[0] + 1, sizes[0] - 1, lo)
+                if s >= 1 and s != sizes[0] and s >= lo and (hi is None or s <= hi)]
+        if fits:
+            sizes[1] = fits[0]
+    _check_program_batches(accepted, sizes, static_batch)
     batches = []
     for size in sizes:
         tin = tuple(_resize_batch(t, size) if b else t for t, b in zip(tensors, batched))

@@ -11,8 +11,11 @@ Plots: per-layer own / accumulated parity error along depth on a log scale with
 the per-layer tolerance (check --locate); per-output error vs tolerance (check);
 per-layer reconstruction error naive vs fitted (log scale) and the group counts
 chosen (convert).  Exact zeros are drawn on the bottom edge (hollow markers),
-infinite/NaN errors on the top edge.  Plots label layers by their index; the
-tables next to them give the full names (never shortened; long names wrap).
+infinite/NaN errors on the top edge.  The x-axis of a per-layer plot names the layers
+(rotated ticks, up to 60 layers; beyond, every k-th index) and hovering anywhere over a
+layer's column shows its full name (an SVG ``<title>``); the tables next to the plots give
+the full names too (never shortened; long names wrap).  Every pass/fail badge says PASSED or
+FAILED.
 
 ``write_html(path, html, force=False)`` writes atomically (a temporary file in
 the same folder, then ``os.replace``) and refuses to overwrite an existing file
@@ -112,9 +115,26 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
+def _nonneg(x: Any) -> Any:
+    """A KL / squared-error value: a tiny negative is float rounding, shown as 0 (never "-0")."""
+    v = _num(x)
+    return 0.0 if v is not None and -1e-6 < v < 0 else x
+
+
 def _pct(x: Any) -> str:
     v = _num(x)
     return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _plural(n: Any, word: str) -> str:
+    """``1 layer``, ``2 layers``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _status_badge(status: str | None) -> str:
+    """A provider's status as a badge: PASSED / FAILED / ERROR / UNAVAILABLE."""
+    cls = {"passed": "pass", "failed": "fail", "error": "fail"}.get(status or "", "na")
+    return f'<span class="badge {cls}">{_e((status or "n/a").upper())}</span>'
 
 
 def _badge(ok: bool | None, yes="PASSED", no="FAILED", none="N/A") -> str:
@@ -181,11 +201,56 @@ def _sup(n: int) -> str:
     return "10" + str(n).translate(table)
 
 
+_TICK_CHARS = 26  # a rotated tick shows at most this many characters (the hover shows all)
+
+
+def _tick_layout(n: int, names: Sequence[str] | None) -> tuple[list[str] | None, int]:
+    """Rotated name ticks (``#i name``, long names shortened from the left) and the extra bottom
+    margin they need; (None, 0) when there are no names or too many layers for ticks."""
+    if not names or n > 60:
+        return None, 0
+    ticks = []
+    for i, nm in enumerate(names):
+        text = f"{i} {nm}"
+        ticks.append(text if len(text) <= _TICK_CHARS else f"{i} …{str(nm)[-(_TICK_CHARS - len(str(i)) - 2):]}")
+    longest = max(len(t) for t in ticks)
+    return ticks, max(0, int(longest * 6.2 * 0.77) - 8)  # 11px font, rotated 50 degrees
+
+
+def _hover_bands(n: int, x0: float, pw: float, top: float, height: float, tips: Sequence[str] | None) -> list[str]:
+    """Transparent full-height columns, one per position, whose <title> names the layer: hovering
+    anywhere over a layer's column (not only its marker) shows which layer it is."""
+    if not tips:
+        return []
+    w = pw / max(n, 1)
+    return [f'<rect x="{x0 + w * i:.1f}" y="{top}" width="{w:.1f}" height="{height}" fill="transparent">'
+            f"<title>{_e(tips[i])}</title></rect>" for i in range(min(n, len(tips)))]
+
+
+def _x_ticks(n: int, x, base_y: float, labels, ticks, tips) -> list[str]:
+    out = []
+    if ticks:
+        for i in range(n):
+            tip = f"<title>{_e(tips[i])}</title>" if tips and i < len(tips) else ""
+            out.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{base_y}" y2="{base_y + 4}" stroke="#888"/>')
+            out.append(f'<text x="{x(i):.1f}" y="{base_y + 12}" text-anchor="end" fill="#333" '
+                       f'transform="rotate(-50 {x(i):.1f} {base_y + 12})">{_e(ticks[i])}{tip}</text>')
+        return out
+    step = max(1, math.ceil(n / 30))
+    for i in range(0, n, step):
+        lab = labels[i] if labels else str(i)
+        tip = f"<title>{_e(tips[i])}</title>" if tips and i < len(tips) else ""
+        out.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{base_y}" y2="{base_y + 4}" stroke="#888"/>')
+        out.append(f'<text x="{x(i):.1f}" y="{base_y + 16}" text-anchor="middle" fill="#333">{_e(lab)}{tip}</text>')
+    return out
+
+
 def log_plot_svg(
     series: Sequence[dict],
     n: int,
     *,
     labels: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
     tooltips: Sequence[str] | None = None,
     tolerance: Sequence[float | None] | None = None,
     highlight: int | None = None,
@@ -199,10 +264,13 @@ def log_plot_svg(
 
     ``series``: dicts with ``name``, ``values`` (n numbers or None), ``color``,
     optional ``dash`` and ``marker`` ("circle" | "square").  ``tolerance``: a
-    per-position tolerance drawn as a dashed step line.
+    per-position tolerance drawn as a dashed step line.  ``names``: the layer of each position,
+    shown as rotated x ticks (up to 60 positions) and on hover over its column.
     """
+    ticks, extra = _tick_layout(n, names)
     ml, mr, mt, mb = 70, 20, 18, 58
     pw, ph = width - ml - mr, height - mt - mb
+    height += extra
     allv = [_num(v) for s in series for v in s["values"]] + [_num(t) for t in (tolerance or [])]
     lo, hi = _nice_decades([v for v in allv if v is not None])
 
@@ -217,15 +285,12 @@ def log_plot_svg(
         'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11" role="img">',
         f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfc" stroke="#bbb"/>',
     ]
+    out += _hover_bands(n, ml, pw, mt, ph, tooltips or names)
     for d in range(lo, hi + 1):
         yy = y(10.0**d)
         out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
         out.append(f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#333">{_sup(d)}</text>')
-    step = max(1, math.ceil(n / 30))
-    for i in range(0, n, step):
-        lab = labels[i] if labels else str(i)
-        out.append(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{mt + ph}" y2="{mt + ph + 4}" stroke="#888"/>')
-        out.append(f'<text x="{x(i):.1f}" y="{mt + ph + 16}" text-anchor="middle" fill="#333">{_e(lab)}</text>')
+    out += _x_ticks(n, x, mt + ph, labels, ticks, tooltips or names)
     out.append(f'<text x="{ml + pw / 2}" y="{height - 22}" text-anchor="middle" fill="#333">{_e(xlabel)}</text>')
     out.append(
         f'<text transform="translate(16,{mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#333">{_e(ylabel)} (log scale)</text>'
@@ -304,6 +369,7 @@ def bar_plot_svg(
     values: Sequence[float | None],
     *,
     labels: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
     tooltips: Sequence[str] | None = None,
     color: str = ACC_COLOR,
     ylabel: str = "",
@@ -313,8 +379,10 @@ def bar_plot_svg(
 ) -> str:
     """A linear bar chart with the value written above each bar."""
     n = len(values)
+    ticks, extra = _tick_layout(n, names)
     ml, mr, mt, mb = 70, 20, 18, 50
     pw, ph = width - ml - mr, height - mt - mb
+    height += extra
     vals = [_num(v) for v in values]
     top = max([v for v in vals if v is not None and math.isfinite(v)] or [1.0])
     top = top if top > 0 else 1.0
@@ -323,18 +391,16 @@ def bar_plot_svg(
         'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11" role="img">',
         f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfc" stroke="#bbb"/>',
     ]
+    out += _hover_bands(n, ml, pw, mt, ph, tooltips or names)
     for frac in (0, 0.5, 1.0):
         yy = mt + ph - frac * ph
         out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
         out.append(f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#333">{_fmt(top * frac)}</text>')
     slot = pw / max(n, 1)
     bw = max(2.0, min(36.0, slot * 0.7))
-    step = max(1, math.ceil(n / 30))
+    out += _x_ticks(n, lambda i: ml + slot * (i + 0.5), mt + ph, labels, ticks, tooltips or names)
     for i, v in enumerate(vals):
         cx = ml + slot * (i + 0.5)
-        if i % step == 0:
-            lab = labels[i] if labels else str(i)
-            out.append(f'<text x="{cx:.1f}" y="{mt + ph + 15}" text-anchor="middle" fill="#333">{_e(lab)}</text>')
         if v is None or not math.isfinite(v):
             out.append(f'<text x="{cx:.1f}" y="{mt + ph - 4}" text-anchor="middle" fill="#999">—</text>')
             continue
@@ -405,13 +471,13 @@ def _outputs_section(parity: dict) -> str:
                 series_vals.append(o.get("max_abs"))
                 tols.append(o.get("tolerance"))
                 labels.append(str(len(labels)))
-                tips.append(f"{p.get('label')} batch {b.get('batch_size')} {o.get('name')}")
+                tips.append(f"{p.get('label')} N={b.get('batch_size')} {o.get('name')}")
     if series_vals:
         parts.append("<h3>Output error vs tolerance</h3>")
         parts.append(
             log_plot_svg(
                 [{"name": "max |onnx − torch|", "values": series_vals, "color": ACC_COLOR, "marker": "square", "line": False}],
-                len(series_vals), labels=labels, tooltips=tips, tolerance=tols, ylabel="max abs error",
+                len(series_vals), labels=labels, names=tips, tooltips=tips, tolerance=tols, ylabel="max abs error",
                 xlabel="output # (see the table below)", height=260,
             )
         )
@@ -425,7 +491,7 @@ def _outputs_section(parity: dict) -> str:
                         ("name", _name(o.get("name"))), ("num", _e(o.get("shape"))),
                         ("num", _fmt(o.get("max_abs"))), ("num", _fmt(o.get("mean_abs"))), ("num", _fmt(o.get("max_rel"))),
                         ("num", _fmt(o.get("cosine"), 6)), ("num", _pct(o.get("top1_agreement"))),
-                        ("num", _fmt(o.get("tolerance"))), ("", _badge(o.get("passed"), "ok", "fail")),
+                        ("num", _fmt(o.get("tolerance"))), ("", _badge(o.get("passed"))),
                         ("", _e(o.get("reason") or "")),
                     ])
                     classes.append("" if o.get("passed") else "bad")
@@ -441,9 +507,7 @@ def _providers_table(parity: dict) -> str:
     rows, classes = [], []
     for p in parity.get("providers") or []:
         st = p.get("status")
-        badge = {"passed": _badge(True, "passed"), "failed": _badge(False, no="failed"), "error": _badge(False, no="error")}.get(
-            st, f'<span class="badge na">{_e(st)}</span>'
-        )
+        badge = _status_badge(st)
         rows.append([
             ("", _e(p.get("label"))), ("", badge), ("", _e(p.get("ran") or "—")), ("", _e(p.get("torch_device") or "—")),
             ("num", _fmt(p.get("max_abs"))), ("num", _fmt(p.get("latency_ms"))), ("num", _fmt(p.get("torch_latency_ms"))),
@@ -484,7 +548,8 @@ def locate_section_html(loc: dict) -> str:
         ("PyTorch device", loc.get("torch_device")),
         ("criterion", loc.get("criterion")),
         ("atol / rtol", f'{_fmt(loc.get("atol"))} / {_fmt(loc.get("rtol"))}'),
-        ("mapping", f'{loc.get("mapping")}: {len(layers)} layers mapped, {len(loc.get("unmapped") or [])} not mapped'),
+        ("mapping", f'{loc.get("mapping")}: {_plural(len(layers), "layer")} mapped, '
+                    f'{len(loc.get("unmapped") or [])} not mapped'),
     ]))
     if layers:
         own = [lp.get("own_max_abs") for lp in layers]
@@ -497,6 +562,7 @@ def locate_section_html(loc: dict) -> str:
                     {"name": "own error (layer alone on torch's input)", "values": own, "color": OWN_COLOR},
                 ],
                 len(layers),
+                names=[str(lp.get("name")) for lp in layers],
                 tooltips=[f'#{lp.get("index")} {lp.get("name")} ({lp.get("type")})' for lp in layers],
                 tolerance=[lp.get("tolerance") for lp in layers],
                 highlight=hi,
@@ -513,7 +579,7 @@ def locate_section_html(loc: dict) -> str:
             elif not lp.get("acc_passed"):
                 st, cls = '<span class="badge warn">over tol</span>', "inh"
             else:
-                st, cls = '<span class="badge pass">ok</span>', ""
+                st, cls = '<span class="badge pass">PASSED</span>', ""
             fused = lp.get("fused") or []
             name = _name(lp.get("name")) + (f'<br><span class="muted">+ fused {_name(", ".join(fused))}</span>' if fused else "")
             if lp.get("own_max_abs") is not None:
@@ -537,7 +603,7 @@ def locate_section_html(loc: dict) -> str:
         parts.append(_table(
             ["output", "max abs", "rel", "tolerance", ""],
             [[("name", _name(o.get("name"))), ("num", _fmt(o.get("max_abs"))), ("num", _fmt(o.get("rel"))),
-              ("num", _fmt(o.get("tolerance"))), ("", _badge(o.get("passed"), "ok", "fail"))] for o in outs],
+              ("num", _fmt(o.get("tolerance"))), ("", _badge(o.get("passed")))] for o in outs],
             ["" if o.get("passed") else "bad" for o in outs],
         ))
     if loc.get("unmapped"):
@@ -608,7 +674,7 @@ def _fidelity_table(cal: dict | None, fin: dict | None, repaired: bool, held: di
         ("samples", "samples", lambda v: _fmt(v)),
         ("top-1 agreement with the original", "top1_agreement", _pct),
         ("top-5 overlap with the original", "top5_overlap", _pct),
-        ("mean KL(original ‖ converted)", "kl", _fmt),
+        ("mean KL(original ‖ converted)", "kl", lambda v: _fmt(_nonneg(v))),
         ("relative output error", "rel_output_error", _fmt),
         ("accuracy of the original", "accuracy_original", _pct),
         ("accuracy of the converted model", "accuracy_converted", _pct),
@@ -656,7 +722,8 @@ def convert_report_html(convert_report_dict: dict) -> str:
     srcs = "/".join(r.get("sources") or []) or "?"
     passed = r.get("passed")
     title = f"normswap convert — {srcs} → {r.get('target')}"
-    body = [f"<h1>{_e(title)} {_badge(passed, 'OK', 'PARITY FAILED') if r.get('parity') is not None else ''}</h1>"]
+    body = [f"<h1>{_e(title)} {_badge(passed if passed is not None else True)}</h1>"]
+    calibrated = bool(r.get("calibrated"))
     calib = "no (uncalibrated)" if not r.get("calibrated") else (
         f'yes: {r.get("calib_samples")} samples from {r.get("calib_source")}'
         + (" (with labels)" if r.get("calib_labels") else "")
@@ -668,21 +735,37 @@ def convert_report_html(convert_report_dict: dict) -> str:
             timing += f' ({_fmt(r.get("calib_ratio"))}× one forward pass of {_fmt(r.get("forward_seconds"))} s)'
     body.append(_kv([
         ("sites converted", f'{r.get("sites", len(layers))} ({srcs} → {r.get("target")})'),
-        ("mode", r.get("mode")),
-        ("groups", r.get("groups")),
+        ("mode", r.get("mode") if calibrated else None),  # a calibration mode means nothing without data
+        ("groups", r.get("groups") if any(lf.get("groups") is not None for lf in layers) or not layers else None),
         ("calibrated", calib),
-        ("passes over the data", r.get("passes")),
+        ("passes over the data", r.get("passes") if calibrated else None),
         ("calibration time", timing),
         ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
     ]))
-    body.append("<h2>Fidelity</h2>")
+    fidelity = [r.get("fidelity_calibrated"), r.get("fidelity"), r.get("fidelity_eval")]
+    measured = any(_num(lf.get("err_naive")) is not None or _num(lf.get("err_fitted")) is not None for lf in layers)
     rep = r.get("repair") or None
-    body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(rep and rep.get("kept")),
-                                r.get("fidelity_eval")))
+    if any(fidelity):
+        body.append("<h2>Fidelity</h2>")
+        body.append(_fidelity_table(r.get("fidelity_calibrated"), r.get("fidelity"), bool(rep and rep.get("kept")),
+                                    r.get("fidelity_eval")))
+    elif not calibrated:
+        body.append('<div class="callout warn">Uncalibrated: no calibration data was given (<code>--calib</code>), '
+                    "so the replacements keep the original norms' gamma/beta and neither fidelity nor per-layer "
+                    "errors were measured. Pass <code>--calib DATA</code> (and <code>--eval DATA</code> for held-out "
+                    "numbers) to calibrate and measure.</div>")
     if rep:
         body.append(_repair_section(rep))
 
-    if layers:
+    if layers and not measured:
+        body.append(f"<h2>Converted layers ({_plural(len(layers), 'layer')})</h2>")
+        body.append(_table(
+            ["#", "layer", "replacement", "channels", "groups", "method", "note"],
+            [[("num", str(i)), ("name", _name(lf.get("name"))),
+              ("", _e(f'{lf.get("source_type")} → {lf.get("target_type")}')), ("num", _e(lf.get("channels"))),
+              ("num", _e(lf.get("groups") if lf.get("groups") is not None else "—")), ("", _e(lf.get("method"))),
+              ("", _e(lf.get("note") or ""))] for i, lf in enumerate(layers)]))
+    elif layers:
         body.append("<h2>Per-layer reconstruction error</h2>")
         body.append(
             '<p class="muted small">Relative error ‖y<sub>new</sub> − y<sub>orig</sub>‖ / ‖y<sub>orig</sub>‖ over the calibration data: '
@@ -691,18 +774,21 @@ def convert_report_html(convert_report_dict: dict) -> str:
         naive = [lf.get("err_naive") for lf in layers]
         fitted = [lf.get("err_fitted") for lf in layers]
         tips = [f'#{i} {lf.get("name")}' for i, lf in enumerate(layers)]
+        names = [str(lf.get("name")) for lf in layers]
         if any(_num(v) is not None for v in naive + fitted):
             body.append(log_plot_svg(
                 [
                     {"name": "naive replacement", "values": naive, "color": NAIVE_COLOR, "marker": "square"},
                     {"name": "fitted replacement", "values": fitted, "color": FITTED_COLOR},
                 ],
-                len(layers), tooltips=tips, ylabel="relative error", xlabel="converted layer (model order)",
+                len(layers), names=names, tooltips=tips, ylabel="relative error",
+                xlabel="converted layer (model order)",
             ))
         groups = [lf.get("groups") for lf in layers]
         if any(g is not None for g in groups):
             body.append("<h3>Group counts chosen</h3>")
-            body.append(bar_plot_svg(groups, tooltips=tips, color=ACC_COLOR, ylabel="groups", xlabel="converted layer (model order)"))
+            body.append(bar_plot_svg(groups, names=names, tooltips=tips, color=ACC_COLOR, ylabel="groups",
+                                     xlabel="converted layer (model order)"))
         rows = []
         for i, lf in enumerate(layers):
             en, ef = _num(lf.get("err_naive")), _num(lf.get("err_fitted"))

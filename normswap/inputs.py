@@ -13,7 +13,8 @@ from typing import Any
 
 from normswap.errors import NormswapError
 
-__all__ = ["ResolvedInputs", "resolve_inputs", "normalize_inputs", "check_shape_size", "MAX_INPUT_BYTES"]
+__all__ = ["ResolvedInputs", "resolve_inputs", "normalize_inputs", "check_shape_size", "check_input_path",
+           "MAX_INPUT_BYTES"]
 
 #: the largest example/random input normswap allocates (float32 bytes)
 MAX_INPUT_BYTES = 2 * 1024 ** 3
@@ -29,6 +30,41 @@ def check_shape_size(shape: tuple[int, ...], what: str = "--input-shape", itemsi
         text = ",".join(str(d) for d in shape)
         raise NormswapError(f"{what} {text}: a float32 tensor of this shape needs {size / 1024 ** 3:.3g} GiB "
                             f"(limit {MAX_INPUT_BYTES / 1024 ** 3:.3g} GiB); use a smaller batch or size")
+
+
+def check_input_path(path, what: str = "input", *, folder_ok: bool = True) -> None:
+    """Refuse, before anything opens it, an input path that is not a regular file (or, with
+    ``folder_ok``, a folder): a FIFO, a socket or a device would block or never end.  A path
+    that does not exist is left to the loader (which says so); a path too long for the system
+    is a one-line error.  Symbolic links are followed."""
+    import errno
+    import os
+    import stat
+
+    from normswap.outputs import check_path_length, show_path
+
+    if path is None or not isinstance(path, (str, os.PathLike)) or str(path) in ("", "random", "-"):
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            check_path_length(path, what)
+            raise NormswapError(f"{show_path(path)}: {what}: the path is too long for this system") from None
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise NormswapError(f"{show_path(path)}: {what}: {e.strerror}") from None
+        raise NormswapError(f"{show_path(path)}: cannot read {what} ({e.strerror or e})") from None
+    if stat.S_ISREG(st.st_mode) or (folder_ok and stat.S_ISDIR(st.st_mode)):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise NormswapError(f"{show_path(path)}: is a directory, expected a file ({what})")
+    from normswap.outputs import _kind_of
+
+    expected = "a regular file or a folder" if folder_ok else "a regular file"
+    raise NormswapError(f"{show_path(path)}: {what} is a {_kind_of(st)}, not {expected}; normswap does not "
+                        f"read from pipes or devices (it would wait forever); save it to a file first")
 
 
 @dataclass

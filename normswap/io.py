@@ -22,6 +22,7 @@ overwrite an existing output unless ``force=True``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import json
 import os
@@ -192,7 +193,7 @@ def _unwrap_state_dict(obj: Any) -> dict | None:
     return None
 
 
-def _load_state_dict_into(model, sd: dict, path: Path, arch: str, notes: list[str]):
+def _load_state_dict_into(model, sd: dict, path: Path, arch: str, notes: list[str], strict: bool | None = None):
     own = model.state_dict()
     matched = [k for k in sd if k in own]
     if own and not matched:
@@ -209,11 +210,66 @@ def _load_state_dict_into(model, sd: dict, path: Path, arch: str, notes: list[st
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
         raise NormswapError(f"{path}: shape mismatch with {arch}: " + "; ".join(bad[:3]) + more)
     result = model.load_state_dict(sd, strict=False)
+    if strict is None:
+        strict = _load_defaults()["strict"]
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise NormswapError(f"{path}: the file does not fit --arch {arch}: "
+                            + _key_mismatch(list(result.missing_keys), list(result.unexpected_keys))
+                            + "; check --arch / --arch-kwargs, or pass --non-strict to load it anyway (missing "
+                              "tensors keep the factory's initial values, unexpected ones are ignored; both are "
+                              "listed in every report)")
     if result.missing_keys:
-        notes.append(f"missing keys (left at the factory's initial values): {', '.join(result.missing_keys)}")
+        notes.append(f"--non-strict: {len(result.missing_keys)} missing key(s), left at the factory's initial "
+                     f"values: {_some_keys(result.missing_keys)}")
     if result.unexpected_keys:
-        notes.append(f"unexpected keys (ignored): {', '.join(result.unexpected_keys)}")
+        notes.append(f"--non-strict: {len(result.unexpected_keys)} unexpected key(s) of the file, ignored: "
+                     f"{_some_keys(result.unexpected_keys)}")
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _some_keys(keys, limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more (all listed in the JSON report)" if len(keys) > limit else "")
+
+
+_LOAD_DEFAULTS = contextvars.ContextVar("normswap_load_defaults", default=None)
+
+
+def _load_defaults() -> dict:
+    return _LOAD_DEFAULTS.get() or {"strict": True, "loaded": None}
+
+
+@contextlib.contextmanager
+def load_options(*, strict: bool = True):
+    """Defaults for every :func:`load_model` call inside the block that does not pass them (the
+    CLI's ``--non-strict`` reaches the jobs this way), and a record of what was loaded:
+    ``with load_options(strict=False) as rec: convert_file(...)`` -> ``rec["loaded"]`` lists the
+    LoadedModels."""
+    rec = {"strict": bool(strict), "loaded": []}
+    token = _LOAD_DEFAULTS.set(rec)
+    try:
+        yield rec
+    finally:
+        _LOAD_DEFAULTS.reset(token)
+
+
+def loaded_models() -> list:
+    """The LoadedModels loaded so far inside the current :func:`load_options` block ([] outside)."""
+    rec = _LOAD_DEFAULTS.get()
+    return list(rec.get("loaded") or []) if rec else []
+
+
+def _key_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    def some(keys):
+        shown = ", ".join(repr(k) for k in keys[:3])
+        return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    bits = []
+    if missing:
+        bits.append(f"{len(missing)} tensor(s) the model has are missing from the file ({some(missing)})")
+    if unexpected:
+        bits.append(f"{len(unexpected)} tensor(s) of the file have no place in the model ({some(unexpected)})")
+    return "; ".join(bits)
 
 
 def _safetensors_recipe(path: Path) -> str | None:
@@ -234,7 +290,7 @@ def _apply_saved_recipe(model, text: Any, path: Path, notes: list[str]) -> None:
     if not isinstance(text, str):
         raise NormswapError(f"{path}: the normswap recipe entry is not text")
     n = apply_recipe(model, loads(text))
-    notes.append(f"rebuilt the saved architecture from the normswap recipe in the file ({n} changes to the factory's model)")
+    notes.append(f"rebuilt the saved architecture from the normswap recipe in the file ({n} change{'' if n == 1 else 's'} to the factory's model)")
 
 
 def _refuse_pickle(path: Path) -> NormswapError:
@@ -284,20 +340,38 @@ def _load_pickle(path: Path, imports: Iterable[str]):
 # --------------------------------------------------------------------------- public API
 
 
-def load_model(
+def load_model(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | str | None = None,
+               trust: bool = False, imports: Iterable[str] = (), strict: bool | None = None) -> LoadedModel:
+    """Load a model file safely; see the module docstring for the formats.
+
+    ``strict`` (default True, or the :func:`load_options` in effect): a state dict / safetensors
+    file must fit the ``arch`` model exactly (no missing, no unexpected keys); with
+    ``strict=False`` (``--non-strict``) such keys are allowed and listed in ``missing_keys`` /
+    ``unexpected_keys`` (and in every report).
+    Raises :class:`NormswapError` with a one-line message for every bad input (a FIFO or
+    device is refused before it is opened).
+    """
+    loaded = _load_model(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, strict=strict)
+    rec = _LOAD_DEFAULTS.get()
+    if rec is not None and rec.get("loaded") is not None:
+        rec["loaded"].append(loaded)
+    return loaded
+
+
+def _load_model(
     path: str | os.PathLike,
     *,
     arch: str | None = None,
     arch_kwargs: dict | str | None = None,
     trust: bool = False,
     imports: Iterable[str] = (),
+    strict: bool | None = None,
 ) -> LoadedModel:
-    """Load a model file safely; see the module docstring for the formats.
-
-    Raises :class:`NormswapError` with a one-line message for every bad input.
-    """
     import torch
 
+    from normswap.inputs import check_input_path
+
+    check_input_path(path, "model file", folder_ok=False)
     path = Path(path)
     if not path.exists():
         raise NormswapError(f"{path}: no such file")
@@ -335,7 +409,7 @@ def load_model(
             )
         model = resolve_arch(arch, kwargs, imports)
         _apply_saved_recipe(model, _safetensors_recipe(path), path, notes)
-        missing, unexpected = _load_state_dict_into(model, sd, path, arch, notes)
+        missing, unexpected = _load_state_dict_into(model, sd, path, arch, notes, strict)
         return LoadedModel(model, "safetensors", path, arch, kwargs, notes, imports, missing, unexpected)
 
     # torch.save archives (zip or legacy): weights-only first, never unpickle code unless trusted
@@ -364,7 +438,7 @@ def load_model(
     from normswap.recipe import RECIPE_KEY
 
     _apply_saved_recipe(model, obj.get(RECIPE_KEY) if isinstance(obj, dict) else None, path, notes)
-    missing, unexpected = _load_state_dict_into(model, sd, path, arch, notes)
+    missing, unexpected = _load_state_dict_into(model, sd, path, arch, notes, strict)
     return LoadedModel(model, "state_dict", path, arch, kwargs, notes, imports, missing, unexpected)
 
 
@@ -516,7 +590,8 @@ def save_model(
             if changes:
                 recipe_text = dumps(changes)
                 notes.append(
-                    f"the architecture differs from {like.arch} in {len(changes)} places; the file carries a "
+                    f"the architecture differs from {like.arch} in {len(changes)} place{'' if len(changes) == 1 else 's'}; "
+                    f"the file carries a "
                     f"normswap recipe, so normswap.load_model(path, arch={like.arch!r}) (or --arch) rebuilds it "
                     "exactly; a plain load_state_dict() into the factory's model does not"
                 )

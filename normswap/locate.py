@@ -151,7 +151,7 @@ class LocateResult:
             return "locate: no provider ran (" + "; ".join(f"{k}: {v}" for k, v in self.unavailable.items()) + ")"
         fd = self.first_divergent
         n = len(self.layers)
-        tail = f" ({n} layers mapped, {len(self.unmapped)} not mapped, {self.provider})"
+        tail = f" ({n} layer{'' if n == 1 else 's'} mapped, {len(self.unmapped)} not mapped, {self.provider})"
         if fd is not None:
             fused = f", with {', '.join(fd.fused)} folded in" if fd.fused else ""
             return (
@@ -598,7 +598,8 @@ def locate_text(loc: dict, width: int = 80) -> str:
         return "\n".join(lines)
     layers = loc.get("layers") or []
     fd = loc.get("first_divergent")
-    head = f"locate ({loc.get('provider')}, {len(layers)} layers mapped, {len(loc.get('unmapped') or [])} not mapped):"
+    head = (f"locate ({loc.get('provider')}, {len(layers)} layer{'' if len(layers) == 1 else 's'} mapped, "
+            f"{len(loc.get('unmapped') or [])} not mapped):")
     lines = [head]
     if fd:
         lines.append("  first divergent layer:")

@@ -229,7 +229,7 @@ def map_layers(proto, trace: Trace, graph_inputs: list[str]) -> Mapping:
                 nodeless[name] = "absorbed"
                 unmapped.append(
                     f"{name} ({call.type}): no ONNX nodes of its own (folded into a neighbour by the exporter, "
-                    "e.g. Conv+BatchNormalization; export with keep_norms=True to keep it)"
+                    "e.g. Conv+BatchNormalization; export with --keep-norms to keep it)"
                 )
             continue
         inside = set(idx)
@@ -304,7 +304,7 @@ def map_layers(proto, trace: Trace, graph_inputs: list[str]) -> Mapping:
             typ = trace.calls[nm].type
             unmapped[k] = (
                 f"{nm} ({typ}): no ONNX nodes of its own: folded by the exporter into {absorbed_into[nm]}, "
-                "compared together with it (export with keep_norms=True to keep it separate)"
+                "compared together with it (export with --keep-norms to keep it separate)"
             )
     layers = [mapped[n] for n in trace.order if n in mapped]
     unmapped_named = {u.split(" ", 1)[0] for u in unmapped}

@@ -140,6 +140,12 @@ def attach_load(report, loaded) -> None:
             if n not in target:
                 target.append(n)
     if missing:
-        add_summary_warning(report, f"{len(missing)} tensors missing from the file, left at their initial values")
+        add_summary_warning(report, f"{_count(len(missing), 'tensor')} missing from the file, left at their "
+                                    "initial values (--non-strict)")
     if unexpected:
-        add_summary_warning(report, f"{len(unexpected)} tensors of the file ignored (unexpected keys)")
+        add_summary_warning(report, f"{_count(len(unexpected), 'tensor')} of the file ignored (unexpected keys, "
+                                    "--non-strict)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from normswap_cli.main import cli
+from normswap_cli.common import unwrap_summary
 
 
 def _tampered(tmp_path):
@@ -34,7 +35,7 @@ def test_check_locate_names_the_tampered_layer_and_writes_the_html_report(tmp_pa
             str(tmp_path / "r.html")]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1, res.output
-    assert "diverges first at 2" in res.output.splitlines()[-1]
+    assert "diverges first at 2" in unwrap_summary(res.output)
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["locate"]["first_divergent"]["name"] == "2"
     html = (tmp_path / "r.html").read_text()  # a failed check still hands over its reports

@@ -14,6 +14,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 from normswap_cli.main import COMMANDS, cli
+from normswap_cli.common import unwrap_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_summary_json_and_quiet(files):
     d = files
     result = run("audit", str(d / "whole.pt"), "--trust", "--json", str(d / "a.json"))
     assert result.exit_code == 0
-    assert result.output.strip().splitlines()[-1].startswith("PASSED | normswap audit")
+    assert unwrap_summary(result.output).startswith("PASSED | normswap audit")
     report = json.loads((d / "a.json").read_text())
     assert [s["kind"] for s in report["sites"]] == ["bn"]
     # global --json before the command, --quiet prints only the summary line
@@ -104,13 +105,13 @@ def test_real_subprocess(files):
         capture_output=True, text=True, env=env, cwd=files,
     )
     assert good.returncode == 0, good.stderr
-    assert good.stdout.strip().splitlines()[-1].startswith("PASSED")
+    assert unwrap_summary(good.stdout).startswith("PASSED")
 
 
 def test_help_does_not_import_torch():
     code = "import sys; from normswap_cli.main import cli; cli.main(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert unwrap_summary(out.stdout) == "False"
 
 
 # --------------------------------------------------------------------------- QA regressions
@@ -173,11 +174,11 @@ def test_render_bug_still_ends_with_the_summary_line(files, monkeypatch):
     monkeypatch.setattr(audit_cmd, "render", broken)
     result = CliRunner().invoke(cli, ["audit", str(files / "whole.pt"), "--trust"])
     assert result.exit_code == 0 and "Traceback" not in result.output
-    assert result.stdout.strip().splitlines()[-1].startswith("PASSED | normswap audit")
+    assert unwrap_summary(result.stdout).startswith("PASSED | normswap audit")
     assert "could not render" in result.stderr
 
 
 def test_summary_line_is_one_line_on_a_narrow_terminal(files):
     result = CliRunner(env={"COLUMNS": "40"}).invoke(cli, ["audit", str(files / "whole.pt"), "--trust"])
-    last = result.output.strip().splitlines()[-1]
+    last = unwrap_summary(result.output)
     assert last.startswith("PASSED | normswap audit") and "foldable" in last

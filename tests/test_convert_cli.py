@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from normswap_cli.main import cli
+from normswap_cli.common import unwrap_summary
 
 ARCH = "samples.digits:digits_resnet"
 DIGITS = Path(__file__).resolve().parent.parent / "samples" / "digits"
@@ -39,7 +40,7 @@ def test_cli_convert_state_dict_json(sd_model, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "-o", str(out),
                                  "--no-onnx", "--json", str(js), "--mode", "fast", "--groups", "4"])
     assert r.exit_code == 0, r.output
-    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (fast, 24 samples)" in r.output
+    assert "PASSED | normswap convert | 11 bn->gn sites | calibrated (fast, 24 samples)" in unwrap_summary(r.output)
     d = json.loads(js.read_text())
     assert d["sites"] == 11 and d["calibrated"] and d["calib_labels"] and d["files"]["model"] == str(out)
     assert all(layer["groups"] == 4 and layer["err_fitted"] <= layer["err_naive"] for layer in d["layers"])
@@ -69,7 +70,7 @@ def test_cli_convert_uncalibrated(sd_model, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "in", "--no-onnx", "-o",
                                  str(tmp_path / "u.pt")])
     assert r.exit_code == 0, r.output
-    assert "uncalibrated" in r.output.splitlines()[-1]
+    assert "uncalibrated" in unwrap_summary(r.output)
 
 
 def _digits_model(tmp_path) -> Path:
@@ -159,7 +160,7 @@ def test_cli_convert_calib_random_says_so_in_summary(sd_model, tmp_path):
                                  "--input-shape", "1,1,32,32", "--calib-samples", "16", "-o", str(tmp_path / "o.pt"),
                                  "--no-onnx"])
     assert r.exit_code == 0, r.output
-    assert "calibrated on random inputs (" in r.output.strip().splitlines()[-1]
+    assert "calibrated on random inputs (" in unwrap_summary(r.output)
 
 
 def test_cli_convert_eval_held_out(sd_model, tmp_path):

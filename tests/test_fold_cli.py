@@ -147,7 +147,9 @@ def test_cli_fold_shows_load_notes(sd_model, tmp_path):
     p = tmp_path / "extra.pt"
     torch.save(sd, p)
     js = tmp_path / "f.json"
-    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(tmp_path / "o.pt"), "--json", str(js)))
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(tmp_path / "o.pt")))
+    assert r.exit_code == 2 and "extra.weight" in r.output, r.output  # issue 20: strict unless --non-strict
+    r = CliRunner().invoke(cli, _fold_args(p, "-o", str(tmp_path / "o.pt"), "--json", str(js), "--non-strict"))
     assert r.exit_code == 0, r.output
     assert any("extra.weight" in n for n in json.loads(js.read_text())["notes"])
 

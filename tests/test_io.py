@@ -84,10 +84,13 @@ def test_missing_and_unexpected_keys_are_reported(work):
     sd.pop("bn.running_mean")
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, d / "m.pt")
-    loaded = load_model(d / "m.pt", arch="umodels:make")
+    with pytest.raises(NormswapError, match="does not fit --arch .*missing.*bn.running_mean.*extra.weight.*--non-strict"):
+        load_model(d / "m.pt", arch="umodels:make")  # issue 20: strict unless asked otherwise
+    loaded = load_model(d / "m.pt", arch="umodels:make", strict=False)
     text = " ".join(loaded.notes)
-    assert "missing keys" in text and "bn.running_mean" in text
-    assert "unexpected keys" in text and "extra.weight" in text
+    assert "missing key" in text and "bn.running_mean" in text
+    assert "unexpected key" in text and "extra.weight" in text
+    assert loaded.missing_keys == ["bn.running_mean"] and loaded.unexpected_keys == ["extra.weight"]
 
 
 def test_no_key_matches_is_an_error(work):

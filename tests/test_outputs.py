@@ -81,18 +81,129 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_an_interrupted_commit_is_completed_by_the_next_run(tmp_path):
-    # simulate a SIGKILL between the two renames: journal + one staged file still there
+def _killed_mid_commit(tmp_path, force: bool, after: str) -> None:
+    """A real child process claims and stages m.pt + m.onnx, then is SIGKILLed right after its
+    first ``after`` call (os.link without --force, os.replace with it) during the commit."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from normswap.outputs import OutputSet
+        o = OutputSet({{"-o": {str(tmp_path / 'm.pt')!r}, "--onnx": {str(tmp_path / 'm.onnx')!r}}},
+                      force={force!r}).claim()
+        o.staged("-o").write_text("new model")
+        o.staged("--onnx").write_text("new onnx")
+        real = getattr(os, {after!r})
+        def once(*a, **k):
+            real(*a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(os, {after!r}, once)
+        o.commit()
+    """)
+    subprocess.run([sys.executable, "-c", code], check=False, timeout=120)
+
+
+@pytest.mark.parametrize("force, after", [(False, "link"), (True, "replace")])
+def test_an_interrupted_commit_is_completed_by_the_next_run(tmp_path, force, after):
+    if force:
+        (tmp_path / "m.pt").write_text("old model")
+        (tmp_path / "m.onnx").write_text("old onnx")
+    _killed_mid_commit(tmp_path, force, after)
+    left = os.listdir(tmp_path)
+    assert any(n.startswith(".normswap-commit-") for n in left), left  # killed between its moves
+    done = clean_leftovers(tmp_path)
+    assert any("completed" in d for d in done), done
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt"]
+    assert (tmp_path / "m.pt").read_text() == "new model" and (tmp_path / "m.onnx").read_text() == "new onnx"
+
+
+def test_a_recovery_never_moves_over_an_input_of_the_recovering_run(tmp_path):
+    (tmp_path / "m.pt").write_text("old model")
+    (tmp_path / "m.onnx").write_text("old onnx")
+    _killed_mid_commit(tmp_path, True, "replace")
+    warns: list[str] = []
+    clean_leftovers(tmp_path, protect=[tmp_path / "m.onnx"], warnings=warns)
+    assert (tmp_path / "m.onnx").read_text() == "old onnx"  # the input stays as it was
+    assert any("input of this run" in w for w in warns), warns
+
+
+def _planted(tmp_path, doc, name="999999"):
     import json
 
-    dead = 999999
-    s = tmp_path / f".m.normswap-{dead}.tmp.onnx"
-    s.write_text("onnx")
-    (tmp_path / "m.pt").write_text("model")
-    (tmp_path / f".normswap-commit-{dead}.json").write_text(json.dumps([[str(s), str(tmp_path / "m.onnx")]]))
+    (tmp_path / f".normswap-commit-{name}.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+
+
+@pytest.mark.parametrize("form", ["old list", "outside the folder", "absolute path", "at the input", "no nonce",
+                                  "wrong nonce", "not staged", "garbage", "symlink staged"])
+def test_a_planted_journal_moves_nothing(tmp_path, form):
+    victim, model = tmp_path / "victim.txt", tmp_path / "m.pt"
+    victim.write_text("victim")
+    model.write_text("model")
+    nonce = "0123456789abcdef"
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("outside")
+    staged = f".victim.normswap-999999-{nonce}.tmp.txt"
+    docs = {
+        "old list": [["m.pt", "victim.txt"]],
+        "outside the folder": {"normswap_journal": 1, "pid": 999999, "start": "1", "nonce": nonce,
+                               "moves": [[staged, f"../{outside.name}"]]},
+        "absolute path": {"normswap_journal": 1, "pid": 999999, "start": "1", "nonce": nonce,
+                          "moves": [[str(model), str(victim)]]},
+        "at the input": {"normswap_journal": 1, "pid": 999999, "start": "1", "nonce": nonce,
+                         "moves": [["m.pt", "victim.txt"]]},
+        "no nonce": {"normswap_journal": 1, "pid": 999999, "start": "1",
+                     "moves": [[staged, "victim.txt"]]},
+        "wrong nonce": {"normswap_journal": 1, "pid": 999999, "start": "1", "nonce": "f" * 16,
+                        "moves": [[staged, "victim.txt"]]},
+        "not staged": {"normswap_journal": 1, "pid": 999999, "start": "1", "nonce": nonce,
+                       "moves": [["m.pt", "victim.txt"]]},
+        "garbage": "{not json",
+        "symlink staged": {"normswap_journal": 1, "pid": 999999, "start": "1", "nonce": nonce, "force": True,
+                           "moves": [[staged, "victim.txt"]]},
+    }
+    if form == "symlink staged":
+        (tmp_path / staged).symlink_to(model)
+    else:
+        (tmp_path / staged).write_text("planted")
+    _planted(tmp_path, docs[form])
+    warns: list[str] = []
+    clean_leftovers(tmp_path, protect=[model], warnings=warns)
+    assert victim.read_text() == "victim" and model.read_text() == "model" and outside.read_text() == "outside"
+    if form != "symlink staged":
+        assert warns and "alone" in warns[0], warns
+    outside.unlink()
+
+
+def test_a_journal_of_a_live_run_is_left_alone(tmp_path):
+    import json
+
+    (tmp_path / "victim.txt").write_text("victim")
+    nonce = "0123456789abcdef"
+    pid = os.getppid()  # alive
+    from normswap.outputs import _start_time
+
+    s = tmp_path / f".victim.normswap-{pid}-{nonce}.tmp.txt"
+    s.write_text("staged")
+    (tmp_path / f".normswap-commit-{pid}.json").write_text(json.dumps(
+        {"normswap_journal": 1, "pid": pid, "start": _start_time(pid), "nonce": nonce, "force": True,
+         "moves": [[s.name, "victim.txt"]]}))
+    clean_leftovers(tmp_path)
+    assert (tmp_path / "victim.txt").read_text() == "victim"
+    assert (tmp_path / f".normswap-commit-{pid}.json").exists()
+
+
+def test_a_journal_whose_pid_was_recycled_is_completed(tmp_path):
+    """Same pid as a live process, another start time: the journal's run is gone."""
+    import json
+
+    nonce = "0123456789abcdef"
+    pid = os.getppid()
+    s = tmp_path / f".m.normswap-{pid}-{nonce}.tmp.pt"
+    s.write_text("new model")
+    (tmp_path / f".normswap-commit-{pid}.json").write_text(json.dumps(
+        {"normswap_journal": 1, "pid": pid, "start": "1", "nonce": nonce, "force": False,
+         "moves": [[s.name, "m.pt"]]}))
     done = clean_leftovers(tmp_path)
-    assert any("completed" in d for d in done)
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.pt"]
+    assert any("completed" in d for d in done) and (tmp_path / "m.pt").read_text() == "new model"
+    assert os.listdir(tmp_path) == ["m.pt"]
 
 
 def test_a_claim_whose_pid_was_reused_is_not_a_live_writer(tmp_path):

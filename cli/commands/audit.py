@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import image_options, model_options, output_options, pass_settings, run_job
+from normswap_cli.common import (fit_epilog, fits, image_options, model_options, output_options, pass_settings,
+                                  print_stacked, run_job)
 
 EPILOG = """\b
 Examples:
@@ -23,7 +24,7 @@ listed as analysed without a graph.
 """
 
 
-@click.command("audit", epilog=EPILOG)
+@click.command("audit", epilog=fit_epilog(EPILOG))
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--input-shape", default=None, metavar="N,C,H,W",
               help="Run the model on random data of this shape to learn input ranks and call counts.")
@@ -100,7 +101,11 @@ def render(report, console) -> None:
             table.add_column(cols[i], overflow="fold", no_wrap=cols[i] in ("kind", "mode", "fold", "eps"))
         for r in rows:
             table.add_row(*(r[i] for i in keep))
-        console.print(table)
+        if fits(console, table):
+            console.print(table)
+        else:  # a layer name is never cut: one block per site, its name on a line of its own
+            print_stacked(console, f"norm sites of {report.model}", [cols[i] for i in keep],
+                          [[r[i] for i in keep] for r in rows])
     summ = report.summary()
     kinds = ", ".join(f"{k} {v}" for k, v in summ["kinds"].items()) or "none"
     console.print(f"kinds: {kinds}", markup=False)

@@ -84,19 +84,23 @@ def render(report, console) -> None:
     from rich.table import Table
 
     p = Table(title=f"ONNX parity: {report.onnx_path}", title_justify="left", box=box.SIMPLE_HEAD)
-    for col, just in (("provider", "left"), ("ran", "left"), ("status", "left"), ("onnx ms", "right"),
-                      ("torch ms", "right"), ("torch on", "left")):
+    # the PyTorch timing (a first call may include compilation) is noise at 80 columns: JSON and
+    # wide terminals only; "torch on" only when it is not the CPU for every provider
+    wide = console.width >= 100
+    devices = {r.torch_device or "-" for r in report.providers if r.status != "unavailable"}
+    show_on = bool(devices - {"cpu"})
+    cols = [("provider", "left"), ("ran", "left"), ("status", "left"), ("onnx ms", "right")]
+    cols += [("torch ms", "right")] if wide else []
+    cols += [("torch on", "left")] if show_on else []
+    for col, just in cols:
         p.add_column(col, justify=just, no_wrap=True)
     for r in report.providers:
         style = _STATUS_STYLE.get(r.status)
-        p.add_row(
-            r.label,
-            _short(r.ran),
-            f"[{style}]{r.status}[/{style}]" if style else r.status,
-            _fmt(r.latency_ms, ".3f"),
-            _fmt(r.torch_latency_ms, ".3f"),
-            r.torch_device or "-",
-        )
+        row = [r.label, _short(r.ran), f"[{style}]{r.status}[/{style}]" if style else r.status,
+               _fmt(r.latency_ms, ".3f")]
+        row += [_fmt(r.torch_latency_ms, ".3f")] if wide else []
+        row += [r.torch_device or "-"] if show_on else []
+        p.add_row(*row)
     console.print(p)
     for r in report.providers:
         if r.reason:

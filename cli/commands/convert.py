@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import image_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import (fit_epilog, fits, image_options, model_options, output_options, pass_settings,
+                                  print_stacked, run_job, write_options)
 
 
 class TargetChoice(click.Choice):
@@ -32,7 +33,7 @@ class ConvertCommand(click.Command):
         from normswap.convert import TARGETS
 
         targets = "; ".join(f"{name} {spec.description}" for name, spec in TARGETS.items())
-        self.epilog = EPILOG.replace("{targets}", targets)
+        self.epilog = fit_epilog(EPILOG.replace("{targets}", targets))
         super().format_epilog(ctx, formatter)
 
 
@@ -55,8 +56,11 @@ EPILOG = """\b
 Examples:
   normswap convert samples/digits/digits_resnet_module.pt --trust --to gn --calib samples/digits/calib.npz
   normswap convert weights.pt --arch samples.digits:digits_resnet --to in --calib calib.npz -o m.in.pt
-  normswap convert gn_model.pt --trust --to bn --calib calib.npz     # GN -> BN, then `normswap fold`
-  normswap convert vit.pt --trust --to rms --calib tokens.pt           # LayerNorm -> RMSNorm
+  normswap convert weights.pt --arch samples.digits:digits_resnet --to gn --calib calib.npz --eval test.npz --report convert.html
+  # GroupNorm -> BatchNorm (then `normswap fold` folds it away):
+  normswap convert gn_model.pt --trust --to bn --calib calib.npz
+  # LayerNorm -> RMSNorm:
+  normswap convert vit.pt --trust --to rms --calib tokens.pt
 
 Targets: {targets}.  Default source: every BatchNorm (for --to bn every other
 conv norm, for --to rms every LayerNorm).
@@ -130,6 +134,9 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
                 eval_data=eval_data, outputs=outs, preprocess=preprocess)
         if report_path:
             from normswap.html_report import convert_report_html
+            from normswap_cli.common import attach_loaded
+
+            attach_loaded(report)  # --non-strict keys in the HTML report too
 
             outs.staged("--report").write_text(convert_report_html(report.to_dict()), encoding="utf-8")
         return report
@@ -171,11 +178,11 @@ class _Progress:
             label = {"calibrate": "calibrating", "repair": "repairing"}.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total, info="")
         if stage == "repair" and eta is not None:  # total: the time budget (s); eta: what is left of it
-            info = f"step {step}" + (f" loss {loss:.3g}" if loss is not None else "") + f" ~{eta:.0f} s left"
+            info = f"step {step}" + (f" loss {max(0.0, loss):.3g}" if loss is not None else "") + f" ~{eta:.0f} s left"
             self.bar.update(self.tasks[stage], completed=max(0.0, total - eta), info=info)
             return
         info = f"{step}/{total}" if total else f"{step}"
-        self.bar.update(self.tasks[stage], completed=step, info=info + (f" loss {loss:.3g}" if loss is not None else ""))
+        self.bar.update(self.tasks[stage], completed=step, info=info + (f" loss {max(0.0, loss):.3g}" if loss is not None else ""))
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -260,19 +267,27 @@ def render(report, console) -> None:
     pairs = {(layer.source_type, layer.target_type) for layer in report.layers}
     uniform = len(pairs) == 1
     kinds = f", {next(iter(pairs))[0]} -> {next(iter(pairs))[1]}" if uniform else ""
-    t = Table(title=f"convert -> {report.target} ({report.sites} sites{kinds}, "
+    t = Table(title=f"convert -> {report.target} ({report.sites} site{'' if report.sites == 1 else 's'}{kinds}, "
                     f"{'calibrated, ' + report.mode if report.calibrated else 'uncalibrated'})",
               title_justify="left", box=box.SIMPLE_HEAD)
     cols = [("layer", "left")] + ([] if uniform else [("from", "left"), ("to", "left")]) + [
         ("C", "right"), ("groups", "right"), ("err naive", "right"), ("err fitted", "right"), ("method", "left")]
     for col, j in cols:
         t.add_column(col, justify=j, overflow="fold")
+    rows = []
     for layer in report.layers:
         row = [layer.name] + ([] if uniform else [layer.source_type, layer.target_type]) + [
             str(layer.channels), "-" if layer.groups is None else str(layer.groups), _num(layer.err_naive),
             _num(layer.err_fitted), layer.method + (f" ({layer.note})" if layer.note else "")]
         t.add_row(*row)
-    console.print(t)
+        rows.append(row)
+    if fits(console, t) or not rows:
+        console.print(t)
+    else:  # a layer name is never cut: a block per layer
+        from rich.text import Text
+
+        print_stacked(console, t.title.plain if isinstance(t.title, Text) else str(t.title),
+                      [c for c, _ in cols], rows)
     f = report.fidelity
     if f is not None:
         s = _fid_table("fidelity on the calibration data (in-sample"

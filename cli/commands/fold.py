@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from normswap_cli.common import fit_epilog, image_options, input_options, model_options, output_options, pass_settings, run_job, write_options
+from normswap_cli.common import (fit_epilog, fits, image_options, input_options, model_options, output_options,
+                                  pass_settings, print_stacked, run_job, write_options)
 
 EPILOG = """\b
 Examples:
@@ -80,9 +81,13 @@ def render(report, console) -> None:
         t = Table(title="folded", header_style="bold")
         for col in ("norm", "kind", "into", "pattern"):
             t.add_column(col, overflow="fold")
-        for f in report.folded:
-            t.add_row(f["norm"], f["kind"], f["into"] or "", f["pattern"])
-        console.print(t)
+        rows = [[f["norm"], f["kind"], f["into"] or "", f["pattern"]] for f in report.folded]
+        for r in rows:
+            t.add_row(*r)
+        if fits(console, t):
+            console.print(t)
+        else:  # layer names are never cut: a block per site
+            print_stacked(console, "folded", ["norm", "kind", "into", "pattern"], rows)
     if report.skipped:
         t = Table(title="skipped", header_style="bold")
         t.add_column("norm", overflow="fold")
@@ -90,7 +95,14 @@ def render(report, console) -> None:
         t.add_column("reason", overflow="fold")
         for s in report.skipped:
             t.add_row(s["norm"], s["kind"], s["reason"], style="dim")
-        console.print(t)
+        widest = max((len(s["norm"]) for s in report.skipped), default=0)
+        if widest <= max(20, console.width // 3):
+            console.print(t)
+        else:  # layer names are never cut: a block per site (the reason wraps at spaces)
+            console.print("skipped", style="italic", markup=False)
+            for s in report.skipped:
+                console.print(s["norm"], style="bold", overflow="ignore", crop=False, soft_wrap=True, markup=False)
+                console.print(f"    {s['kind']}: {s['reason']}", style="dim", markup=False)
     if not report.folded and not report.skipped:
         console.print("no normalization layers found", markup=False)
     for n in report.notes:

@@ -535,7 +535,7 @@ def replace_with_identity(ctx: Ctx, module: nn.Module) -> None:
 
         ident = PostOps(**{n: m for n, m in kept}).train(module.training)
     else:
-        ident = nn.Identity()
+        ident = nn.Identity().train(module.training)  # the mode of the module it replaces
     for name in ctx.names.get(id(module), []):
         if not name:
             continue
