@@ -88,7 +88,7 @@ def test_micro_batch_fits_the_memory_budget():
 
 def test_repair_recovers_a_trained_model_bn_to_in():
     """BN -> IN on the trained digits CNN: calibration alone cannot keep per-sample channel means
-    (~30 % test accuracy); 40 repair steps bring it most of the way back."""
+    (~30 % test accuracy); 80 repair steps bring it most of the way back."""
     import numpy as np
 
     from normswap.convert import convert
@@ -103,10 +103,10 @@ def test_repair_recovers_a_trained_model_bn_to_in():
     c, t = np.load("samples/digits/calib.npz"), np.load("samples/digits/test.npz")
     xc, yc = torch.tensor(c["x"]).float(), torch.tensor(c["y"])
     xt, yt = torch.tensor(t["x"]).float(), torch.tensor(t["y"])
-    opts = ConvertOptions(repair_steps=40, repair=RepairOptions(lr=1e-3, crop_scale=(1.0, 1.0), flip=False))
+    opts = ConvertOptions(repair_steps=80, repair=RepairOptions(lr=1e-3, crop_scale=(1.0, 1.0), flip=False))
     conv, rep = convert(model, "in", (xc, yc), repair=True, time_budget_s=300, options=opts, eval_data=(xt, yt))
     r = rep.repair
-    assert r.steps == 40 and r.held_samples == 36 and r.kept
+    assert r.steps == 80 and r.held_samples == 36 and r.kept
     assert r.after["kl"] < 0.7 * r.before["kl"]
     assert rep.fidelity_eval.accuracy_converted >= 0.8 > rep.fidelity_calibrated.accuracy_converted
 

@@ -383,7 +383,8 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             if stop:
                 res.stopped = "time budget"
                 break
-        frac = (now - t0) / budget if budget else res.steps / max(1, max_steps or 1)
+        # the schedule follows whichever limit comes first: the time budget or the step cap
+        frac = max((now - t0) / budget if budget else 0.0, res.steps / max_steps if max_steps else 0.0)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_factor(frac)
         ts = time.perf_counter()
