@@ -60,11 +60,11 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-INPUT_SHAPE_HELP = "Shape of the example input (random data; with --calib, the size to read an image folder at)."
+INPUT_SHAPE_HELP = "Shape of the example input (random data; with --data, the size to read an image folder at)."
 DATA_HELP = "Take the example input from DATA (.npz/.npy/.pt/folder)."
 
 
-def input_options(*, data_option: str = "--calib", input_shape_help: str = INPUT_SHAPE_HELP,
+def input_options(*, data_option: str = "--data", input_shape_help: str = INPUT_SHAPE_HELP,
                   data_help: str = DATA_HELP, data_first: bool = False) -> Callable[[Callable], Callable]:
     """``--input-shape N,C,H,W`` and ``--calib DATA`` (or ``--data DATA``): the options every
     command resolves through :func:`normswap.inputs.resolve_inputs`.  Each command keeps its own

@@ -495,7 +495,7 @@ def export_file(
 
     own = outputs is None
     if own:
-        outputs = OutputSet({"-o": output}, inputs=[("the input model", model_path), ("the --calib data", data)],
+        outputs = OutputSet({"-o": output}, inputs=[("the input model", model_path), ("the --data file", data)],
                             force=force)
         outputs.claim()
     try:

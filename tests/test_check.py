@@ -244,7 +244,7 @@ def test_cli_check_exit_codes_and_json(exported, tmp_path):
 
     data = tmp_path / "d.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((6, 3, 8, 8)).astype(np.float32))
-    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--calib", str(data), "--providers", "cpu", "--repeats", "1"])
+    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--data", str(data), "--providers", "cpu", "--repeats", "1"])
     assert res.exit_code == 0, res.output
     if not CUDA_INSTALLED:
         res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--providers", "cuda", "--repeats", "1"])
@@ -273,7 +273,7 @@ def test_cli_check_calib_random_with_input_shape(exported, tmp_path):
     model, path = exported
     mpath = tmp_path / "m.pt"
     torch.save(model, mpath)
-    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--calib", "random", "--input-shape", "3,3,8,8",
+    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--data", "random", "--input-shape", "3,3,8,8",
                               "--providers", "cpu", "--repeats", "1"])
     assert res.exit_code == 0, res.output
 
@@ -287,7 +287,7 @@ def test_cli_check_image_folder_with_input_shape(exported, tmp_path):
     (tmp_path / "imgs").mkdir()
     for i in range(3):
         PIL.fromarray((np.random.default_rng(i).random((12, 10, 3)) * 255).astype("uint8")).save(tmp_path / "imgs" / f"{i}.png")
-    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--calib", str(tmp_path / "imgs"),
+    res = runner.invoke(cli, ["check", str(mpath), str(path), "--trust", "--data", str(tmp_path / "imgs"),
                               "--input-shape", "1,3,8,8", "--providers", "cpu", "--repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "PASSED | normswap check" in res.output and "batch 3, 1" in res.output

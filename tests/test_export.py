@@ -319,7 +319,7 @@ def test_cli_export_and_refusals(tmp_path):
     assert res.exit_code == 2 and "training mode" in res.output and not out2.exists()
     js = tmp_path / "r.json"
     res = runner.invoke(
-        cli, ["export", str(mpath), "--trust", "-o", str(out2), "--input-shape", "2,3,8,8", "--static-batch", "--eval", "--json", str(js)]
+        cli, ["export", str(mpath), "--trust", "-o", str(out2), "--input-shape", "2,3,8,8", "--static-batch", "--eval-mode", "--json", str(js)]
     )
     assert res.exit_code == 0, res.output
     d = json.loads(js.read_text())
@@ -334,7 +334,7 @@ def test_cli_export_from_calib_data(tmp_path):
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32))
     out = tmp_path / "m.onnx"
-    res = runner.invoke(cli, ["export", str(mpath), "--trust", "-o", str(out), "--calib", str(data), "--opset", "21"])
+    res = runner.invoke(cli, ["export", str(mpath), "--trust", "-o", str(out), "--data", str(data), "--opset", "21"])
     assert res.exit_code == 0, res.output
     assert "GroupNorm" in res.output and "warning" in res.output
 

@@ -48,7 +48,7 @@ def test_cli_fold_pickle_eval_and_onnx_needs_inputs(tmp_path):
     args = ["fold", str(p), "--trust", "--import", "samples.digits"]
     r = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "a.pt")])
     assert r.exit_code == 0 and "folded 0 of 11" in r.output and "training mode" in r.output
-    r = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "b.pt"), "--eval"])
+    r = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "b.pt"), "--eval-mode"])
     assert r.exit_code == 0 and "folded 11 of 11" in r.output and "eval" in r.output
     folded = torch.load(tmp_path / "b.pt", weights_only=False)
     assert isinstance(folded.layer1[0].bn1, torch.nn.Identity)

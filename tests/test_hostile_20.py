@@ -125,7 +125,7 @@ def test_too_long_names_are_one_line_exit_2(work, case):
         "--json name": ["audit", work / "m.pt", "--arch", ARCH, "--json", work / f"{long_name}.json"],
         "MODEL name": ["audit", work / f"{long_name}.pt"],
         "MODEL path": ["audit", work / deep / "x.pt"],
-        "--calib name": ["export", work / "m.pt", "--arch", ARCH, "-o", work / "e.onnx", "--calib",
+        "--calib name": ["export", work / "m.pt", "--arch", ARCH, "-o", work / "e.onnx", "--data",
                          work / f"{long_name}.npz"],
     }[case]
     r = run(*args, cwd=work)
@@ -156,12 +156,12 @@ def test_a_fifo_is_refused_before_it_is_opened(work, case):
     args = {
         "audit MODEL": ["audit", fifo],
         "fold --data": ["fold", m, "--arch", ARCH, "--data", fifo, "-o", work / "f.pt"],
-        "export --calib": ["export", m, "--arch", ARCH, "--calib", fifo, "-o", work / "e.onnx"],
+        "export --calib": ["export", m, "--arch", ARCH, "--data", fifo, "-o", work / "e.onnx"],
         "convert --calib": ["convert", m, "--arch", ARCH, "--to", "gn", "--calib", fifo],
         "convert --eval": ["convert", m, "--arch", ARCH, "--to", "gn", "--calib", "random", "--input-shape",
                            "4,1,32,32", "--eval", fifo],
         "check ONNX": ["check", m, "--arch", ARCH, fifo],
-        "check --calib": ["check", m, "--arch", ARCH, work / "x.onnx", "--calib", fifo],
+        "check --calib": ["check", m, "--arch", ARCH, work / "x.onnx", "--data", fifo],
         "fold -o": ["fold", m, "--arch", ARCH, "-o", fifo, "--force"],
     }[case]
     t0 = time.time()

@@ -72,7 +72,7 @@ def _hidden(folder: Path) -> list[str]:
 def test_an_output_naming_the_data_file_is_refused_even_with_force(files, cmd):
     calib = files / "calib.npz"
     before = _digest(calib)
-    data_opt = "--data" if cmd == "fold" else "--calib"
+    data_opt = "--calib" if cmd == "convert" else "--data"
     out_opt = "--onnx" if cmd == "fold" else "-o"
     extra = ["-o", files / "f.pt"] if cmd == "fold" else []
     r = invoke(cmd, files / "m.pt", "--arch", SMALL, data_opt, calib, out_opt, calib, "--force", *extra)
@@ -126,7 +126,7 @@ def test_json_over_an_existing_file_needs_force(files, cmd):
 def test_check_json_never_overwrites_its_inputs(files, target):
     assert invoke("export", files / "m.pt", "--arch", SMALL, "-o", files / "m.onnx", "--input-shape", "2,1,8,8").exit_code == 0
     before = _digest(files / target)
-    r = invoke("check", files / "m.pt", "--arch", SMALL, files / "m.onnx", "--calib", files / "calib.npz",
+    r = invoke("check", files / "m.pt", "--arch", SMALL, files / "m.onnx", "--data", files / "calib.npz",
                "--providers", "cpu", "--repeats", "0", "--json", files / target, "--force")
     assert r.exit_code == 2 and "never overwritten" in r.output, r.output
     assert _digest(files / target) == before

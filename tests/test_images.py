@@ -393,7 +393,7 @@ def test_cli_audit_fold_export_read_an_image_folder(tmp_path):
     assert r.exit_code == 0, r.output
     r = _cli("fold", *DIGITS, "--data", folder, "--image-size", "32", "-o", tmp_path / "f.pt")
     assert r.exit_code == 0, r.output
-    r = _cli("export", *DIGITS, "--calib", folder, "--preprocess", "inception", "--image-size", "32",
+    r = _cli("export", *DIGITS, "--data", folder, "--preprocess", "inception", "--image-size", "32",
              "-o", tmp_path / "m.onnx", "--json", tmp_path / "e.json")
     assert r.exit_code == 0, r.output
 

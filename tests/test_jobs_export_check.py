@@ -146,12 +146,12 @@ def test_cli_export_json_has_job_and_passed(saved, tmp_path):
 def test_cli_input_option_help_texts_unchanged():
     runner = CliRunner()
     text = " ".join(runner.invoke(cli, ["export", "--help"]).output.split())
-    assert "Shape of the example input (random data; with --calib, the size to read an image folder at)." in text
+    assert "Shape of the example input (random data; with --data, the size to read an image folder at)." in text
     assert "Take the example input from DATA (.npz/.npy/.pt/folder)." in text
     text = " ".join(runner.invoke(cli, ["check", "--help"]).output.split())
     assert "Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples)." in text
-    assert "Random inputs of this shape (with --calib: the size to read an image folder at)." in text
-    assert text.index("--calib") < text.index("--input-shape")
+    assert "Random inputs of this shape (with --data: the size to read an image folder at)." in text
+    assert text.index("--data") < text.index("--input-shape")
     text = " ".join(runner.invoke(cli, ["fold", "--help"]).output.split())
     assert "Example input shape (random data): input ranks and an output check." in text
     assert "--data DATA" in text

@@ -9,7 +9,7 @@ from normswap_cli.common import fit_epilog, image_options, input_options, model_
 EPILOG = """\b
 Examples:
   normswap check model.pt --trust model.onnx --input-shape 4,3,32,32
-  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx --calib test.npz --json parity.json
+  normswap check weights.pt --arch samples.digits:digits_resnet m.onnx --data test.npz --json parity.json
   normswap check model.pt --trust model.onnx --providers cuda --atol 1e-3
 
 \b
@@ -29,9 +29,9 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 @click.option("--providers", default="cpu,cuda", show_default=True, help="onnxruntime providers to check (cpu, cuda).")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default 1e-4).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance, times max|torch output| (default 1e-3).")
-@input_options(data_option="--calib", data_first=True,
+@input_options(data_option="--data", data_first=True,
                data_help="Inputs from DATA (.npz/.npy/.pt/folder; first 64 samples).",
-               input_shape_help="Random inputs of this shape (with --calib: the size to read an image folder at).")
+               input_shape_help="Random inputs of this shape (with --data: the size to read an image folder at).")
 @image_options
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs for the median latency.")
 @click.option("--locate", is_flag=True, default=False,
@@ -42,14 +42,14 @@ Exit codes: 0 parity holds, 1 parity fails (or nothing ran), 2 bad input.
 @write_options
 @output_options
 @pass_settings
-def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, repeats, locate, report_path, trust,
+def command(model_path, onnx_path, providers, atol, rtol, data, input_shape, repeats, locate, report_path, trust,
             imports, arch, arch_kwargs, force, opts, preprocess):
     """Check that OUT.onnx computes what MODEL computes, per onnxruntime provider."""
 
     def job(outs):
         from normswap.check import check_file
 
-        report = check_file(model_path, onnx_path, providers=providers, atol=atol, rtol=rtol, data=calib,
+        report = check_file(model_path, onnx_path, providers=providers, atol=atol, rtol=rtol, data=data,
                             input_shape=input_shape, repeats=repeats, locate=locate, arch=arch,
                             arch_kwargs=arch_kwargs, trust=trust, imports=imports,
                             preprocess=preprocess)
@@ -61,7 +61,7 @@ def command(model_path, onnx_path, providers, atol, rtol, calib, input_shape, re
 
     run_job(job, render, opts, outputs={"--report": report_path} if report_path else {},
             inputs=[("the input model", model_path), ("the ONNX file this run checks", onnx_path),
-                    ("the --calib data", calib)], force=force)
+                    ("the --data file", data)], force=force)
 
 
 def _fmt(x, spec=".2e") -> str:

@@ -9,7 +9,7 @@ from normswap_cli.common import fit_epilog, image_options, input_options, model_
 EPILOG = """\b
 Examples:
   normswap export model.pt --trust -o model.onnx --input-shape 1,3,32,32
-  normswap export weights.pt --arch samples.digits:digits_resnet -o m.onnx --calib calib.npz
+  normswap export weights.pt --arch samples.digits:digits_resnet -o m.onnx --data calib.npz
   normswap export model.pt --trust -o m.onnx --input-shape 8,3,32,32 --keep-norms --opset 20
 
 \b
@@ -26,29 +26,29 @@ atomically; an existing file is kept unless --force.
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
-@input_options(data_option="--calib")
+@input_options(data_option="--data")
 @image_options
 @click.option("--static-batch", is_flag=True, default=False, help="Fix the batch dimension instead of making it dynamic.")
 @click.option("--keep-norms", is_flag=True, default=False, help="Keep BatchNormalization nodes (do not fold them into Conv/Gemm).")
-@click.option("--eval", "eval_", is_flag=True, default=False, help="Switch norms in training mode to eval before exporting.")
+@click.option("--eval-mode", "eval_", is_flag=True, default=False, help="Switch norms in training mode to eval before exporting.")
 @model_options
 @write_options
 @output_options
 @pass_settings
-def command(model_path, output, opset, input_shape, calib, static_batch, keep_norms, eval_, trust, imports, arch, arch_kwargs, force, opts,
+def command(model_path, output, opset, input_shape, data, static_batch, keep_norms, eval_, trust, imports, arch, arch_kwargs, force, opts,
             preprocess):
     """Export MODEL to a single validated ONNX file."""
 
     def job(outs):
         from normswap.export import export_file
 
-        return export_file(model_path, output=output, opset=opset, input_shape=input_shape, data=calib,
+        return export_file(model_path, output=output, opset=opset, input_shape=input_shape, data=data,
                            dynamic_batch=not static_batch, keep_norms=keep_norms, eval=eval_, force=force,
                            arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports, outputs=outs,
                            preprocess=preprocess)
 
     run_job(job, render, opts, outputs={"-o": output},
-            inputs=[("the input model", model_path), ("the --calib data", calib)], force=force)
+            inputs=[("the input model", model_path), ("the --data file", data)], force=force)
 
 
 def _shape(shape) -> str:

@@ -35,7 +35,7 @@ norms become nn.Identity.
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
               help="Folded model file (default MODEL.folded.<ext>, same format as MODEL).")
-@click.option("--eval", "eval_", is_flag=True, default=False,
+@click.option("--eval-mode", "eval_", is_flag=True, default=False,
               help="Switch the model to eval mode first (fold its eval-mode behaviour).")
 @click.option("--bake-spectral-norm", is_flag=True, default=False,
               help="Replace spectral-norm weights by their eval-time value W/sigma.")
