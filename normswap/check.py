@@ -46,6 +46,9 @@ from typing import Any, Sequence
 
 from normswap.errors import NormswapError
 from normswap.inputs import normalize_inputs
+from normswap.ort import (PROVIDER_NAMES, PROVIDER_OPTIONS, ProviderSpec, fallback_reason, no_tf32,
+                          parse_providers, provider_spec, unavailable_reason)
+from normswap.ort import session as _session
 from normswap.onnx_utils import eval_mode, exception_reason, flatten_outputs, no_cache, onnx_io, torch_module
 from normswap.report import Report
 
@@ -56,15 +59,6 @@ DEFAULT_WARMUP = 3
 #: at most this many samples of a dataset are used as the first batch
 MAX_SAMPLES = 64
 CRITERION = "max|onnx - torch| <= atol + rtol * max|torch| per output (NaN/Inf must match)"
-
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-}
-PROVIDER_OPTIONS = {
-    "CUDAExecutionProvider": {"use_tf32": "0"},
-}
-
 
 # --------------------------------------------------------------------------- report types
 
@@ -98,17 +92,6 @@ class BatchParity:
             "passed": self.passed,
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
         }
-
-
-@dataclass
-class ProviderSpec:
-    """What to run: ``label`` as shown ("cpu", "cuda"), the onnxruntime provider that
-    must actually run, its options, and the device of the PyTorch reference."""
-
-    label: str
-    provider: str
-    options: dict = field(default_factory=dict)
-    torch_device: str = "cpu"
 
 
 @dataclass
@@ -271,84 +254,6 @@ def compare_arrays(name: str, ref, got, atol: float, rtol: float) -> OutputParit
 
 
 # --------------------------------------------------------------------------- providers
-
-
-def provider_spec(label: str) -> ProviderSpec:
-    """ProviderSpec for "cpu", "cuda" or a full onnxruntime provider name."""
-    key = label.strip()
-    provider = PROVIDER_NAMES.get(key.lower(), key)
-    if provider not in PROVIDER_NAMES.values() and not provider.endswith("ExecutionProvider"):
-        raise NormswapError(f"unknown provider {label!r}; use cpu, cuda or an onnxruntime provider name")
-    short = next((k for k, v in PROVIDER_NAMES.items() if v == provider), provider)
-    device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-    return ProviderSpec(short, provider, dict(PROVIDER_OPTIONS.get(provider, {})), device)
-
-
-def parse_providers(providers: str | Sequence[str]) -> list[ProviderSpec]:
-    if isinstance(providers, str):
-        providers = [p for p in providers.split(",") if p.strip()]
-    specs = []
-    for p in providers:
-        spec = p if isinstance(p, ProviderSpec) else provider_spec(p)
-        if spec.label not in [s.label for s in specs]:
-            specs.append(spec)
-    if not specs:
-        raise NormswapError("no providers given; use e.g. --providers cpu,cuda")
-    return specs
-
-
-def unavailable_reason(spec: ProviderSpec) -> str | None:
-    """Why ``spec`` cannot run in this onnxruntime build (None if it is listed)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if spec.provider in available:
-        return None
-    hint = ""
-    if spec.provider == "CUDAExecutionProvider":
-        hint = "; the plain 'onnxruntime' package is CPU-only, install 'onnxruntime-gpu' (normswap[gpu])"
-    return f"not installed: onnxruntime {ort.__version__} offers only {', '.join(available)}{hint}"
-
-
-def fallback_reason(spec: ProviderSpec, session_providers: Sequence[str]) -> str | None:
-    """Why the session did not get ``spec.provider`` (None if it did).
-
-    onnxruntime-gpu lists CUDAExecutionProvider even without a GPU and then
-    silently builds a CPU session: ``session.get_providers()`` shows it.
-    """
-    ran = session_providers[0] if session_providers else None
-    if ran == spec.provider:
-        return None
-    return (
-        f"fell back to {ran}: onnxruntime lists {spec.provider} but could not use it "
-        "(no GPU, or CUDA/cuDNN libraries missing)"
-    )
-
-
-def _session(onnx_path: str, spec: ProviderSpec):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers: list[Any] = [(spec.provider, spec.options) if spec.options else spec.provider]
-    if spec.provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")  # for the nodes the accelerator does not take
-    return ort.InferenceSession(onnx_path, sess_options=so, providers=providers)
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """TF32 off (cuDNN and matmul) for the duration: the PyTorch reference of a CUDA parity check."""
-    import torch
-
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def _median_ms(fn, repeats: int, warmup: int, sync=None) -> float | None:
@@ -556,7 +461,7 @@ def _synth_inputs(meta: list[dict], input_shape, batch: int):
                         "pass inputs (--calib DATA) or --input-shape"
                     )
             shape = tuple(shape)
-        from normswap.inputs import check_shape_size
+        from normswap.shapes import check_shape_size
 
         check_shape_size(shape, what=f"ONNX input {m['name']} shape" if not (i == 0 and input_shape is not None)
                          else "--input-shape")

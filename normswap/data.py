@@ -76,7 +76,7 @@ def parse_shape(text: str | tuple | list) -> tuple[int, ...]:
         raise NormswapError(f"--input-shape {text!r}: expected comma-separated integers like 1,3,32,32") from None
     if not shape or any(d <= 0 for d in shape):
         raise NormswapError(f"--input-shape {text!r}: expected positive integers like 1,3,32,32")
-    from normswap.inputs import check_shape_size
+    from normswap.shapes import check_shape_size
 
     check_shape_size(shape)  # every shape is checked before anything of that size is allocated
     return shape

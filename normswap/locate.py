@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from normswap.errors import NormswapError
+from normswap.onnx_utils import torch_module
+from normswap.ort import ProviderSpec, no_tf32, probe, provider_spec, short_error
+from normswap.ort import session as _session
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -234,68 +237,8 @@ def _err(ref, got, atol: float, rtol: float) -> tuple[float, float, float, float
 # --------------------------------------------------------------------------- providers
 
 
-@dataclass
-class _Provider:
-    label: str
-    provider: str
-    options: dict
-    torch_device: str
-
-
-def _provider(label) -> _Provider:
-    try:  # the shared provider table of normswap check
-        from normswap.check import provider_spec
-
-        s = label if hasattr(label, "provider") and hasattr(label, "label") else provider_spec(label)
-        return _Provider(s.label, s.provider, dict(s.options), s.torch_device)
-    except ImportError:  # pragma: no cover
-        key = str(label).lower()
-        if key == "cuda":
-            return _Provider("cuda", "CUDAExecutionProvider", {"use_tf32": "0"}, "cuda")
-        return _Provider("cpu", "CPUExecutionProvider", {}, "cpu")
-
-
-def _session(model_bytes_or_path, spec: _Provider):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers: list[Any] = [(spec.provider, spec.options) if spec.options else spec.provider]
-    if spec.provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-    return ort.InferenceSession(model_bytes_or_path, sess_options=so, providers=providers)
-
-
-def _why_not(spec: _Provider, onnx_path: str) -> str | None:
-    """None if ``spec`` really runs here (probing with the ONNX file), else the reason."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if spec.provider not in available:
-        hint = ""
-        if spec.provider == "CUDAExecutionProvider":
-            hint = "; the plain 'onnxruntime' package is CPU-only, install 'onnxruntime-gpu'"
-        return f"not installed: onnxruntime {ort.__version__} offers only {', '.join(available)}{hint}"
-    try:
-        sess = _session(onnx_path, spec)
-    except Exception as e:  # noqa: BLE001
-        return f"onnxruntime could not build a {spec.provider} session: {_short(e)}"
-    ran = (sess.get_providers() or [None])[0]
-    if ran != spec.provider:
-        return f"fell back to {ran}: onnxruntime lists {spec.provider} but could not use it (no GPU, or CUDA/cuDNN missing)"
-    return None
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _no_tf32():
-    from normswap.check import no_tf32  # one definition: TF32 off for the PyTorch reference
-
-    return no_tf32()
+def _provider(label) -> ProviderSpec:
+    return provider_spec(label)
 
 
 # --------------------------------------------------------------------------- main entry point
@@ -328,12 +271,7 @@ def locate(
     specs = [_provider(p) for p in providers]
     if not specs:
         raise NormswapError("no providers given; use e.g. providers=('cpu',)")
-    try:
-        from normswap.export import _as_module
-
-        model = _as_module(model)
-    except ImportError:  # pragma: no cover
-        pass
+    model = torch_module(model)
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     inputs = tuple(inputs)
@@ -355,7 +293,7 @@ def locate(
     result = LocateResult(path, None, None, "unavailable", atol, rtol, CRITERION, None, [], [])
     spec = None
     for s in specs:
-        why = _why_not(s, path)
+        why = probe(s, path)
         if why is None:
             spec = s
             break
@@ -376,13 +314,13 @@ def locate(
     run_model = model if device == "cpu" else copy.deepcopy(model).to(device)
     try:
         run_model.eval()
-        ctx = _no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
+        ctx = no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             try:
                 trace = torch_trace(run_model, tuple(t.to(device) for t in inputs))
             except Exception as e:  # noqa: BLE001
                 raise NormswapError(
-                    f"the PyTorch model does not run on the inputs (shapes {[tuple(t.shape) for t in inputs]}): {_short(e)}"
+                    f"the PyTorch model does not run on the inputs (shapes {[tuple(t.shape) for t in inputs]}): {short_error(e)}"
                 ) from e
     finally:
         for m, f in flags.items():
@@ -442,7 +380,7 @@ def locate(
                 o_abs, o_rel, _, _, o_ok = _err(ref, own, atol, rtol)
                 lp.own_max_abs, lp.own_rel, lp.own_passed = o_abs, o_rel, o_ok
             except Exception as e:  # noqa: BLE001
-                lp.own_reason = f"the layer's nodes do not run alone: {_short(e)}"
+                lp.own_reason = f"the layer's nodes do not run alone: {short_error(e)}"
         else:
             lp.own_reason = why
         result.layers.append(lp)
@@ -472,7 +410,7 @@ def locate(
 # --------------------------------------------------------------------------- onnxruntime runs
 
 
-def _session_for(model_proto, spec: _Provider):
+def _session_for(model_proto, spec: ProviderSpec):
     """An onnxruntime session for an in-memory model (a temp file, deleted after, above 2 GB)."""
     import onnx
 
@@ -491,7 +429,7 @@ def _cleanup(tmpdir):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _run_with_outputs(proto, names: list[str], feeds: dict, spec: _Provider) -> dict:
+def _run_with_outputs(proto, names: list[str], feeds: dict, spec: ProviderSpec) -> dict:
     """Values of the graph outputs and of ``names`` in one run of ``proto`` with those names exposed."""
     import onnx
 
@@ -544,7 +482,7 @@ def _own_feeds(lm, values: dict, torch_values: dict, trace) -> tuple[dict | None
     return feeds, None
 
 
-def _run_subgraph(proto, lm, feeds: dict, spec: _Provider):
+def _run_subgraph(proto, lm, feeds: dict, spec: ProviderSpec):
     import numpy as np
     import onnx
     from onnx import helper

@@ -17,6 +17,7 @@ from normswap.fold import plan
 from normswap.norm_ops import bind, op_signature
 from normswap.norms import NORMS, NormKind, iter_norms, iter_weight_reparams, known_base, norm_shape
 
+from .compiled import apply_verdicts
 from .report import AuditReport, Site, check_tensors, to_float
 
 __all__ = ["audit_eager", "module_type_name"]
@@ -269,16 +270,8 @@ def audit_eager(model: nn.Module, example_inputs) -> AuditReport:
     finally:  # the planner may run the model: keep a train-mode model's buffers unchanged
         _restore_buffers(model, saved)
     rep.fold_planner = "normswap.fold.plan"
-    for s in sites:
-        if s.name in script_sites:
-            s.reason, s.foldable, s.fold_into = ("inside a TorchScript submodule (no eager module to rewrite)",
-                                                 False, None)
-            continue
-        d = decisions.get(s.name)
-        if d is not None:
-            s.reason = d.reason
-            s.foldable = d.reason is None
-            s.fold_into = d.into
+    apply_verdicts([s for s in sites if s.name not in script_sites], decisions.values())
+    apply_verdicts([s for s in sites if s.name in script_sites], (), missing="torchscript_submodule")
     rep.sites = sites
     return rep
 
