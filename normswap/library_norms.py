@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 
 __all__ = ["is_bn_act", "is_gn_act", "is_ln2d", "is_frn_act", "is_evonorm", "is_same_padding_conv",
-           "probe_output_channel_affine", "post_op_children"]
+           "probe_output_channel_affine", "is_frozen_bn", "is_custom_norm", "looks_like_norm_name"]
 
 
 def _names(m: nn.Module, kind: str) -> set[str]:
@@ -149,8 +150,50 @@ def probe_output_channel_affine(m: nn.Module) -> str | None:
     return None
 
 
-def post_op_children(module, kind):
-    """:func:`normswap.registry.post_op_children` (kept importable here)."""
-    from normswap.registry import post_op_children as _p
 
-    return _p(module, kind)
+# --------------------------------------------------------------------------- norms by structure
+
+_FROZEN_NAME = re.compile(r"(?i)frozen|batch_?norm|(^|[^a-z])bn")
+_CUSTOM_NAME = re.compile(r"(?i)norm")
+_NOT_NORM_NAME = re.compile(r"(?i)normali[sz]e$|^(pre|post)norm|norm(block|layerwrapper)$")
+
+
+def is_frozen_bn(module: nn.Module) -> bool:
+    if next(module.parameters(recurse=False), None) is not None:
+        return False
+    if next(module.children(), None) is not None:
+        return False
+    bufs = dict(module.named_buffers(recurse=False))
+    need = ("weight", "bias", "running_mean", "running_var")
+    if not all(k in bufs and isinstance(bufs[k], torch.Tensor) for k in need):
+        return False
+    shapes = {tuple(bufs[k].shape) for k in need}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        return False
+    return bool(_FROZEN_NAME.search(type(module).__name__))
+
+
+def is_custom_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    if not _CUSTOM_NAME.search(name) or _NOT_NORM_NAME.search(name):
+        return False
+    if next(module.children(), None) is not None:
+        return False  # wrappers like PreNorm(fn) hold modules; a norm is a leaf
+    # a weight-like parameter (or buffer) whose shape is a feature shape, or an eps attribute
+    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    weightish = [
+        t for n, t in tensors
+        if n in ("weight", "scale", "gamma", "g", "alpha", "bias", "beta", "offset")
+        and isinstance(t, torch.Tensor) and t.dim() >= 1
+    ]
+    has_eps = any(hasattr(module, a) for a in ("eps", "variance_epsilon", "epsilon"))
+    if not weightish and not has_eps:
+        return False
+    # all weight-like tensors share a shape (per-feature)
+    shapes = {tuple(t.shape) for t in weightish}
+    return len(shapes) <= 1
+
+
+def looks_like_norm_name(class_name: str) -> bool:
+    """Does a class name look like a norm's (``*Norm*``, not ``Normalize``/``PreNorm``)?"""
+    return bool(_CUSTOM_NAME.search(class_name)) and not _NOT_NORM_NAME.search(class_name)

@@ -24,7 +24,7 @@ from normswap import arith
 from normswap import library_norms as L
 from normswap.layers import (BatchGroupNorm2d, ConditionalBatchNorm2d, FilterResponseNorm2d, PowerNorm2d,
                              SandwichBatchNorm2d)
-from normswap.registry import (NORMS, NormKind, _real_type, classify, classify_type, is_composite, iter_norms,
+from normswap.registry import (NORMS, NormKind, classify, classify_type, is_composite, iter_norms,
                                kind_of, known_base, looks_like_norm_name, norm_eps, post_op_children, register,
                                register_type)
 from normswap.reparams import (WeightReparam, is_weight_std_conv, iter_weight_reparams, weight_reparam,

@@ -7,12 +7,11 @@ the one module jobs import; this module holds no kind of its own.  Matching is b
 type**: a subclass of a known norm (timm's ``BatchNormAct2d``) is ``unsupported_subclass`` unless
 a kind's ``recognise`` predicate claims it by structure.
 
-(About 420 lines: NormKind's per-module questions are written once here for every job.)
+(About 410 lines: NormKind's per-module questions are written once here for every job.)
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 
 from normswap import arith
+from normswap.library_norms import is_custom_norm, is_frozen_bn
+from normswap.library_norms import looks_like_norm_name as _looks_like_norm_name
 from normswap.reasons import Reason, reason
 
 __all__ = ["NormKind", "NORMS", "register", "register_type", "kind_of", "classify", "classify_type",
@@ -271,11 +272,6 @@ def _type_map() -> dict[type, str]:
     return _TYPE_MAP
 
 
-_FROZEN_NAME = re.compile(r"(?i)frozen|batch_?norm|(^|[^a-z])bn")
-_CUSTOM_NAME = re.compile(r"(?i)norm")
-_NOT_NORM_NAME = re.compile(r"(?i)normali[sz]e$|^(pre|post)norm|norm(block|layerwrapper)$")
-
-
 def _real_type(module: nn.Module) -> type:
     """The module's type; for torch.nn.utils.parametrize's generated classes, the original."""
     t = type(module)
@@ -284,42 +280,6 @@ def _real_type(module: nn.Module) -> type:
             if issubclass(b, nn.Module):
                 return b
     return t
-
-
-def _is_frozen_bn(module: nn.Module) -> bool:
-    if next(module.parameters(recurse=False), None) is not None:
-        return False
-    if next(module.children(), None) is not None:
-        return False
-    bufs = dict(module.named_buffers(recurse=False))
-    need = ("weight", "bias", "running_mean", "running_var")
-    if not all(k in bufs and isinstance(bufs[k], torch.Tensor) for k in need):
-        return False
-    shapes = {tuple(bufs[k].shape) for k in need}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        return False
-    return bool(_FROZEN_NAME.search(type(module).__name__))
-
-
-def _is_custom_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    if not _CUSTOM_NAME.search(name) or _NOT_NORM_NAME.search(name):
-        return False
-    if next(module.children(), None) is not None:
-        return False  # wrappers like PreNorm(fn) hold modules; a norm is a leaf
-    # a weight-like parameter (or buffer) whose shape is a feature shape, or an eps attribute
-    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-    weightish = [
-        t for n, t in tensors
-        if n in ("weight", "scale", "gamma", "g", "alpha", "bias", "beta", "offset")
-        and isinstance(t, torch.Tensor) and t.dim() >= 1
-    ]
-    has_eps = any(hasattr(module, a) for a in ("eps", "variance_epsilon", "epsilon"))
-    if not weightish and not has_eps:
-        return False
-    # all weight-like tensors share a shape (per-feature)
-    shapes = {tuple(t.shape) for t in weightish}
-    return len(shapes) <= 1
 
 
 def known_base(module: nn.Module) -> type | None:
@@ -356,9 +316,9 @@ def classify(module: nn.Module) -> str | None:
             return "unsupported_subclass"
     if t.__module__.startswith("torch.") and not t.__module__.startswith("torch.testing"):
         return None  # torch's own classes match exactly or not at all (e.g. _SpectralNorm)
-    if _is_frozen_bn(module):
+    if is_frozen_bn(module):
         return "frozen_bn"
-    if _is_custom_norm(module):
+    if is_custom_norm(module):
         return "custom"
     return None
 
@@ -381,7 +341,7 @@ def classify_type(cls: type) -> str | None:
 
 def looks_like_norm_name(class_name: str) -> bool:
     """Does a class name look like a norm's (``*Norm*``, not ``Normalize``/``PreNorm``)?"""
-    return bool(_CUSTOM_NAME.search(class_name)) and not _NOT_NORM_NAME.search(class_name)
+    return _looks_like_norm_name(class_name)
 
 
 def is_composite(kind: str | None) -> bool:

@@ -23,13 +23,15 @@ LAYERS = {
     "foundation": ["normswap.errors", "normswap.reasons", "normswap.arith", "normswap.shapes", "normswap.report",
                    "normswap.registry", "normswap.reparams", "normswap.library_norms", "normswap.layers",
                    "normswap.norms", "normswap.norm_ops", "normswap.ort", "normswap.onnx_utils", "normswap.outputs",
-                   "normswap.recipe", "normswap.io", "normswap.data", "normswap.images", "normswap.inputs"],
+                   "normswap.recipe", "normswap.io", "normswap.data", "normswap.images", "normswap.inputs",
+                   "normswap.html_plots"],
     "views": ["normswap.graph", "normswap.views"],
     "planning": ["normswap.fold.rules", "normswap.fold.planner", "normswap.fold.apply_eager",
                  "normswap.fold.apply_program", "normswap.fold.bake", "normswap.fold.verify", "normswap.fold.report",
                  "normswap.fold.arith"],
     "jobs": ["normswap.fold", "normswap.audit", "normswap.convert", "normswap.export", "normswap.check",
-             "normswap.locate", "normswap.locate_map", "normswap.html_report"],
+             "normswap.locate", "normswap.locate_map", "normswap.html_report", "normswap.check_report", "normswap.export_backends",
+             "normswap.check_inputs"],
     "top": ["normswap"],
 }
 ORDER = list(LAYERS)

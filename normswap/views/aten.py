@@ -21,30 +21,15 @@ import torch
 from torch import fx
 
 from normswap import arith
-from normswap.norm_ops import bind, op_signature
-from normswap.norms import NORMS, classify_type, looks_like_norm_name
+from normswap.norms import NORMS
 from normswap.reasons import Reason, reason
 
-from .aten_graph import (CONV, CONVT, LINEAR, TRANSPOSE_VIEWS, ProgramState, bn_output, get_arg, is_assert,
-                         is_dead, is_identity, module_of, rank, schema, short_op, val)
+from .aten_graph import (CONV, CONVT, TRANSPOSE_VIEWS, ProgramState, get_arg, is_assert, is_dead,
+                         is_identity, module_of, rank, schema, short_op)
+from .aten_sites import lowered_sites, op_sites, qual_type_kind
 from .base import GraphView, Layer, Match, NormSite, batched_ranks
 
 __all__ = ["AtenView", "ProgLayer", "qual_type_kind"]
-
-
-def qual_type_kind(type_str: str) -> str | None:
-    """'torch.nn.modules.batchnorm.BatchNorm2d' -> 'bn': exact qualified names of registry types,
-    else the class looked up among already-imported modules (never imported) and classified."""
-    import sys
-
-    for k, nk in NORMS.items():
-        for t in nk.types:
-            if f"{t.__module__}.{t.__qualname__}" == type_str:
-                return k
-    mod_name, _, cls_name = str(type_str).rpartition(".")
-    mod = sys.modules.get(mod_name)
-    cls = getattr(mod, cls_name, None) if mod is not None else None
-    return classify_type(cls) if isinstance(cls, type) else None
 
 
 @dataclass
@@ -112,8 +97,8 @@ class AtenView(GraphView):
     # ------------------------------------------------------------------ sites
     def sites(self) -> list[NormSite]:
         if self._sites is None:
-            self._sites = self._op_sites()
-            self._sites += self._lowered_sites({s.name for s in self._sites})
+            self._sites = op_sites(self)
+            self._sites += lowered_sites(self, {s.name for s in self._sites})
             from .script import reparam_sites_from_names
 
             known = {s.name for s in self._sites}
@@ -121,80 +106,6 @@ class AtenView(GraphView):
                 if name not in known:
                     self._sites.append(NormSite(name, kind, None, [], facts={"reparam": api, "lowered": True}))
         return self._sites
-
-    def _site_name(self, node: fx.Node, roles: dict) -> tuple[str, bool, str]:
-        """(site name, functional?, module type) of a norm op node: the module's qualified name when
-        the op reads that module's own parameters/buffers, else ``<module>.<node name>``."""
-        path, typ = module_of(node, self.prefix)
-        for role in ("running_mean", "weight", "bias"):
-            v = roles.get(role)
-            key = self.state.target.get(v.name) if isinstance(v, fx.Node) else None
-            if key is not None:
-                if path and key.rsplit(".", 1)[0] == path:
-                    return path, False, typ
-                break
-        else:
-            if path and not any(isinstance(roles.get(r), fx.Node) for r in ("running_mean", "weight", "bias")) \
-                    and qual_type_kind(typ) is not None:
-                return path, False, typ  # a module norm without affine / statistics
-        return (f"{path}.{node.name}" if path else node.name), True, typ
-
-    def _op_sites(self) -> list[NormSite]:
-        by_name: dict[str, NormSite] = {}
-        for node in self.graph.nodes:
-            if node.op != "call_function":
-                continue
-            sig = op_signature(node.target)
-            if sig is None:
-                continue
-            roles = bind(sig, node.args, node.kwargs)
-            name, functional, typ = self._site_name(node, roles)
-            site = by_name.get(name)
-            if site is None:
-                # a library class the registry knows (timm's BatchNormAct2d, LayerNorm2d) keeps its kind
-                # when the op folds like it; otherwise the op is what this graph computes
-                tk = qual_type_kind(typ) if typ and not functional else None
-                kind = tk if tk and tk not in ("unsupported_subclass", "custom") and \
-                    NORMS[tk].fold_family == NORMS[sig.kind].fold_family else sig.kind
-                site = NormSite(name, kind, None, [], functional=node if functional else None,
-                                type_name=typ.rsplit(".", 1)[-1] if typ and not functional else None,
-                                facts={"op": sig.name, "module_type": typ, "op_kind": sig.kind})
-                by_name[name] = site
-            site.calls.append({"node": node, "roles": roles, "out": bn_output(node)})
-        return list(by_name.values())
-
-    def _lowered_sites(self, known: set) -> list[NormSite]:
-        """Norm modules lowered to primitive ops (frozen BN, PowerNorm, custom norms, ...)."""
-        modules: dict[str, str] = {}
-        for node in self.graph.nodes:
-            for path, typ in (node.meta.get("nn_module_stack") or {}).values():
-                modules.setdefault(str(path), typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}")
-        out = []
-        params = {k for n, k in self.state.target.items() if self.state.is_param(self.state.node_of.get(k))}
-        state_keys = set(self.state.target.values())
-        for path, typ in modules.items():
-            if not path or path in known or any(path.startswith(k + ".") for k in known if k):
-                continue
-            if any(p.startswith(path + ".") for p in modules):
-                continue  # not a leaf
-            cls_name = typ.rsplit(".", 1)[-1]
-            kind = qual_type_kind(typ)
-            own = {k[len(path) + 1:] for k in state_keys if k.startswith(path + ".") and "." not in k[len(path) + 1:]}
-            if kind is None:
-                if not looks_like_norm_name(cls_name) and "frozen" not in cls_name.lower():
-                    continue
-                own_params = [k for k in own if f"{path}.{k}" in params]
-                if not own_params and all(n in own for n in ("weight", "bias", "running_mean", "running_var")):
-                    kind = "frozen_bn"
-                elif "running_var" in own or "running_mean" in own:
-                    kind = "unsupported_subclass"
-                elif "weight" in own:
-                    kind = "custom"
-                else:
-                    continue
-            out.append(NormSite(path, kind, None, [], type_name=cls_name,
-                                facts={"lowered": True, "module_type": typ, "own": own}))
-        return out
 
     # ------------------------------------------------------------------ the norm
     @staticmethod

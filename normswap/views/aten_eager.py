@@ -26,7 +26,7 @@ from normswap.reasons import Reason, reason
 
 from .aten import AtenView, ProgLayer
 from .aten_graph import VIEWS, bn_output, get_arg, is_assert, is_dead, is_identity, module_of, rms_call, schema, \
-    short_error, short_op, val
+    short_error, val
 from .base import Layer, NormSite
 from .modules import layer_family, layer_of
 

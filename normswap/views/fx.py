@@ -21,12 +21,14 @@ import torch.fx as fx
 from torch import nn
 
 from normswap import arith
-from normswap.graph import NodeRef, Region, functional_nodes, qualname, region_of
-from normswap.norms import NORMS, classify, iter_norms, post_op_children, weight_reparam
-from normswap.reasons import Reason, code_of, reason
+from normswap.graph import NodeRef, Region, functional_nodes, region_of
+from normswap.norms import NORMS, iter_norms, post_op_children
+from normswap.reasons import Reason, reason
 
-from .base import GraphView, Layer, Match, NormSite, batched_ranks, family
-from .modules import _ALL_LAYERS, _TYPES, CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, layer_family, layer_of
+from .base import GraphView, Layer, Match, NormSite, batched_ranks
+from .fx_export import ExportFallback, wrap  # noqa: F401
+from .fx_index import attr_uses, describe_node, hooked, module_problem, node_module, single_input
+from .modules import _TYPES, CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, layer_family, layer_of
 
 __all__ = ["FxView", "build_view", "node_module", "describe_node", "CONV_TYPES", "CONVT_TYPES", "LINEAR_TYPES",
            "layer_of"]
@@ -35,38 +37,8 @@ def _types(families) -> tuple:
     return tuple(t for f in families for t in _TYPES[f])
 
 
-def node_module(region: Region, node: Any) -> nn.Module | None:
-    if not isinstance(node, fx.Node) or node.op != "call_module":
-        return None
-    try:
-        return region.module.get_submodule(str(node.target))
-    except Exception:
-        return None
-
-
-def describe_node(region: Region, node: Any) -> str:
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    if node.op == "call_module":
-        m = node_module(region, node)
-        return f"'{qualname(region, str(node.target))}' ({type(m).__name__})"
-    if node.op == "placeholder":
-        where = f"region '{region.path}'" if region.path else "the model"
-        return f"an input of {where}"
-    if node.op == "get_attr":
-        return f"attribute '{qualname(region, str(node.target))}'"
-    if node.op == "output":
-        return "the graph output"
-    t = getattr(node.target, "__name__", None) or str(node.target)
-    return f"'{t}' ({node.op})"
-
-
-def _hooked(m: nn.Module, backward: bool = True) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or (backward and getattr(m, "_backward_hooks", None)))
-
-
 @dataclass
-class FxView(GraphView):
+class FxView(ExportFallback, GraphView):
     """The FX view of an eager model (built by :func:`build_view`)."""
 
     model: nn.Module
@@ -113,7 +85,7 @@ class FxView(GraphView):
 
     def input_of(self, node: fx.Node, extra_ok: bool = False) -> fx.Node | None:
         """The node's single input, looking through folded norms."""
-        a = _single_input(node, extra_ok)
+        a = single_input(node, extra_ok)
         while a is not None and id(a) in self.removed:
             a = a.args[0] if a.args and isinstance(a.args[0], fx.Node) else None
         return a
@@ -142,7 +114,7 @@ class FxView(GraphView):
                            k.fold_refusal(site.module))
 
     def hooks(self, site: NormSite) -> bool:
-        return _hooked(site.module)
+        return hooked(site.module)
 
     def uses_problem(self, site: NormSite) -> Reason | None:
         return self.direct_use_problem(site.module, "the norm", site.calls) if site.calls else None
@@ -343,142 +315,6 @@ class FxView(GraphView):
         else:
             self.removed.update(id(ref.node) for ref in site.calls)
 
-    # ------------------------------------------------------------------ the export view
-    def wants_export(self, site: NormSite) -> bool:
-        """FX cannot prove the site: a LayerNorm / RMSNorm / custom norm inside untraceable code,
-        with a custom forward or at an FX boundary; a BN-like norm inside untraceable code."""
-        if site.functional is not None or site.module is None:
-            return False
-        if site.kind in ("ln", "rms", "custom"):
-            if site.kind == "custom":
-                return True
-            if not site.calls:
-                return any(r.gm is None for r in self.regions)
-            return self._fx_boundary(site)
-        return family(site.kind) == "bn_like" and not site.calls and \
-            any(rg.gm is None and (rg.path == "" or site.name.startswith(rg.path + ".")) for rg in self.regions)
-
-    def _fx_boundary(self, site: NormSite) -> bool:
-        """An FX call of the norm whose output leaves the traced graph into code FX could not
-        trace: an untraceable leaf module, or the output of a region other than the model's."""
-        for ref in site.calls:
-            leaves = set(ref.region.untraceable_leaves)
-            for u in self.users_of(ref.node):
-                if u.op == "output" and ref.region.path != "":
-                    return True
-                if u.op == "call_module" and qualname(ref.region, str(u.target)) in leaves:
-                    return True
-        return False
-
-    def export_view(self):
-        """The eager-backed export view of the model on the example inputs (cached), or a reason."""
-        if "export_view" not in self.cache:
-            from .aten_eager import export_eager
-
-            v = export_eager(self)
-            if not isinstance(v, str) and self.applier is not None:
-                v.applier = self.applier.for_export()
-            self.cache["export_view"] = v
-        return self.cache["export_view"]
-
-    def fallback(self, site: NormSite):
-        """(export view, its site) for a site FX cannot prove, given example inputs; (None, reason)
-        when the export view has no such site; None when the site is FX's to decide."""
-        if self.example_inputs is None or not self.wants_export(site):
-            return None
-        v = self.export_view()
-        if isinstance(v, str):
-            return None, v
-        s2 = v.site_for(site)
-        return (v, s2) if not isinstance(s2, str) else (None, s2)
-
-    def fallback_reason(self, site: NormSite, proof) -> Reason | None:
-        """The export graph's reason for a site it could not prove: recorded for :meth:`refine`;
-        for a norm FX sees whose output crosses into untraceable code, the reason itself."""
-        self.cache.setdefault("alt_reasons", {})[site.name] = proof
-        if site.calls and site.kind in ("ln", "rms") and code_of(proof) != "export_failed":
-            return wrap("export_graph", proof, text=proof)
-        return None
-
-    def refine(self, site: NormSite, r: Reason | None) -> Reason | None:
-        """A kind / visibility reason of a LayerNorm / RMSNorm / custom site FX cannot prove: with
-        example inputs, what the export graph showed; without, a hint to pass them."""
-        if r is None or site.kind not in ("ln", "rms", "custom") or not self.wants_export(site):
-            return r
-        if self.example_inputs is None:
-            return wrap("export_hint", r, text=r)
-        p = self.cache.get("alt_reasons", {}).get(site.name)
-        if p is None:
-            return r
-        if code_of(p) == "export_failed":
-            return wrap("export_graph_also", r, text=r, export=p)
-        if site.kind == "custom" and not p.startswith("custom norm"):
-            p = f"custom norm {type(site.module).__name__}: {p}"
-        return wrap("export_graph", p, text=p)
-
-
-def wrap(code: str, inner, **fields) -> Reason:
-    """The catalogue text ``code`` around another reason, keeping that reason's code."""
-    return Reason(code_of(inner), reason(code, **fields))
-
-
-def module_problem(view: FxView, m: nn.Module, types=_ALL_LAYERS) -> Reason | None:
-    """Reasons the weights of layer ``m`` cannot be rewritten."""
-    from normswap.library_norms import is_same_padding_conv, probe_output_channel_affine
-
-    name = view.name_of(m)
-    rp = weight_reparam(m)
-    if rp is not None:
-        hint = {"spectral": " (pass bake_spectral_norm=True / --bake-spectral-norm)",
-                "weight_std": " (pass bake_weight_std=True / --bake-weight-std)"}.get(rp, "")
-        return reason("layer_reparam", layer=name, reparam=rp, hint=hint)
-    if getattr(m, "parametrizations", None) is not None:
-        return reason("layer_parametrized", layer=name)
-    t = type(m)
-    library_conv = t not in types and nn.Conv2d in types and is_same_padding_conv(m)
-    if library_conv:
-        r = probe_output_channel_affine(m)
-        if r:
-            return reason("layer_probe", layer=name, type=t.__name__, problem=r)
-    if t not in types and not library_conv:
-        if "quant" in t.__module__ or hasattr(m, "weight_fake_quant") or hasattr(m, "qconfig") and m.qconfig is not None:
-            return reason("layer_quantized", layer=name, type=t.__name__)
-        if isinstance(m, _ALL_LAYERS):
-            return reason("layer_subclass", layer=name, type=t.__name__)
-        return reason("layer_unsupported", layer=name, type=t.__name__)
-    if _hooked(m):
-        return reason("layer_hooks", layer=name)
-    for p in (m.weight, m.bias):
-        if p is None:
-            continue
-        if isinstance(p, nn.parameter.UninitializedParameter):
-            return reason("layer_lazy", layer=name)
-        if type(p) is not nn.Parameter:
-            return reason("layer_not_param", layer=name, type=type(p).__name__)
-        if not p.is_floating_point():
-            return reason("layer_not_float", layer=name)
-        owners = view.param_owners.get(id(p), [])
-        if len(owners) > 1:
-            others = [view.name_of(view.modules_by_id[o]) for o in owners if o != id(m)]
-            return reason("layer_tied", layer=name, others=", ".join(repr(o) for o in others))
-    return view.direct_use_problem(m, "layer")
-
-
-def _single_input(node: fx.Node, extra_ok: bool = False) -> fx.Node | None:
-    """The node's only input (with ``extra_ok``: its first positional input, provided the
-    other arguments do not use that same node)."""
-    if not node.args or (not extra_ok and (len(node.args) != 1 or node.kwargs)):
-        return None
-    a = node.args[0]
-    if not isinstance(a, fx.Node):
-        return None
-    if extra_ok and any(a in n.all_input_nodes or n is a for n in node.args[1:] if isinstance(n, fx.Node)):
-        return None
-    if extra_ok and any(v is a for v in node.kwargs.values()):
-        return None
-    return a
-
-
 def build_view(model: nn.Module, regions: list[Region], ranks=None, allow_training=False,
                example_inputs=None) -> FxView:
     names: dict[int, list[str]] = {}
@@ -506,33 +342,9 @@ def build_view(model: nn.Module, regions: list[Region], ranks=None, allow_traini
                 if m is not None:
                     calls.setdefault(id(m), []).append(NodeRef(r, n))
     return FxView(model, regions, calls, names, param_owners, ranks, allow_training,
-                  modules_by_id={id(m): m for m in model.modules()}, attr_uses=_attr_uses(regions),
+                  modules_by_id={id(m): m for m in model.modules()}, attr_uses=attr_uses(regions),
                   untraced_parents={r.path for r in regions if r.gm is None},
                   runtime_calls=getattr(ranks, "calls", None), example_inputs=example_inputs)
-
-
-def _attr_uses(regions: list[Region]) -> dict[int, str]:
-    """Tensors read directly by a ``get_attr`` node (e.g. ``F.linear(x, self.fc.weight)``):
-    id -> qualified name.  A region's own parameters read by its own forward are not counted."""
-    out: dict[int, str] = {}
-    for r in regions:
-        if r.gm is None:
-            continue
-        for n in r.gm.graph.nodes:
-            if n.op != "get_attr":
-                continue
-            target = str(n.target)
-            if "." not in target:
-                continue
-            obj = r.module
-            try:
-                for part in target.split("."):
-                    obj = getattr(obj, part)
-            except AttributeError:
-                continue
-            if isinstance(obj, torch.Tensor):
-                out.setdefault(id(obj), qualname(r, target))
-    return out
 
 
 def nonfinite_affine(site: NormSite) -> bool:
@@ -541,4 +353,4 @@ def nonfinite_affine(site: NormSite) -> bool:
                for p in (getattr(m, "weight", None), getattr(m, "bias", None)))
 
 
-__all__ += ["module_problem", "nonfinite_affine", "layer_family", "classify"]
+__all__ += ["module_problem", "nonfinite_affine", "layer_family"]
