@@ -17,6 +17,10 @@ tables next to them give the full names (never shortened; long names wrap).
 ``write_html(path, html, force=False)`` writes atomically (through
 :class:`normswap.outputs.OutputSet`, the one safe-write path) and refuses to overwrite an existing file
 unless ``force``.
+
+Size (issue 19): about 450 lines; the two page builders (``convert_report_html``,
+``locate_section_html``, about 90 lines each) write one HTML section after the other, in
+document order.  The SVG plots are :mod:`normswap.html_plots`.
 """
 
 from __future__ import annotations

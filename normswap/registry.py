@@ -27,14 +27,6 @@ __all__ = ["NormKind", "NORMS", "register", "register_type", "kind_of", "classif
            "looks_like_norm_name", "known_base", "is_composite", "iter_norms", "norm_eps", "post_op_children"]
 
 
-def _getf(module: nn.Module, *names: str):
-    for n in names:
-        v = getattr(module, n, None)
-        if v is not None:
-            return v
-    return None
-
-
 def _tensor_ok(t) -> bool:
     return isinstance(t, torch.Tensor) and not isinstance(t, nn.parameter.UninitializedTensorMixin) \
         and t.numel() > 0

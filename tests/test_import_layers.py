@@ -30,7 +30,7 @@ LAYERS = {
                  "normswap.fold.apply_program", "normswap.fold.bake", "normswap.fold.verify", "normswap.fold.report",
                  "normswap.fold.arith"],
     "jobs": ["normswap.fold", "normswap.audit", "normswap.convert", "normswap.export", "normswap.check",
-             "normswap.locate", "normswap.locate_map", "normswap.html_report", "normswap.check_report", "normswap.export_backends",
+             "normswap.locate", "normswap.locate_map", "normswap.locate_report", "normswap.html_report", "normswap.check_report", "normswap.export_backends",
              "normswap.check_inputs"],
     "top": ["normswap"],
 }

@@ -40,28 +40,6 @@ def _outside_inputs(nodes: list, path: str, ph_to_key: dict):
             yield a
 
 
-def _node_desc(node) -> str:
-    """A node described as the eager fold rules describe FX nodes (a module's op as the module)."""
-    if node.op == "output":
-        return "the graph output"
-    if node.op == "placeholder":
-        return "an input of the model"
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    if stack:
-        path, typ = stack[-1]
-        return f"'{path}' ({str(typ).rsplit('.', 1)[-1]})"
-    return f"'{_op_name(node.target)}' ({node.op})"
-
-
-def _node_op(node) -> str:
-    if node.op == "output":
-        return "output"
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    if stack:
-        return G.producer_op(str(stack[-1][1]))
-    return G.producer_op(_op_name(node.target)) if node.op == "call_function" else node.op
-
-
 def _op_name(target) -> str:
     n = getattr(target, "__name__", str(target))  # e.g. "batch_norm.default"
     return n.split(".")[0]

@@ -10,6 +10,8 @@ custom RMSNorms, ...), found from ``nn_module_stack`` and refused.  Producers: `
 on a transposed weight.  Layers are the program's weight placeholders; the program applier
 (:mod:`normswap.fold.apply_program`) rewrites them.  :mod:`normswap.views.aten_eager` is the same
 view of a program exported from an eager model, whose folds go to the eager modules.
+
+(About 400 lines: the ATen view answers every question of the protocol for a program.)
 """
 
 from __future__ import annotations

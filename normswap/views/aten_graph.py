@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import fx
 
+from normswap.graph import LAYER_OPS
+
 __all__ = ["schema", "get_arg", "set_arg", "module_of", "short_op", "rank", "val", "is_assert", "is_identity",
            "is_dead", "bn_output", "ProgramState", "rms_call", "CONV", "CONVT", "LINEAR", "TRANSPOSE_VIEWS",
            "VIEWS", "CASTS", "strip_call_index", "short_error"]
 
-CONV = {"aten::conv1d": 1, "aten::conv2d": 2, "aten::conv3d": 3, "aten::convolution": None, "aten::_convolution": None}
-CONVT = {"aten::conv_transpose1d": 1, "aten::conv_transpose2d": 2, "aten::conv_transpose3d": 3}
-LINEAR = {"aten::linear", "aten::addmm", "aten::mm"}
+CONV = {op for op, f in LAYER_OPS.items() if f == "conv"}
+CONVT = {op for op, f in LAYER_OPS.items() if f == "convt"}
+LINEAR = {op for op, f in LAYER_OPS.items() if f == "linear"}
 TRANSPOSE_VIEWS = {"aten::t", "aten::permute", "aten::transpose"}
 VIEWS = {"aten::view", "aten::reshape", "aten::_unsafe_view"}
 CASTS = {"aten::to", "aten::_to_copy"}

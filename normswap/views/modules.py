@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from normswap.graph import LAYER_TYPES
+
 from .base import Layer
 
 __all__ = ["CONV_TYPES", "CONVT_TYPES", "LINEAR_TYPES", "layer_family", "layer_of"]
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-LINEAR_TYPES = (nn.Linear,)
+CONV_TYPES = tuple(t for t, f in LAYER_TYPES.items() if f == "conv")
+CONVT_TYPES = tuple(t for t, f in LAYER_TYPES.items() if f == "convt")
+LINEAR_TYPES = tuple(t for t, f in LAYER_TYPES.items() if f == "linear")
 _TYPES = {"conv": CONV_TYPES, "convt": CONVT_TYPES, "linear": LINEAR_TYPES}
 _ALL_LAYERS = CONV_TYPES + CONVT_TYPES + LINEAR_TYPES
 

@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from normswap.graph import producer_op
+from normswap.graph import family_of_report, producer_op
 from normswap.norm_ops import op_signature
 from normswap.norms import NORMS, looks_like_norm_name
 from normswap.reasons import Reason, reason
@@ -28,7 +28,6 @@ _MISSING = object()
 
 #: the note every TorchScript verdict carries: the fold itself runs on the eager model
 COMPILED_NOTE = "compiled graph: fold the eager model"
-_FAMILY = {"conv": "conv", "conv_transpose": "convt", "linear": "linear"}
 
 
 def describe(name: str | None, type_name: str | None) -> str:
@@ -337,14 +336,14 @@ class ScriptView(GraphView):
 
     def first_input_family(self, site: NormSite) -> str | None:
         p = self._prod(site)
-        return _FAMILY.get(p.get("op")) if p else None
+        return family_of_report(p.get("op")) if p else None
 
     def producer(self, site: NormSite, families: tuple, what: str, extra_args_ok: bool = False):
         rec = site.facts.get("rec") or {}
         p = self._prod(site)
         if rec.get("calls", 1) > 1:
             return reason("called_at_places", calls=rec["calls"], note=COMPILED_NOTE)
-        if not p or _FAMILY.get(p.get("op")) not in families:
+        if not p or family_of_report(p.get("op")) not in families:
             return reason("input_not_layer", input=self.describe_input(site), what=what)
         users = rec.get("producer_users") or []
         if p.get("other_users"):
@@ -354,7 +353,7 @@ class ScriptView(GraphView):
             return reason("producer_call_sites", layer=p["name"], detail="")
         m = self.mods.get(p["name"])
         w = getattr(m, "weight", None) if m is not None and _has(m, "weight") else None
-        fam = _FAMILY[p["op"]]
+        fam = family_of_report(p["op"])
         dims = int(re.search(r"([123])d", p.get("type") or "1d").group(1)) if fam != "linear" else None
         if not isinstance(w, torch.Tensor):
             return reason("compiled_unproven", text=f"the weight of '{p['name']}' cannot be read")
