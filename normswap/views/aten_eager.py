@@ -14,6 +14,9 @@ anything else stay refused).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from typing import Any
 
 import torch
@@ -68,8 +71,29 @@ def _plain(out):
     return out
 
 
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.export prints (and logs) the graph it could not finish: a failed attempt here is an
+    ordinary outcome (its reason is reported), so its stderr and those loggers are quiet meanwhile."""
+    names = ("torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._export")
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
 def export_eager(fx_view):
     """The :class:`EagerAtenView` of ``fx_view``'s model on its example inputs, or a reason."""
+    with _quiet_export():
+        return _export_eager(fx_view)
+
+
+def _export_eager(fx_view):
     model, ex = fx_view.model, tuple(fx_view.example_inputs)
     try:
         return EagerAtenView(torch.export.export(model, ex, strict=False), fx_view, "")
