@@ -37,319 +37,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import statistics
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+
 from typing import Any, Sequence
 
 from normswap.errors import NormswapError
-from normswap.inputs import normalize_inputs
-from normswap.onnx_utils import eval_mode, exception_reason, flatten_outputs, no_cache, onnx_io, torch_module
-from normswap.report import Report
+from normswap.ort import (PROVIDER_NAMES, PROVIDER_OPTIONS, ProviderSpec,  # noqa: F401  (re-exported)
+                          fallback_reason, no_tf32,
+                          parse_providers, provider_spec, unavailable_reason)
+from normswap.ort import session as _session
+from normswap.onnx_utils import eval_mode, exception_reason, flatten_outputs, no_cache, torch_module
+from normswap.check_inputs import (MAX_SAMPLES, as_tensors, batches_of, given_or_random, onnx_meta,  # noqa: F401
+                                   program_batch_sizes)
+from normswap.check_report import (BatchParity, OutputParity, ParityReport, ProviderResult,  # noqa: F401
+                                   compare_arrays)
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
-#: at most this many samples of a dataset are used as the first batch
-MAX_SAMPLES = 64
 CRITERION = "max|onnx - torch| <= atol + rtol * max|torch| per output (NaN/Inf must match)"
-
-PROVIDER_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-}
-PROVIDER_OPTIONS = {
-    "CUDAExecutionProvider": {"use_tf32": "0"},
-}
-
-
-# --------------------------------------------------------------------------- report types
-
-
-@dataclass
-class OutputParity:
-    name: str
-    shape: list[int]
-    max_abs: float
-    mean_abs: float
-    max_rel: float
-    cosine: float
-    top1_agreement: float | None
-    tolerance: float
-    passed: bool
-    reason: str | None = None
-
-
-@dataclass
-class BatchParity:
-    batch_size: int
-    outputs: list[OutputParity]
-
-    @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
-
-    def to_dict(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "passed": self.passed,
-            "outputs": [dataclasses.asdict(o) for o in self.outputs],
-        }
-
-
-@dataclass
-class ProviderSpec:
-    """What to run: ``label`` as shown ("cpu", "cuda"), the onnxruntime provider that
-    must actually run, its options, and the device of the PyTorch reference."""
-
-    label: str
-    provider: str
-    options: dict = field(default_factory=dict)
-    torch_device: str = "cpu"
-
-
-@dataclass
-class ProviderResult:
-    label: str
-    provider: str
-    ran: str | None  # the provider onnxruntime actually used (session.get_providers()[0])
-    status: str  # "passed" | "failed" | "unavailable" | "error"
-    reason: str | None = None
-    torch_device: str | None = None
-    batches: list[BatchParity] = field(default_factory=list)
-    latency_ms: float | None = None
-    torch_latency_ms: float | None = None
-
-    @property
-    def max_abs(self) -> float | None:
-        vals = [o.max_abs for b in self.batches for o in b.outputs]
-        return max(vals) if vals else None
-
-    def to_dict(self) -> dict:
-        from normswap.report import jsonable
-
-        return {
-            "label": self.label,
-            "provider": self.provider,
-            "ran": self.ran,
-            "status": self.status,
-            "reason": self.reason,
-            "torch_device": self.torch_device,
-            "max_abs": self.max_abs,
-            "latency_ms": self.latency_ms,
-            "torch_latency_ms": self.torch_latency_ms,
-            "batches": [jsonable(b.to_dict()) for b in self.batches],
-        }
-
-
-@dataclass
-class ParityReport(Report):
-    """ONNX vs PyTorch parity per provider, batch size and output."""
-
-    job = "check"
-
-    onnx_path: str
-    atol: float
-    rtol: float
-    criterion: str
-    inputs: list[dict]
-    batch_sizes: list[int]
-    dynamic_batch: bool
-    providers: list[ProviderResult]
-    notes: list[str] = field(default_factory=list)
-    #: the notes that are warnings (a static ONNX batch, no provider ran): shown highlighted
-    warning_notes: list[str] = field(default_factory=list, repr=False)
-    #: with ``locate=True``: the per-layer divergence (:class:`normswap.locate.LocateResult`)
-    locate: Any = None
-
-    @property
-    def passed(self) -> bool:
-        ran = [p for p in self.providers if p.status != "unavailable"]
-        return bool(ran) and all(p.status == "passed" for p in ran)
-
-    def provider(self, label: str) -> ProviderResult | None:
-        return next((p for p in self.providers if p.label == label), None)
-
-    def to_dict(self) -> dict:
-        from normswap.report import jsonable
-
-        return {
-            "job": self.job,
-            "passed": self.passed,
-            "onnx_path": self.onnx_path,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "criterion": self.criterion,
-            "inputs": jsonable(self.inputs),
-            "batch_sizes": self.batch_sizes,
-            "dynamic_batch": self.dynamic_batch,
-            "providers": [jsonable(p.to_dict()) for p in self.providers],
-            "notes": list(self.notes),
-            "load": getattr(self, "load", None),
-            "locate": self.locate.to_dict() if self.locate is not None else None,
-        }
-
-    def summary_text(self) -> str:
-        parts = []
-        for p in self.providers:
-            if p.status in ("passed", "failed") and p.max_abs is not None:
-                parts.append(f"{p.label} {p.status} (max abs err {p.max_abs:.2g})")
-            else:
-                parts.append(f"{p.label} {p.status}")
-        if not any(p.status != "unavailable" for p in self.providers):
-            parts.append("no requested provider ran")
-        sizes = ", ".join(str(b) for b in self.batch_sizes)
-        text = f"{Path(self.onnx_path).name}: " + ", ".join(parts) + f" | batch {sizes}"
-        if self.locate is not None:
-            first = getattr(self.locate, "first_divergent", None)
-            text += (f" | diverges first at {first.name}" if first is not None else " | no layer diverges")
-        return text
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def compare_arrays(name: str, ref, got, atol: float, rtol: float) -> OutputParity:
-    """Compare one output (numpy arrays): PyTorch ``ref`` vs onnxruntime ``got``."""
-    import numpy as np
-
-    ref = np.asarray(ref)
-    got = np.asarray(got)
-    shape = list(ref.shape)
-    if ref.shape != got.shape:
-        return OutputParity(
-            name, shape, float("inf"), float("inf"), float("inf"), 0.0, None, 0.0, False,
-            f"shape mismatch: torch {tuple(ref.shape)} vs onnx {tuple(got.shape)}",
-        )
-    r = ref.astype(np.float64)
-    g = got.astype(np.float64)
-    fin_r, fin_g = np.isfinite(r), np.isfinite(g)
-    reason = None
-    nonfinite_ok = bool(np.array_equal(fin_r, fin_g))
-    if nonfinite_ok:  # same places; each one the same value (NaN matches NaN, +Inf matches +Inf)
-        nr_, ng_ = r[~fin_r], g[~fin_g]
-        nonfinite_ok = bool(np.all((nr_ == ng_) | (np.isnan(nr_) & np.isnan(ng_))))
-    if not nonfinite_ok:
-        reason = "NaN/Inf at different places"
-    elif r.size and not fin_r.any():
-        # nothing was compared: an all-NaN/Inf output "matching" says nothing about parity
-        nonfinite_ok = False
-        reason = "no finite values to compare: the PyTorch output is all NaN/Inf"
-    mask = fin_r & fin_g
-    rf, gf = r[mask], g[mask]
-    if rf.size:
-        diff = np.abs(rf - gf)
-        max_abs = float(diff.max())
-        mean_abs = float(diff.mean())
-        ref_max = float(np.abs(rf).max())
-        big = np.abs(rf) > atol
-        max_rel = float((diff[big] / np.abs(rf[big])).max()) if big.any() else 0.0
-        nr, ng = float(np.linalg.norm(rf)), float(np.linalg.norm(gf))
-        if nr == 0.0 and ng == 0.0:
-            cosine = 1.0
-        elif nr == 0.0 or ng == 0.0:
-            cosine = 0.0
-        else:
-            cosine = float(np.dot(rf.ravel(), gf.ravel()) / (nr * ng))
-    elif r.size:  # no finite element on either side: nothing was measured
-        max_abs = mean_abs = max_rel = cosine = float("nan")
-        ref_max = 0.0
-    else:
-        max_abs = mean_abs = max_rel = ref_max = 0.0
-        cosine = 1.0
-    tol = atol + rtol * ref_max
-    top1 = None
-    if rf.size and ref.ndim == 2 and ref.shape[1] > 1 and ref.shape[0] > 0 and np.issubdtype(ref.dtype, np.floating):
-        top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(g, axis=1)))
-    passed = nonfinite_ok and max_abs <= tol
-    if reason is None and not passed:
-        reason = f"max abs error {max_abs:.3g} > tolerance {tol:.3g}"
-    return OutputParity(name, shape, max_abs, mean_abs, max_rel, cosine, top1, tol, passed, reason)
-
-
-# --------------------------------------------------------------------------- providers
-
-
-def provider_spec(label: str) -> ProviderSpec:
-    """ProviderSpec for "cpu", "cuda" or a full onnxruntime provider name."""
-    key = label.strip()
-    provider = PROVIDER_NAMES.get(key.lower(), key)
-    if provider not in PROVIDER_NAMES.values() and not provider.endswith("ExecutionProvider"):
-        raise NormswapError(f"unknown provider {label!r}; use cpu, cuda or an onnxruntime provider name")
-    short = next((k for k, v in PROVIDER_NAMES.items() if v == provider), provider)
-    device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-    return ProviderSpec(short, provider, dict(PROVIDER_OPTIONS.get(provider, {})), device)
-
-
-def parse_providers(providers: str | Sequence[str]) -> list[ProviderSpec]:
-    if isinstance(providers, str):
-        providers = [p for p in providers.split(",") if p.strip()]
-    specs = []
-    for p in providers:
-        spec = p if isinstance(p, ProviderSpec) else provider_spec(p)
-        if spec.label not in [s.label for s in specs]:
-            specs.append(spec)
-    if not specs:
-        raise NormswapError("no providers given; use e.g. --providers cpu,cuda")
-    return specs
-
-
-def unavailable_reason(spec: ProviderSpec) -> str | None:
-    """Why ``spec`` cannot run in this onnxruntime build (None if it is listed)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if spec.provider in available:
-        return None
-    hint = ""
-    if spec.provider == "CUDAExecutionProvider":
-        hint = "; the plain 'onnxruntime' package is CPU-only, install 'onnxruntime-gpu' (normswap[gpu])"
-    return f"not installed: onnxruntime {ort.__version__} offers only {', '.join(available)}{hint}"
-
-
-def fallback_reason(spec: ProviderSpec, session_providers: Sequence[str]) -> str | None:
-    """Why the session did not get ``spec.provider`` (None if it did).
-
-    onnxruntime-gpu lists CUDAExecutionProvider even without a GPU and then
-    silently builds a CPU session: ``session.get_providers()`` shows it.
-    """
-    ran = session_providers[0] if session_providers else None
-    if ran == spec.provider:
-        return None
-    return (
-        f"fell back to {ran}: onnxruntime lists {spec.provider} but could not use it "
-        "(no GPU, or CUDA/cuDNN libraries missing)"
-    )
-
-
-def _session(onnx_path: str, spec: ProviderSpec):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers: list[Any] = [(spec.provider, spec.options) if spec.options else spec.provider]
-    if spec.provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")  # for the nodes the accelerator does not take
-    return ort.InferenceSession(onnx_path, sess_options=so, providers=providers)
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """TF32 off (cuDNN and matmul) for the duration: the PyTorch reference of a CUDA parity check."""
-    import torch
-
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-
 
 def _median_ms(fn, repeats: int, warmup: int, sync=None) -> float | None:
     if repeats <= 0:
@@ -495,190 +203,29 @@ def compare_provider(
 # --------------------------------------------------------------------------- inputs
 
 
-def _onnx_meta(onnx_path) -> tuple[str, list[dict]]:
-    import onnx
-
-    from normswap.inputs import check_input_path
-
-    path = Path(onnx_path)
-    if not path.exists():
-        raise NormswapError(f"ONNX file not found: {path}")
-    if path.is_dir():
-        raise NormswapError(f"{path} is a folder, not an ONNX file")
-    check_input_path(path, "the ONNX file", folder_ok=False)  # a FIFO would block onnx.load forever
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise NormswapError(f"{path} is not an ONNX model (cannot parse it: {type(e).__name__})") from e
-    if not proto.graph.node and not proto.graph.output:
-        raise NormswapError(f"{path} is not an ONNX model (no graph found)")
-    inputs, _ = onnx_io(proto)
-    return str(path), inputs
-
-
-_FLOAT = {"float32", "float16", "float64", "bfloat16"}
-
-
-def _torch_dtype(name: str):
+def _run(model, path: str, specs, batches, notes: list[str], *, atol, rtol, repeats, warmup, locate):
+    """Each provider's parity (and the layer map with ``locate``), the model in eval mode."""
     import torch
 
-    return {
-        "float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
-        "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
-        "uint8": torch.uint8, "bool": torch.bool,
-    }.get(name)
+    if any(m.training for m in model.modules()) and not isinstance(model, torch.fx.GraphModule):
+        notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
+    results = []
+    located = None
+    with no_cache(model, notes), eval_mode(model, True):
+        runner = _TorchRunner(model)
+        for spec in specs:
+            results.append(compare_provider(path, spec, batches, runner, atol=atol, rtol=rtol, repeats=repeats,
+                                            warmup=warmup))
+        if locate:
+            from normswap.locate import locate as _locate
 
-
-def _resize_batch(t, n: int):
-    import torch
-
-    if t.shape[0] >= n:
-        return t[:n]
-    reps = -(-n // t.shape[0])
-    return torch.cat([t] * reps, 0)[:n]
-
-
-def _synth_inputs(meta: list[dict], input_shape, batch: int):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i, m in enumerate(meta):
-        if i == 0 and input_shape is not None:
-            shape = tuple(input_shape)
-        else:
-            shape = []
-            for j, d in enumerate(m["shape"]):
-                if isinstance(d, int):
-                    shape.append(d)
-                elif j == 0:
-                    shape.append(batch)
-                else:
-                    raise NormswapError(
-                        f"ONNX input {m['name']} has a symbolic dimension {d!r} at axis {j}; "
-                        "pass inputs (--calib DATA) or --input-shape"
-                    )
-            shape = tuple(shape)
-        from normswap.inputs import check_shape_size
-
-        check_shape_size(shape, what=f"ONNX input {m['name']} shape" if not (i == 0 and input_shape is not None)
-                         else "--input-shape")
-        dt = m["dtype"]
-        if dt in _FLOAT:
-            out.append(torch.randn(shape, generator=g))
-        elif _torch_dtype(dt) is not None:
-            out.append(torch.zeros(shape, dtype=_torch_dtype(dt)))
-        else:
-            raise NormswapError(f"ONNX input {m['name']} has unsupported type {dt}; pass inputs explicitly")
-    return tuple(out)
-
-
-def _validate(meta: list[dict], tensors: tuple) -> None:
-    names = ", ".join(f"{m['name']} {m['shape']}" for m in meta)
-    if len(tensors) != len(meta):
-        raise NormswapError(
-            f"the ONNX file expects {len(meta)} input(s) ({names}) but {len(tensors)} were given; "
-            "pass one tensor per model input, in order"
-        )
-    for m, t in zip(meta, tensors):
-        shape = m["shape"]
-        if len(shape) != t.dim():
-            raise NormswapError(
-                f"ONNX input {m['name']} has rank {len(shape)} (shape {shape}) but the given tensor has shape "
-                f"{tuple(t.shape)}; check --input-shape / the data, or that the file belongs to this model"
-            )
-        for j, d in enumerate(shape):
-            if j == 0:
-                continue
-            if isinstance(d, int) and d != t.shape[j]:
-                raise NormswapError(
-                    f"ONNX input {m['name']} needs shape {shape} but the given tensor has shape {tuple(t.shape)} "
-                    f"(axis {j}: {d} vs {t.shape[j]}); was the file exported from this model?"
-                )
-        if m["dtype"] not in _FLOAT and t.is_floating_point() and _torch_dtype(m["dtype"]) is not None:
-            raise NormswapError(
-                f"ONNX input {m['name']} is {m['dtype']} but a floating-point tensor was given"
-            )
-
-
-def _as_tensors(inputs) -> tuple:
-    from normswap.data import is_dataset
-
-    if is_dataset(inputs):  # normswap.data.Dataset or a streaming one: its first samples
-        inputs = inputs.head(MAX_SAMPLES).inputs
-    return normalize_inputs(inputs)
-
-
-def _feeds(meta: list[dict], tensors: tuple) -> dict:
-    import numpy as np
-
-    feeds = {}
-    for m, t in zip(meta, tensors):
-        arr = t.detach().cpu().numpy()
-        target = np.dtype(m["dtype"]) if m["dtype"] not in ("unknown", "bfloat16") else arr.dtype
-        feeds[m["name"]] = arr.astype(target, copy=False)
-    return feeds
-
-
-def program_batch_sizes(model) -> tuple[int, int | None] | None:
-    """The batch sizes a ``torch.export`` program accepts, as ``(lo, hi)`` (``hi`` None: no upper
-    bound; ``lo == hi``: a static batch), from its first input's dimension 0; None for an eager
-    model or when the program does not say."""
-    import torch
-
-    if not isinstance(model, torch.export.ExportedProgram):
-        return None
-    try:
-        user = set(model.graph_signature.user_inputs)
-        for node in model.graph.nodes:
-            if node.op != "placeholder" or node.name not in user:
-                continue
-            val = node.meta.get("val")
-            shape = getattr(val, "shape", None)
-            if shape is None or len(shape) == 0:
-                return None
-            d = shape[0]
-            if isinstance(d, int):
-                return int(d), int(d)
-            vr = model.range_constraints.get(d.node.expr)
-            if vr is None:
-                return None
-            lo = int(vr.lower) if vr.lower.is_finite else 0
-            hi = int(vr.upper) if vr.upper.is_finite else None
-            return lo, hi
-    except Exception:  # noqa: BLE001 - a program we cannot read: the check says what fails
-        return None
-    return None
-
-
-def _check_program_batches(accepted, sizes, static_onnx: bool) -> None:
-    """A torch.export program runs only on the batch sizes it was captured for: refuse, in one
-    line, a check whose batch sizes it does not accept (instead of its raw guard message)."""
-    if accepted is None:
-        return
-    lo, hi = accepted
-    bad = [s for s in sizes if s < lo or (hi is not None and s > hi)]
-    if not bad:
-        return
-    takes = f"only batch size {lo}" if lo == hi else (f"batch sizes {lo} to {hi}" if hi is not None
-                                                      else f"batch sizes {lo} and up")
-    if static_onnx:
-        why = f"the ONNX file's static batch is {sizes[0]}"
-    else:
-        why = ("the ONNX file has a dynamic batch, so the check compares batch sizes "
-               + " and ".join(str(s) for s in sizes))
-    fix = (f"pass inputs of batch {lo} (--input-shape {lo},... or --calib with {lo} samples)" if lo == hi and
-           static_onnx else "check the ONNX file against the eager model (a state dict with --arch, or a "
-                            "pickled module with --trust), or capture the program with a dynamic batch "
-                            "(torch.export.Dim)")
-    raise NormswapError(f"the torch.export program accepts {takes} (it was captured that way), but {why}; {fix}")
-
-
-def _second_batch(n: int) -> int:
-    return 1 if n > 1 else 3
-
-
-# --------------------------------------------------------------------------- main entry point
+            ran = [r.label for r in results if r.status != "unavailable"] or [s.label for s in specs]
+            located = _locate(model, path, batches[0][1], providers=ran, atol=atol, rtol=rtol)
+    notes.extend(runner.notes)
+    del runner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results, located
 
 
 def check(
@@ -707,7 +254,6 @@ def check(
     labels ("cpu", "cuda") or ``ProviderSpec`` objects.  See the module docstring
     for the criterion and the provider rules.
     """
-    import torch
 
     atol = DEFAULT_ATOL if atol is None else float(atol)
     rtol = DEFAULT_RTOL if rtol is None else float(rtol)
@@ -716,84 +262,26 @@ def check(
     specs = parse_providers(providers)
     accepted = program_batch_sizes(torch_module(model, keep_program=True))
     model = torch_module(model)
-    path, meta = _onnx_meta(onnx_path)
+    path, meta = onnx_meta(onnx_path)
     if input_shape is not None and not isinstance(input_shape, (tuple, list)):
         from normswap.data import parse_shape
 
         input_shape = parse_shape(input_shape)
 
     if inputs is not None and input_shape is not None:
-        raise NormswapError("give either inputs (--calib) or input_shape (--input-shape), not both")
+        raise NormswapError("give either inputs (--data) or input_shape (--input-shape), not both")
     notes: list[str] = []
-    first_dim = meta[0]["shape"][0] if meta and meta[0]["shape"] else None
-    static_batch = isinstance(first_dim, int)
-    if inputs is None:
-        batch = input_shape[0] if input_shape is not None else (first_dim if static_batch else 2)
-        tensors = _synth_inputs(meta, input_shape, batch)
-        notes.append(f"random inputs (seed 0) of shape {tuple(input_shape)}" if input_shape is not None
-                     else "random inputs (seed 0) shaped like the ONNX inputs")
-    else:
-        tensors = _as_tensors(inputs)
-    _validate(meta, tensors)
-
-    n = int(tensors[0].shape[0]) if tensors[0].dim() else 1
-    batched = [
-        t.dim() >= 1 and t.shape[0] == n and m["shape"] and not (isinstance(m["shape"][0], int) and m["shape"][0] != n)
-        for m, t in zip(meta, tensors)
-    ]
     warning_notes: list[str] = []
-    if static_batch:
-        sizes = [first_dim]
-        warning_notes.append(f"the ONNX batch dimension is static ({first_dim}); only that batch size is checked")
-        notes.append(warning_notes[-1])
-        batched = [t.dim() >= 1 and t.shape[0] == n for t in tensors]
-    elif tensors[0].dim() == 0:
-        sizes = [1]
-        batched = [False] * len(tensors)
-    else:
-        sizes = [n, _second_batch(n)]
-    if accepted is not None and len(sizes) == 2:  # a second size the program accepts, if it has one
-        lo, hi = accepted
-        fits = [s for s in (sizes[1], sizes[0] + 1, sizes[0] - 1, lo)
-                if s >= 1 and s != sizes[0] and s >= lo and (hi is None or s <= hi)]
-        if fits:
-            sizes[1] = fits[0]
-    _check_program_batches(accepted, sizes, static_batch)
-    batches = []
-    for size in sizes:
-        tin = tuple(_resize_batch(t, size) if b else t for t, b in zip(tensors, batched))
-        for m, t in zip(meta, tin):
-            d0 = m["shape"][0] if m["shape"] else None
-            if isinstance(d0, int) and t.dim() and t.shape[0] != d0:
-                raise NormswapError(
-                    f"ONNX input {m['name']} needs shape {m['shape']} but the given tensor has shape {tuple(t.shape)}"
-                )
-        batches.append((_feeds(meta, tin), tin))
-
-    if any(m.training for m in model.modules()) and not isinstance(model, torch.fx.GraphModule):
-        notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
-    results = []
-    with no_cache(model, notes), eval_mode(model, True):
-        runner = _TorchRunner(model)
-        for spec in specs:
-            results.append(compare_provider(path, spec, batches, runner, atol=atol, rtol=rtol, repeats=repeats, warmup=warmup))
-        located = None
-        if locate:
-            from normswap.locate import locate as _locate
-
-            ran = [r.label for r in results if r.status != "unavailable"] or [s.label for s in specs]
-            located = _locate(model, path, batches[0][1], providers=ran, atol=atol, rtol=rtol)
-    notes.extend(runner.notes)
+    tensors, static_batch = given_or_random(meta, inputs, input_shape, notes)
+    sizes, batches = batches_of(meta, tensors, static_batch, notes, warning_notes, accepted)
+    results, located = _run(model, path, specs, batches, notes, atol=atol, rtol=rtol, repeats=repeats,
+                            warmup=warmup, locate=locate)
     if not any(r.status != "unavailable" for r in results):
         warning_notes.append(
             "no requested provider could run, so parity was not established: "
             + "; ".join(f"{r.label}: {r.reason}" for r in results)
         )
         notes.append(warning_notes[-1])
-    del runner
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
     return ParityReport(
         onnx_path=path,
         atol=atol,
@@ -845,7 +333,7 @@ def check_file(
         raise NormswapError("--repeats must be >= 0")
     loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)
     resolved = resolve_inputs(loaded.module, input_shape=input_shape, data=data, limit=MAX_SAMPLES,
-                              data_option="--calib", example=False, preprocess=preprocess)
+                              data_option="--data", example=False, preprocess=preprocess)
     from normswap.report import attach_load
 
     if resolved.data is not None:  # the data set is the inputs; its shape was only for reading it

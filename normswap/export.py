@@ -32,12 +32,13 @@ Choices (see also the module docstring of :mod:`normswap.check`):
 * **Dynamic batch.** Dim 0 of every input (and output) whose size equals the
   batch size of the first input is declared dynamic ("batch"):
   ``dynamic_shapes`` for dynamo, ``dynamic_axes`` for TorchScript.
+
+Size (issue 19): about 450 lines, a third of them this docstring, the report type and the
+training-mode / kind checks; the exporters themselves are :mod:`normswap.export_backends`.
 """
 
 from __future__ import annotations
 
-import inspect
-import io
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from normswap.onnx_utils import (
     quiet_torch_onnx,
     torch_module,
 )
+from normswap.export_backends import dynamic_spec, export_dynamo, export_torchscript
 from normswap.report import Report
 
 DEFAULT_OPSET = 18
@@ -160,105 +162,6 @@ def has_kind(model, kind: str) -> bool:
     return any(_kind_as_exported(m) == kind for m in model.modules())
 
 
-def _input_names(model, n: int) -> list[str]:
-    try:
-        params = [
-            p
-            for p in inspect.signature(model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        names = [p.name for p in params[:n]]
-    except (TypeError, ValueError):
-        names = []
-    names = names + [f"input_{i}" for i in range(len(names), n)]
-    if len(set(names)) != len(names):
-        names = [f"input_{i}" for i in range(n)]
-    return names
-
-
-# --------------------------------------------------------------------------- exporters
-
-
-def _dynamic_spec(inputs: tuple, dynamic_batch: bool):
-    if not dynamic_batch or inputs[0].dim() == 0:
-        return None, None
-    batch = inputs[0].shape[0]
-    flags = [t.dim() >= 1 and t.shape[0] == batch for t in inputs]
-    return batch, flags
-
-
-def _export_dynamo(model, inputs, opset, flags, keep_norms):
-    import torch
-
-    dynamic_shapes = None
-    if flags is not None and not isinstance(model, torch.export.ExportedProgram):
-        specs = [{0: "batch"} if f else {} for f in flags]
-        dynamic_shapes = tuple(specs)
-        try:  # forward(self, x, *args): torch.export wants the *args shapes as one nested tuple
-            params = list(inspect.signature(model.forward).parameters.values())
-            fixed = 0
-            for p in params:
-                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                    fixed += 1
-                elif p.kind == p.VAR_POSITIONAL:
-                    if len(specs) > fixed:
-                        dynamic_shapes = tuple(specs[:fixed]) + (tuple(specs[fixed:]),)
-                    break
-        except (TypeError, ValueError):
-            pass
-    with quiet_torch_onnx(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            inputs,
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            optimize=not keep_norms,
-            external_data=False,
-            verbose=False,
-            report=False,
-        )
-    if program is None:  # pragma: no cover - defensive
-        raise RuntimeError("torch.onnx.export returned no program")
-    return program
-
-
-def _export_torchscript(model, inputs, opset, flags, keep_norms, out_count, out_batch_flags):
-    import torch
-
-    names = _input_names(model, len(inputs))
-    out_names = [f"output_{i}" if out_count > 1 else "output" for i in range(out_count)]
-    dynamic_axes = None
-    if flags is not None:
-        dynamic_axes = {n: {0: "batch"} for n, f in zip(names, flags) if f}
-        dynamic_axes.update({n: {0: "batch"} for n, f in zip(out_names, out_batch_flags) if f})
-    buf = io.BytesIO()
-    tracer_warnings: list[str] = []
-    with quiet_torch_onnx(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.onnx.export(
-            model,
-            inputs,
-            buf,
-            dynamo=False,
-            opset_version=opset,
-            input_names=names,
-            output_names=out_names,
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=not keep_norms,
-        )
-    for w in caught:
-        if issubclass(w.category, torch.jit.TracerWarning):
-            msg = " ".join(str(w.message).split())
-            if msg not in tracer_warnings:
-                tracer_warnings.append(msg)
-    return buf.getvalue(), tracer_warnings[:5]
-
-
-# --------------------------------------------------------------------------- main entry point
-
-
 def export(
     model,
     path,
@@ -285,6 +188,47 @@ def export(
     model = program_in.module() if is_program else program_in
     inputs = normalize_inputs(example_inputs, model)
     path = Path(path)
+    opset = _check_target(path, source_path, opset, force=force, staged=staged)
+    report_warnings: list[str] = []
+    in_training, switched = _mode_check(model, is_program, eval, opset, report_warnings)
+    cache_notes: list[str] = []
+    with no_cache(model, cache_notes), eval_mode(model, eval and not is_program), torch.no_grad():
+        flags, out_flags, n_out = _reference(model, inputs, dynamic_batch)
+        exporter, fallback_reason, program, ts_bytes = _run_exporters(
+            program_in if is_program else model, model, inputs, opset, flags, keep_norms, n_out, out_flags,
+            report_warnings)
+    external = _write(path, program, ts_bytes, force=force, staged=staged, source_path=source_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    ins, outs_info = onnx_io(proto)
+    file_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    hist = op_histogram(proto)
+    is_dynamic = bool(ins) and bool(ins[0]["shape"]) and not isinstance(ins[0]["shape"][0], int)
+    _file_warnings(report_warnings, ins, hist, file_opset, dynamic_batch=dynamic_batch, flags=flags,
+                   is_dynamic=is_dynamic, is_program=is_program)
+    return ExportReport(
+        path=str(path),
+        exporter=exporter,
+        fallback_reason=fallback_reason,
+        opset=int(file_opset),
+        dynamic_batch=is_dynamic,
+        keep_norms=keep_norms,
+        op_histogram=hist,
+        file_size=path.stat().st_size + sum(Path(p).stat().st_size for p in external),
+        inputs=ins,
+        outputs=outs_info,
+        external_data=external,
+        warnings=report_warnings + cache_notes,
+        switched_to_eval=switched,
+        switched_layers=in_training if switched else [],
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+def _check_target(path: Path, source_path, opset, *, force: bool, staged: bool) -> int:
+    """Refuse an output that is a folder, in a missing folder, the input model, or exists (without
+    force); the opset (default :data:`DEFAULT_OPSET`), validated."""
+    import onnx
+
     if path.is_dir():
         raise NormswapError(f"output path {path} is a directory; give a file name like model.onnx")
     if not path.parent.exists():
@@ -293,14 +237,17 @@ def export(
         raise NormswapError(f"{path}: refusing to overwrite the input model file; choose another output with -o")
     if path.exists() and not force and not staged:
         raise NormswapError(f"{path} exists; pass force=True (--force) to overwrite it")
-
     if opset is None:
         opset = DEFAULT_OPSET
     max_opset = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not 14 <= opset <= max_opset:
         raise NormswapError(f"opset must be an integer between 14 and {max_opset}, got {opset!r}")
+    return opset
 
-    report_warnings: list[str] = []
+
+def _mode_check(model, is_program: bool, eval: bool, opset: int, report_warnings: list) -> tuple[list, bool]:  # noqa: A002
+    """Refuse norms in training mode (unless ``eval``); warn about other train-mode modules and
+    GroupNorm at an imprecise opset.  Returns (the train-mode norms, whether eval switches)."""
     # a torch.export program's train/eval behaviour was fixed when it was captured
     in_training = [] if is_program else training_norms(model)
     if in_training and not eval:
@@ -311,75 +258,72 @@ def export(
             "call model.eval() first or pass eval=True (--eval)"
         )
     any_training = not is_program and any(m.training for m in model.modules())
-    switched = bool(eval and any_training)
     if not eval and any_training:
         report_warnings.append(
             "some modules are in training mode (e.g. Dropout); they are exported as they are; pass --eval to switch"
         )
-
     if opset >= GROUPNORM_IMPRECISE_OPSET and has_kind(model, "gn"):
         report_warnings.append(
             f"GroupNorm at opset {opset}: exported as GroupNormalization-21, which onnxruntime computes as "
             "E[x^2]-E[x]^2 and loses precision on inputs with a large mean; use opset 20 or lower "
             f"(default {DEFAULT_OPSET}) for the precise decomposition"
         )
+    return in_training, bool(eval and any_training)
 
-    cache_notes: list[str] = []
-    with no_cache(model, cache_notes), eval_mode(model, eval and not is_program), torch.no_grad():
-        try:
-            ref = model(*inputs)
-        except Exception as e:  # noqa: BLE001
+
+def _reference(model, inputs: tuple, dynamic_batch: bool):
+    """One run of the model: (dynamic-batch flags of the inputs, of the outputs, output count)."""
+    try:
+        ref = model(*inputs)
+    except Exception as e:  # noqa: BLE001
+        raise NormswapError(
+            f"the model does not run on the example inputs "
+            f"(shapes {[tuple(t.shape) for t in inputs]}): {exception_reason(e, 300)}"
+        ) from e
+    outs = flatten_outputs(ref)
+    if not outs:
+        raise NormswapError("the model returns no tensor output; nothing to export")
+    batch, flags = dynamic_spec(inputs, dynamic_batch)
+    return flags, [o.dim() >= 1 and batch is not None and o.shape[0] == batch for o in outs], len(outs)
+
+
+def _run_exporters(target, model, inputs, opset, flags, keep_norms, n_out, out_flags, report_warnings: list):
+    """The dynamo exporter, else the TorchScript one: (exporter, fallback reason, program, bytes)."""
+    try:
+        return "dynamo", None, export_dynamo(target, inputs, opset, flags, keep_norms), None
+    except Exception as e:  # noqa: BLE001 - any exporter failure triggers the fallback
+        fallback_reason = f"dynamo exporter failed: {exception_reason(e)}"
+        if opset > TORCHSCRIPT_MAX_OPSET:
             raise NormswapError(
-                f"the model does not run on the example inputs "
-                f"(shapes {[tuple(t.shape) for t in inputs]}): {exception_reason(e, 300)}"
+                f"{fallback_reason}; the TorchScript fallback supports opset <= {TORCHSCRIPT_MAX_OPSET}, "
+                f"not {opset}"
             ) from e
-        outs = flatten_outputs(ref)
-        if not outs:
-            raise NormswapError("the model returns no tensor output; nothing to export")
-        batch, flags = _dynamic_spec(inputs, dynamic_batch)
-        out_flags = [o.dim() >= 1 and batch is not None and o.shape[0] == batch for o in outs]
+    warnings.warn(f"normswap.export: {fallback_reason}; falling back to the TorchScript exporter",
+                  RuntimeWarning, stacklevel=3)
+    try:
+        ts_bytes, tracer_warnings = export_torchscript(model, inputs, opset, flags, keep_norms, n_out, out_flags)
+    except Exception as e2:  # noqa: BLE001
+        raise NormswapError(
+            f"export failed with both exporters: {fallback_reason}; "
+            f"TorchScript exporter failed: {exception_reason(e2)}"
+        ) from e2
+    report_warnings.append("fell back to the TorchScript exporter (see fallback_reason)")
+    report_warnings.extend(f"TracerWarning: {w}" for w in tracer_warnings)
+    return "torchscript", fallback_reason, None, ts_bytes
 
-        exporter = "dynamo"
-        fallback_reason = None
-        program = None
-        ts_bytes = None
-        try:
-            program = _export_dynamo(program_in if is_program else model, inputs, opset, flags, keep_norms)
-        except Exception as e:  # noqa: BLE001 - any exporter failure triggers the fallback
-            fallback_reason = f"dynamo exporter failed: {exception_reason(e)}"
-            if opset > TORCHSCRIPT_MAX_OPSET:
-                raise NormswapError(
-                    f"{fallback_reason}; the TorchScript fallback supports opset <= {TORCHSCRIPT_MAX_OPSET}, "
-                    f"not {opset}"
-                ) from e
-            warnings.warn(
-                f"normswap.export: {fallback_reason}; falling back to the TorchScript exporter",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            exporter = "torchscript"
-            try:
-                ts_bytes, tracer_warnings = _export_torchscript(
-                    model, inputs, opset, flags, keep_norms, len(outs), out_flags
-                )
-            except Exception as e2:  # noqa: BLE001
-                raise NormswapError(
-                    f"export failed with both exporters: {fallback_reason}; "
-                    f"TorchScript exporter failed: {exception_reason(e2)}"
-                ) from e2
-            report_warnings.append("fell back to the TorchScript exporter (see fallback_reason)")
-            report_warnings.extend(f"TracerWarning: {w}" for w in tracer_warnings)
+
+def _write(path: Path, program, ts_bytes, *, force: bool, staged: bool, source_path) -> list[str]:
+    """Write the ONNX file (weights above the threshold in a ``.data`` side file), checked with
+    ``onnx.checker``, through the one safe-write path; returns the side files written."""
+    import onnx
 
     external: list[str] = []
 
     def writer(tmp: Path) -> None:
         if program is not None:
-            weights = 0
             try:
-                weights = sum(
-                    (v.const_value.nbytes if v.const_value is not None else 0)
-                    for v in program.model.graph.initializers.values()
-                )
+                weights = sum((v.const_value.nbytes if v.const_value is not None else 0)
+                              for v in program.model.graph.initializers.values())
             except Exception:  # noqa: BLE001
                 weights = 0
             if weights > EXTERNAL_DATA_THRESHOLD:
@@ -414,12 +358,13 @@ def export(
         for p in external:
             Path(p).unlink(missing_ok=True)
         raise NormswapError(f"cannot write {path}: {e}") from e
+    return external
 
-    proto = onnx.load(str(path), load_external_data=False)
-    ins, outs_info = onnx_io(proto)
-    file_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    hist = op_histogram(proto)
-    is_dynamic = bool(ins) and bool(ins[0]["shape"]) and not isinstance(ins[0]["shape"][0], int)
+
+def _file_warnings(report_warnings: list, ins, hist, file_opset: int, *, dynamic_batch, flags, is_dynamic,
+                   is_program) -> None:
+    """What the written file shows: a batch dimension the exporter specialised, GroupNormalization
+    nodes at an imprecise opset."""
     if dynamic_batch and flags is not None and not is_dynamic and is_program:
         report_warnings.append(
             "the torch.export program has a static batch dimension "
@@ -437,24 +382,6 @@ def export(
             f"GroupNormalization nodes at opset {file_opset}: onnxruntime computes their variance as "
             "E[x^2]-E[x]^2 (imprecise for inputs with a large mean); use opset <= 20"
         )
-
-    return ExportReport(
-        path=str(path),
-        exporter=exporter,
-        fallback_reason=fallback_reason,
-        opset=int(file_opset),
-        dynamic_batch=is_dynamic,
-        keep_norms=keep_norms,
-        op_histogram=hist,
-        file_size=path.stat().st_size + sum(Path(p).stat().st_size for p in external),
-        inputs=ins,
-        outputs=outs_info,
-        external_data=external,
-        warnings=report_warnings + cache_notes,
-        switched_to_eval=switched,
-        switched_layers=in_training if switched else [],
-        seconds=round(time.perf_counter() - t0, 3),
-    )
 
 
 # --------------------------------------------------------------------------- file-to-file job

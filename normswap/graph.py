@@ -39,32 +39,47 @@ __all__ = [
     "producer_op",
     "PRODUCER_OPS",
     "region_of",
+    "LAYER_TYPES",
+    "LAYER_OPS",
+    "family_of_report",
 ]
 
-#: module types whose output a per-channel affine can be folded into (or out of)
-PRODUCER_TYPES: dict[type, str] = {
-    nn.Conv1d: "conv",
-    nn.Conv2d: "conv",
-    nn.Conv3d: "conv",
-    nn.ConvTranspose1d: "conv_transpose",
-    nn.ConvTranspose2d: "conv_transpose",
-    nn.ConvTranspose3d: "conv_transpose",
+#: the one layer table: exact module types and ATen op names -> layer family ("conv", "convt",
+#: "linear").  The fold views, the audit readers and the TorchScript / torch.export readers all
+#: derive their producer lookups from it.
+LAYER_TYPES: dict[type, str] = {
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "convt", nn.ConvTranspose2d: "convt", nn.ConvTranspose3d: "convt",
     nn.Linear: "linear",
 }
+LAYER_OPS: dict[str, str] = {
+    "aten::conv1d": "conv", "aten::conv2d": "conv", "aten::conv3d": "conv",
+    "aten::convolution": "conv", "aten::_convolution": "conv",  # transposed=True: "convt"
+    "aten::conv_transpose1d": "convt", "aten::conv_transpose2d": "convt", "aten::conv_transpose3d": "convt",
+    "aten::linear": "linear", "aten::addmm": "linear", "aten::mm": "linear",
+}
+#: the report names of the families (audit JSON: "conv_transpose")
+_REPORT = {"conv": "conv", "convt": "conv_transpose", "linear": "linear"}
+
+#: module types whose output a per-channel affine can be folded into (or out of), lazy ones
+#: included, by report name
+PRODUCER_TYPES: dict[type, str] = {t: _REPORT[f] for t, f in LAYER_TYPES.items()}
 for _n, _k in (("LazyConv1d", "conv"), ("LazyConv2d", "conv"), ("LazyConv3d", "conv"),
                ("LazyConvTranspose1d", "conv_transpose"), ("LazyConvTranspose2d", "conv_transpose"),
                ("LazyConvTranspose3d", "conv_transpose"), ("LazyLinear", "linear")):
     if hasattr(nn, _n):
         PRODUCER_TYPES[getattr(nn, _n)] = _k
 
-
-#: the one producer table of every graph reader: a layer class name (FX modules, TorchScript
-#: ``original_name``, ``nn_module_stack`` types) or an aten op name (TorchScript / torch.export)
-#: -> "conv" / "conv_transpose" / "linear"
+#: a layer class name (FX modules, TorchScript ``original_name``, ``nn_module_stack`` types) or an
+#: aten op name -> "conv" / "conv_transpose" / "linear" (derived from the tables above)
 PRODUCER_OPS: dict[str, str] = {t.__name__: k for t, k in PRODUCER_TYPES.items()}
-PRODUCER_OPS.update({"conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "conv_transpose1d": "conv_transpose",
-                     "conv_transpose2d": "conv_transpose", "conv_transpose3d": "conv_transpose",
-                     "linear": "linear", "addmm": "linear", "mm": "linear"})
+PRODUCER_OPS.update({op.split("::")[1]: _REPORT[f] for op, f in LAYER_OPS.items() if not op.startswith("aten::_")
+                     and op != "aten::convolution"})
+
+
+def family_of_report(name: str | None) -> str | None:
+    """The layer family of a report name ("conv_transpose" -> "convt"), None for non-layers."""
+    return {v: k for k, v in _REPORT.items()}.get(name)
 
 
 def producer_op(name: str | None, default: str = "other") -> str:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
-from normswap.data import IMAGE_SUFFIXES
+from normswap.dataset import IMAGE_SUFFIXES
 from normswap.errors import NormswapError
 
 __all__ = ["ImageFolder", "open_image_folder", "scan_folder", "default_workers", "IMAGE_SUFFIXES"]
@@ -259,7 +259,7 @@ class ImageFolder:
 
     def head(self, n: int):
         """The first ``n`` samples, decoded, as an in-memory :class:`normswap.data.Dataset`."""
-        from normswap.data import Dataset
+        from normswap.dataset import Dataset
 
         k = max(0, min(int(n), len(self)))
         y = self.labels[:k] if self._labels is not None else None
@@ -284,7 +284,7 @@ class ImageFolder:
         """Decode the files at ``indices`` (in parallel when there are several) into one tensor."""
         import torch
 
-        from normswap.inputs import check_shape_size
+        from normswap.shapes import check_shape_size
 
         indices = list(indices)
         c, h, w = self.sample_shape

@@ -7,18 +7,19 @@ recogniser that checks the class name, the base, the attributes and the children
 library's forward uses; anything else that subclasses a known norm stays
 ``unsupported_subclass``.
 
-Importing this module registers the kinds (``normswap.norms`` imports it last).
+The recognisers are here; the kinds are registered with them in :mod:`normswap.norms`.
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
-from normswap.norms import NormKind, _bn_eval, register
 
-__all__ = ["post_op_children", "is_same_padding_conv", "probe_output_channel_affine"]
+__all__ = ["is_bn_act", "is_gn_act", "is_ln2d", "is_frn_act", "is_evonorm", "is_same_padding_conv",
+           "probe_output_channel_affine", "is_frozen_bn", "is_custom_norm", "looks_like_norm_name"]
 
 
 def _names(m: nn.Module, kind: str) -> set[str]:
@@ -40,20 +41,20 @@ def _only(m: nn.Module, *, children=(), params=(), buffers=None) -> bool:
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _is_bn_act(m: nn.Module) -> bool:
+def is_bn_act(m: nn.Module) -> bool:
     # timm.layers.norm_act.BatchNormAct2d / SyncBatchNormAct: BN forward, then drop, then act
     return (isinstance(m, nn.modules.batchnorm._BatchNorm)
             and type(m).__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
             and _only(m, children=("drop", "act"), params=("weight", "bias"), buffers=_BN_BUFFERS))
 
 
-def _is_gn_act(m: nn.Module) -> bool:
+def is_gn_act(m: nn.Module) -> bool:
     # timm GroupNormAct / GroupNorm1Act: GroupNorm forward, then drop, then act
     return (type(m).__name__ in ("GroupNormAct", "GroupNorm1Act") and isinstance(m, nn.GroupNorm)
             and _only(m, children=("drop", "act"), params=("weight", "bias"), buffers=()))
 
 
-def _is_ln2d(m: nn.Module) -> bool:
+def is_ln2d(m: nn.Module) -> bool:
     name = type(m).__name__
     if name == "LayerNorm2d" and isinstance(m, nn.LayerNorm):
         # torchvision ConvNeXt / timm: permute NCHW -> NHWC, F.layer_norm over C, permute back
@@ -64,7 +65,7 @@ def _is_ln2d(m: nn.Module) -> bool:
     return False
 
 
-def _is_frn_act(m: nn.Module) -> bool:
+def is_frn_act(m: nn.Module) -> bool:
     name = type(m).__name__
     if name == "FilterResponseNormAct2d":
         return _only(m, children=("act",), params=("weight", "bias", "eps"))
@@ -76,73 +77,8 @@ def _is_frn_act(m: nn.Module) -> bool:
 _EVO = re.compile(r"^EvoNorm2d(B0|B1|B2|S0|S0a|S1|S1a|S2|S2a)$")
 
 
-def _is_evonorm(m: nn.Module) -> bool:
+def is_evonorm(m: nn.Module) -> bool:
     return bool(_EVO.match(type(m).__name__)) and _only(m, children=("act",), params=("weight", "bias", "v"))
-
-
-def post_op_children(module: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
-    """The children a recognised norm applies after normalising, in order (drop, act), leaving
-    out ``nn.Identity`` ones: an empty list means the norm's output is its normalisation."""
-    from normswap.norms import NORMS
-
-    k = NORMS.get(kind)
-    if k is None:
-        return []
-    out = []
-    for n in k.post_ops:
-        m = getattr(module, n, None)
-        if isinstance(m, nn.Module) and type(m) is not nn.Identity:
-            out.append((n, m))
-    return out
-
-
-register(NormKind(
-    "bn_act", (), "batch", "N and all spatial axes, per channel (dim 1), then drop + activation",
-    None, None, "yes", ("BatchNormalization", "activation"),
-    "timm BatchNormAct2d: BatchNorm2d, then its drop and act children (recognised by structure)",
-    layout="conv", running_stat_names=("running_mean", "running_var"), eval_affine_fn=_bn_eval,
-    fold_family="bn_like", mode_sensitive=True, recognise=_is_bn_act, post_ops=("drop", "act"),
-    class_names=("BatchNormAct2d", "SyncBatchNormAct"), class_base=nn.BatchNorm2d,
-))
-register(NormKind(
-    "gn_act", (), "sample", "each group's channels and spatial axes, per sample, then drop + activation",
-    False, None, "no", ("Reshape", "InstanceNormalization", "Mul", "Add", "activation"),
-    "timm GroupNormAct: GroupNorm, then its drop and act children (recognised by structure)",
-    layout="conv", recognise=_is_gn_act, post_ops=("drop", "act"),
-    class_names=("GroupNormAct", "GroupNorm1Act"), class_base=nn.GroupNorm,
-    no_fold_reason="{type}: per-sample statistics, and its activation sits between the affine and "
-                   "the next layer",
-))
-register(NormKind(
-    "ln2d", (), "sample", "the channels (dim 1) at each position of an NCHW tensor, per sample",
-    False, None, "affine_only", ("Transpose", "LayerNormalization", "Transpose"),
-    "LayerNorm2d (torchvision ConvNeXt, timm; HF ConvNextLayerNorm channels_first): LayerNorm over "
-    "the channels of an NCHW tensor (recognised by structure)",
-    layout="conv", recognise=_is_ln2d, class_names=("LayerNorm2d",), class_base=nn.LayerNorm,
-    fold_family="affine_only",  # its per-channel affine (dim 1) folds into the following conv / Linear
-))
-register(NormKind(
-    "frn_act", (), "sample", "spatial axes, per sample and channel (mean of x^2), then TLU / act",
-    False, True, "no", ("Mul", "ReduceMean", "Add", "Sqrt", "Div", "Max"),
-    "timm FilterResponseNormAct2d / FilterResponseNormTlu2d: FRN, then its act child or a TLU "
-    "(recognised by structure)",
-    layout="conv", recognise=_is_frn_act, post_ops=("act",),
-    class_names=("FilterResponseNormAct2d", "FilterResponseNormTlu2d"),
-    no_fold_reason="{type}: per-sample statistics and a TLU/activation are not a fixed affine",
-))
-register(NormKind(
-    "evonorm", (), "sample",
-    "B*: batch variance over N,H,W (running at eval) and per-sample variance over H,W; "
-    "S*: per-sample group std, gated by x*sigmoid(v*x)",
-    None, True, "no", ("Sigmoid", "ReduceMean", "Max", "Div", "Mul", "Add"),
-    "EvoNorm (Liu et al. 2020; timm EvoNorm2dB0..S2a): normalisation and activation in one layer; "
-    "B0: x / max(sqrt(var_NHW + eps), v*x + sqrt(var_HW + eps)) * gamma + beta; "
-    "S0: x * sigmoid(v*x) / group_std(x) * gamma + beta",
-    recognise=_is_evonorm, mode_sensitive=None, running_stat_names=("running_var",),
-    class_names=("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2", "EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1",
-                 "EvoNorm2dS1a", "EvoNorm2dS2", "EvoNorm2dS2a"),
-    no_fold_reason="{type}: per-sample statistics and a non-linear gate are not a fixed affine",
-))
 
 
 # --------------------------------------------------------------------------- library convs
@@ -212,3 +148,52 @@ def probe_output_channel_affine(m: nn.Module) -> str | None:
     if float((y2 - expect).abs().max()) > tol:
         return "a probe shows its output channels are not an affine of its own weight rows"
     return None
+
+
+
+# --------------------------------------------------------------------------- norms by structure
+
+_FROZEN_NAME = re.compile(r"(?i)frozen|batch_?norm|(^|[^a-z])bn")
+_CUSTOM_NAME = re.compile(r"(?i)norm")
+_NOT_NORM_NAME = re.compile(r"(?i)normali[sz]e$|^(pre|post)norm|norm(block|layerwrapper)$")
+
+
+def is_frozen_bn(module: nn.Module) -> bool:
+    if next(module.parameters(recurse=False), None) is not None:
+        return False
+    if next(module.children(), None) is not None:
+        return False
+    bufs = dict(module.named_buffers(recurse=False))
+    need = ("weight", "bias", "running_mean", "running_var")
+    if not all(k in bufs and isinstance(bufs[k], torch.Tensor) for k in need):
+        return False
+    shapes = {tuple(bufs[k].shape) for k in need}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        return False
+    return bool(_FROZEN_NAME.search(type(module).__name__))
+
+
+def is_custom_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    if not _CUSTOM_NAME.search(name) or _NOT_NORM_NAME.search(name):
+        return False
+    if next(module.children(), None) is not None:
+        return False  # wrappers like PreNorm(fn) hold modules; a norm is a leaf
+    # a weight-like parameter (or buffer) whose shape is a feature shape, or an eps attribute
+    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    weightish = [
+        t for n, t in tensors
+        if n in ("weight", "scale", "gamma", "g", "alpha", "bias", "beta", "offset")
+        and isinstance(t, torch.Tensor) and t.dim() >= 1
+    ]
+    has_eps = any(hasattr(module, a) for a in ("eps", "variance_epsilon", "epsilon"))
+    if not weightish and not has_eps:
+        return False
+    # all weight-like tensors share a shape (per-feature)
+    shapes = {tuple(t.shape) for t in weightish}
+    return len(shapes) <= 1
+
+
+def looks_like_norm_name(class_name: str) -> bool:
+    """Does a class name look like a norm's (``*Norm*``, not ``Normalize``/``PreNorm``)?"""
+    return bool(_CUSTOM_NAME.search(class_name)) and not _NOT_NORM_NAME.search(class_name)

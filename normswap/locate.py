@@ -44,13 +44,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import os
 import tempfile
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from normswap.errors import NormswapError
+from normswap.locate_report import LayerParity, LocateResult, locate_text  # noqa: F401  (re-exported)
+from normswap.onnx_utils import torch_module
+from normswap.ort import ProviderSpec, no_tf32, probe, provider_spec, short_error
+from normswap.ort import session as _session
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
@@ -58,152 +60,6 @@ CRITERION = "max|onnx - torch| <= atol + rtol * max|torch| per layer output"
 _TWO_GB = 2_000_000_000
 
 __all__ = ["locate", "locate_text", "LocateResult", "LayerParity", "DEFAULT_ATOL", "DEFAULT_RTOL", "CRITERION"]
-
-
-# --------------------------------------------------------------------------- result types
-
-
-@dataclass
-class LayerParity:
-    """One mapped leaf module."""
-
-    name: str  # module path, e.g. "features.3.conv"
-    type: str  # class name, e.g. "Conv2d"
-    index: int  # execution order (0-based) among mapped layers
-    onnx_output: str  # the ONNX value compared with the module's output
-    onnx_nodes: list[str]  # op types of the layer's nodes (in graph order)
-    shape: list[int]
-    max_abs_torch: float  # max |y| of the PyTorch output
-    tolerance: float
-    #: full onnxruntime run vs PyTorch: the error accumulated up to this layer
-    acc_max_abs: float
-    acc_rel: float  # acc_max_abs / max|y|
-    acc_passed: bool
-    #: the layer's nodes alone on PyTorch's input activation vs PyTorch's output
-    own_max_abs: float | None = None
-    own_rel: float | None = None
-    own_passed: bool | None = None
-    own_reason: str | None = None  # why the own error could not be measured
-    #: modules with no ONNX nodes of their own that were absorbed into this layer (Conv+BN fold)
-    fused: list[str] = field(default_factory=list)
-
-    @property
-    def diverges(self) -> bool:
-        return self.own_passed is False
-
-    @property
-    def inherited(self) -> bool:
-        """Accumulated error over the tolerance while the layer itself is fine."""
-        return (not self.acc_passed) and self.own_passed is True
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["diverges"] = self.diverges
-        d["inherited"] = self.inherited
-        return _finite(d)
-
-
-@dataclass
-class LocateResult:
-    onnx_path: str
-    provider: str | None  # label of the provider that ran ("cpu", "cuda"), None if none ran
-    ran: str | None  # onnxruntime's provider name (session.get_providers()[0])
-    status: str  # "ok" | "diverged" | "unavailable"
-    atol: float
-    rtol: float
-    criterion: str
-    torch_device: str | None
-    layers: list[LayerParity]
-    unmapped: list[str]  # "name (Type): reason"
-    unavailable: dict[str, str] = field(default_factory=dict)  # provider label -> reason
-    outputs: list[dict] = field(default_factory=list)  # final outputs, ORT vs torch
-    mapping: str = "none"  # "name_scopes" | "node_names" | "none"
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def first_divergent(self) -> LayerParity | None:
-        """First layer (execution order) whose own error exceeds the tolerance."""
-        return next((lp for lp in self.layers if lp.own_passed is False), None)
-
-    @property
-    def first_accumulated(self) -> LayerParity | None:
-        """First layer whose accumulated error exceeds the tolerance."""
-        return next((lp for lp in self.layers if not lp.acc_passed), None)
-
-    def __bool__(self) -> bool:
-        if self.status == "unavailable":
-            return False
-        return (
-            self.first_divergent is None
-            and self.first_accumulated is None
-            and all(o.get("passed", True) for o in self.outputs)
-        )
-
-    @property
-    def passed(self) -> bool:
-        return bool(self)
-
-    def layer(self, name: str) -> LayerParity | None:
-        return next((lp for lp in self.layers if lp.name == name), None)
-
-    def summary_text(self) -> str:
-        if self.status == "unavailable":
-            return "locate: no provider ran (" + "; ".join(f"{k}: {v}" for k, v in self.unavailable.items()) + ")"
-        fd = self.first_divergent
-        n = len(self.layers)
-        tail = f" ({n} layer{'' if n == 1 else 's'} mapped, {len(self.unmapped)} not mapped, {self.provider})"
-        if fd is not None:
-            fused = f", with {', '.join(fd.fused)} folded in" if fd.fused else ""
-            return (
-                f"first divergent layer: {fd.name} ({fd.type}{fused}) own error {fd.own_max_abs:.3g} "
-                f"> tol {fd.tolerance:.3g} (accumulated {fd.acc_max_abs:.3g})" + tail
-            )
-        fa = self.first_accumulated
-        if fa is not None:
-            return (
-                f"no layer diverges on its own, but the error exceeds the tolerance first at {fa.name} "
-                f"({fa.acc_max_abs:.3g} > {fa.tolerance:.3g}): the cause lies in ops outside mapped layers" + tail
-            )
-        bad = [o for o in self.outputs if not o.get("passed", True)]
-        if bad:
-            return f"all layers agree but output {bad[0]['name']} differs ({bad[0]['max_abs']:.3g}): ops after the last mapped layer" + tail
-        return "no divergence: every mapped layer within tolerance" + tail
-
-    def to_dict(self) -> dict:
-        fd, fa = self.first_divergent, self.first_accumulated
-        return _finite(
-            {
-                "onnx_path": self.onnx_path,
-                "passed": bool(self),
-                "status": self.status,
-                "provider": self.provider,
-                "ran": self.ran,
-                "torch_device": self.torch_device,
-                "atol": self.atol,
-                "rtol": self.rtol,
-                "criterion": self.criterion,
-                "mapping": self.mapping,
-                "first_divergent": fd.to_dict() if fd else None,
-                "first_accumulated": fa.name if fa else None,
-                "layers": [lp.to_dict() for lp in self.layers],
-                "unmapped": list(self.unmapped),
-                "unavailable": dict(self.unavailable),
-                "outputs": list(self.outputs),
-                "notes": list(self.notes),
-                "summary": self.summary_text(),
-            }
-        )
-
-
-def _finite(obj):
-    """JSON-safe: inf/nan floats become strings ("inf", "nan")."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------- metrics
@@ -234,68 +90,8 @@ def _err(ref, got, atol: float, rtol: float) -> tuple[float, float, float, float
 # --------------------------------------------------------------------------- providers
 
 
-@dataclass
-class _Provider:
-    label: str
-    provider: str
-    options: dict
-    torch_device: str
-
-
-def _provider(label) -> _Provider:
-    try:  # the shared provider table of normswap check
-        from normswap.check import provider_spec
-
-        s = label if hasattr(label, "provider") and hasattr(label, "label") else provider_spec(label)
-        return _Provider(s.label, s.provider, dict(s.options), s.torch_device)
-    except ImportError:  # pragma: no cover
-        key = str(label).lower()
-        if key == "cuda":
-            return _Provider("cuda", "CUDAExecutionProvider", {"use_tf32": "0"}, "cuda")
-        return _Provider("cpu", "CPUExecutionProvider", {}, "cpu")
-
-
-def _session(model_bytes_or_path, spec: _Provider):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    providers: list[Any] = [(spec.provider, spec.options) if spec.options else spec.provider]
-    if spec.provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-    return ort.InferenceSession(model_bytes_or_path, sess_options=so, providers=providers)
-
-
-def _why_not(spec: _Provider, onnx_path: str) -> str | None:
-    """None if ``spec`` really runs here (probing with the ONNX file), else the reason."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if spec.provider not in available:
-        hint = ""
-        if spec.provider == "CUDAExecutionProvider":
-            hint = "; the plain 'onnxruntime' package is CPU-only, install 'onnxruntime-gpu'"
-        return f"not installed: onnxruntime {ort.__version__} offers only {', '.join(available)}{hint}"
-    try:
-        sess = _session(onnx_path, spec)
-    except Exception as e:  # noqa: BLE001
-        return f"onnxruntime could not build a {spec.provider} session: {_short(e)}"
-    ran = (sess.get_providers() or [None])[0]
-    if ran != spec.provider:
-        return f"fell back to {ran}: onnxruntime lists {spec.provider} but could not use it (no GPU, or CUDA/cuDNN missing)"
-    return None
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _no_tf32():
-    from normswap.check import no_tf32  # one definition: TF32 off for the PyTorch reference
-
-    return no_tf32()
+def _provider(label) -> ProviderSpec:
+    return provider_spec(label)
 
 
 # --------------------------------------------------------------------------- main entry point
@@ -314,10 +110,9 @@ def locate(
 
     ``inputs``: a tensor or a tuple of tensors, one per model input, in order.
     """
-    import onnx
     import torch
 
-    from normswap.locate_map import map_layers, torch_trace
+    from normswap.locate_map import map_layers
 
     atol = DEFAULT_ATOL if atol is None else float(atol)
     rtol = DEFAULT_RTOL if rtol is None else float(rtol)
@@ -328,82 +123,21 @@ def locate(
     specs = [_provider(p) for p in providers]
     if not specs:
         raise NormswapError("no providers given; use e.g. providers=('cpu',)")
-    try:
-        from normswap.export import _as_module
-
-        model = _as_module(model)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    inputs = tuple(inputs)
+    model = torch_module(model)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     path = str(onnx_path)
-    if not os.path.isfile(path):
-        raise NormswapError(f"ONNX file not found: {path}")
-    try:
-        proto = onnx.load(path)
-    except Exception as e:  # noqa: BLE001
-        raise NormswapError(f"{path} is not an ONNX model (cannot parse it: {type(e).__name__})") from e
-
-    graph_inputs = [i for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
-    if len(graph_inputs) != len(inputs):
-        raise NormswapError(
-            f"the ONNX file expects {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}) "
-            f"but {len(inputs)} were given"
-        )
-
+    proto, graph_inputs = _load(path, inputs)
     result = LocateResult(path, None, None, "unavailable", atol, rtol, CRITERION, None, [], [])
-    spec = None
-    for s in specs:
-        why = _why_not(s, path)
-        if why is None:
-            spec = s
-            break
-        result.unavailable[s.label] = why
+    spec = _runnable(specs, path, result)
     if spec is None:
-        result.notes.append("no requested provider could run; nothing was compared")
         return result
-    result.provider, result.ran = spec.label, spec.provider
-
-    device = spec.torch_device
-    if device == "cuda" and not torch.cuda.is_available():
-        result.notes.append("torch has no CUDA device: the CUDA provider is compared against PyTorch on the CPU")
-        device = "cpu"
-    result.torch_device = device
-
-    # ---- PyTorch: hooks on every leaf module
-    flags = {m: m.training for m in model.modules()}
-    run_model = model if device == "cpu" else copy.deepcopy(model).to(device)
-    try:
-        run_model.eval()
-        ctx = _no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
-            try:
-                trace = torch_trace(run_model, tuple(t.to(device) for t in inputs))
-            except Exception as e:  # noqa: BLE001
-                raise NormswapError(
-                    f"the PyTorch model does not run on the inputs (shapes {[tuple(t.shape) for t in inputs]}): {_short(e)}"
-                ) from e
-    finally:
-        for m, f in flags.items():
-            m.training = f
-    if any(flags.values()):
-        result.notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
-
-    # ---- ONNX: map leaf modules to values
-    feeds = {}
-    for gi, t in zip(graph_inputs, inputs):
-        arr = t.detach().cpu().numpy()
-        et = gi.type.tensor_type.elem_type
-        if et:
-            arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(et), copy=False)
-        feeds[gi.name] = arr
+    device, run_model, trace = _trace(model, inputs, spec, result)
+    feeds = _feeds(graph_inputs, inputs)
     mapping = map_layers(proto, trace, [gi.name for gi in graph_inputs])
     result.mapping = mapping.method
     result.unmapped = list(mapping.unmapped)
     result.notes.extend(mapping.notes)
-
-    # ---- full onnxruntime run with the intermediates exposed
+    # a full onnxruntime run with the intermediates exposed
     wanted = []
     for lm in mapping.layers:
         for v in [lm.output, *lm.external_inputs]:
@@ -411,49 +145,122 @@ def locate(
                 wanted.append(v)
     values = _run_with_outputs(proto, wanted, feeds, spec)
     values.update({k: v for k, v in feeds.items() if k not in values})
-
-    # ---- PyTorch tensors for ONNX values (graph inputs and mapped layer outputs)
+    # PyTorch tensors for ONNX values (graph inputs and mapped layer outputs)
     torch_values: dict[str, Any] = {gi.name: t.detach().cpu() for gi, t in zip(graph_inputs, inputs)}
     for lm in mapping.layers:
         torch_values.setdefault(lm.output, lm.call.output)
-
     for i, lm in enumerate(mapping.layers):
-        ref = lm.call.output.float().numpy() if lm.call.output.is_floating_point() else lm.call.output.numpy()
-        got = values.get(lm.output)
-        acc_abs, acc_rel, ref_max, tol, acc_ok = _err(ref, got, atol, rtol)
-        lp = LayerParity(
-            name=lm.name,
-            type=lm.call.type,
-            index=i,
-            onnx_output=lm.output,
-            onnx_nodes=[n.op_type for n in lm.nodes if n.op_type != "Constant"],
-            shape=list(ref.shape),
-            max_abs_torch=ref_max,
-            tolerance=tol,
-            acc_max_abs=acc_abs,
-            acc_rel=acc_rel,
-            acc_passed=acc_ok,
-            fused=list(lm.fused),
+        result.layers.append(_layer_parity(i, lm, proto, values, torch_values, trace, spec, atol, rtol))
+    _finish(result, proto, trace, values, atol, rtol)
+    del values
+    if device.startswith("cuda"):
+        del run_model
+        torch.cuda.empty_cache()
+    return result
+
+
+def _load(path: str, inputs: tuple):
+    """The ONNX model and its graph inputs (initializers left out), checked against ``inputs``."""
+    import onnx
+
+    if not os.path.isfile(path):
+        raise NormswapError(f"ONNX file not found: {path}")
+    try:
+        proto = onnx.load(path)
+    except Exception as e:  # noqa: BLE001
+        raise NormswapError(f"{path} is not an ONNX model (cannot parse it: {type(e).__name__})") from e
+    graph_inputs = [i for i in proto.graph.input if i.name not in {x.name for x in proto.graph.initializer}]
+    if len(graph_inputs) != len(inputs):
+        raise NormswapError(
+            f"the ONNX file expects {len(graph_inputs)} input(s) ({', '.join(i.name for i in graph_inputs)}) "
+            f"but {len(inputs)} were given"
         )
-        own_feeds, why = _own_feeds(lm, values, torch_values, trace)
+    return proto, graph_inputs
+
+
+def _runnable(specs, path: str, result: LocateResult):
+    """The first provider that really runs here (the others' reasons go to ``result``), or None."""
+    for s in specs:
+        why = probe(s, path)
         if why is None:
+            result.provider, result.ran = s.label, s.provider
+            return s
+        result.unavailable[s.label] = why
+    result.notes.append("no requested provider could run; nothing was compared")
+    return None
+
+
+def _trace(model, inputs: tuple, spec, result: LocateResult):
+    """The PyTorch side: every leaf module's call on ``inputs`` (eval mode, TF32 off on CUDA; the
+    modules' modes are restored after).  Returns (device, the model run, the trace)."""
+    import torch
+
+    from normswap.locate_map import torch_trace
+
+    device = spec.torch_device
+    if device == "cuda" and not torch.cuda.is_available():
+        result.notes.append("torch has no CUDA device: the CUDA provider is compared against PyTorch on the CPU")
+        device = "cpu"
+    result.torch_device = device
+    flags = {m: m.training for m in model.modules()}
+    run_model = model if device == "cpu" else copy.deepcopy(model).to(device)
+    try:
+        run_model.eval()
+        ctx = no_tf32() if device.startswith("cuda") else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
             try:
-                own = _run_subgraph(proto, lm, own_feeds, spec)
-                o_abs, o_rel, _, _, o_ok = _err(ref, own, atol, rtol)
-                lp.own_max_abs, lp.own_rel, lp.own_passed = o_abs, o_rel, o_ok
+                trace = torch_trace(run_model, tuple(t.to(device) for t in inputs))
             except Exception as e:  # noqa: BLE001
-                lp.own_reason = f"the layer's nodes do not run alone: {_short(e)}"
-        else:
-            lp.own_reason = why
-        result.layers.append(lp)
+                raise NormswapError(f"the PyTorch model does not run on the inputs (shapes "
+                                    f"{[tuple(t.shape) for t in inputs]}): {short_error(e)}") from e
+    finally:
+        for m, f in flags.items():
+            m.training = f
+    if any(flags.values()):
+        result.notes.append("the model was in training mode; it is compared in eval mode (its modes are restored after)")
+    return device, run_model, trace
 
-    # ---- final outputs
-    for j, (go, t) in enumerate(zip(proto.graph.output, trace.outputs)):
-        got = values.get(go.name)
+
+def _feeds(graph_inputs, inputs: tuple) -> dict:
+    import onnx
+
+    feeds = {}
+    for gi, t in zip(graph_inputs, inputs):
+        arr = t.detach().cpu().numpy()
+        et = gi.type.tensor_type.elem_type
+        if et:
+            arr = arr.astype(onnx.helper.tensor_dtype_to_np_dtype(et), copy=False)
+        feeds[gi.name] = arr
+    return feeds
+
+
+def _layer_parity(i: int, lm, proto, values: dict, torch_values: dict, trace, spec, atol, rtol) -> LayerParity:
+    """One layer: its accumulated error, and its own (its nodes fed with PyTorch's inputs)."""
+    ref = lm.call.output.float().numpy() if lm.call.output.is_floating_point() else lm.call.output.numpy()
+    acc_abs, acc_rel, ref_max, tol, acc_ok = _err(ref, values.get(lm.output), atol, rtol)
+    lp = LayerParity(name=lm.name, type=lm.call.type, index=i, onnx_output=lm.output,
+                     onnx_nodes=[n.op_type for n in lm.nodes if n.op_type != "Constant"], shape=list(ref.shape),
+                     max_abs_torch=ref_max, tolerance=tol, acc_max_abs=acc_abs, acc_rel=acc_rel,
+                     acc_passed=acc_ok, fused=list(lm.fused))
+    own_feeds, why = _own_feeds(lm, values, torch_values, trace)
+    if why is not None:
+        lp.own_reason = why
+        return lp
+    try:
+        own = _run_subgraph(proto, lm, own_feeds, spec)
+        o_abs, o_rel, _, _, o_ok = _err(ref, own, atol, rtol)
+        lp.own_max_abs, lp.own_rel, lp.own_passed = o_abs, o_rel, o_ok
+    except Exception as e:  # noqa: BLE001
+        lp.own_reason = f"the layer's nodes do not run alone: {short_error(e)}"
+    return lp
+
+
+def _finish(result: LocateResult, proto, trace, values: dict, atol, rtol) -> None:
+    """The final outputs' errors, the layers whose own error was not measured, the status."""
+    for go, t in zip(proto.graph.output, trace.outputs):
         ref = t.float().numpy() if t.is_floating_point() else t.numpy()
-        a, r, _, tol, ok = _err(ref, got, atol, rtol)
+        a, r, _, tol, ok = _err(ref, values.get(go.name), atol, rtol)
         result.outputs.append({"name": go.name, "max_abs": a, "rel": r, "tolerance": tol, "passed": ok})
-
     bad_own = [lp for lp in result.layers if lp.own_passed is None]
     if bad_own:
         result.notes.append(
@@ -462,17 +269,12 @@ def locate(
             + (" ..." if len(bad_own) > 5 else "")
         )
     result.status = "ok" if bool(dataclasses.replace(result, status="ok")) else "diverged"
-    del values
-    if device.startswith("cuda"):
-        del run_model
-        torch.cuda.empty_cache()
-    return result
 
 
 # --------------------------------------------------------------------------- onnxruntime runs
 
 
-def _session_for(model_proto, spec: _Provider):
+def _session_for(model_proto, spec: ProviderSpec):
     """An onnxruntime session for an in-memory model (a temp file, deleted after, above 2 GB)."""
     import onnx
 
@@ -491,7 +293,7 @@ def _cleanup(tmpdir):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _run_with_outputs(proto, names: list[str], feeds: dict, spec: _Provider) -> dict:
+def _run_with_outputs(proto, names: list[str], feeds: dict, spec: ProviderSpec) -> dict:
     """Values of the graph outputs and of ``names`` in one run of ``proto`` with those names exposed."""
     import onnx
 
@@ -544,7 +346,7 @@ def _own_feeds(lm, values: dict, torch_values: dict, trace) -> tuple[dict | None
     return feeds, None
 
 
-def _run_subgraph(proto, lm, feeds: dict, spec: _Provider):
+def _run_subgraph(proto, lm, feeds: dict, spec: ProviderSpec):
     import numpy as np
     import onnx
     from onnx import helper
@@ -577,48 +379,3 @@ def _run_subgraph(proto, lm, feeds: dict, spec: _Provider):
     finally:
         del sess
         _cleanup(tmp)
-
-
-# --------------------------------------------------------------------------- CLI text
-
-
-def locate_text(loc: dict, width: int = 80) -> str:
-    """The located layer for the CLI, wrapped at ``width`` columns; names are never cut
-    (a name longer than the line stands on a line of its own)."""
-    import textwrap
-
-    def wrap(text: str, indent: str = "  ") -> list[str]:
-        return textwrap.wrap(text, width=width, initial_indent=indent, subsequent_indent=indent + "  ",
-                             break_long_words=False, break_on_hyphens=False) or [indent]
-
-    if loc.get("status") == "unavailable":
-        lines = ["locate: no requested provider ran"]
-        for k, v in (loc.get("unavailable") or {}).items():
-            lines += wrap(f"{k}: {v}")
-        return "\n".join(lines)
-    layers = loc.get("layers") or []
-    fd = loc.get("first_divergent")
-    head = (f"locate ({loc.get('provider')}, {len(layers)} layer{'' if len(layers) == 1 else 's'} mapped, "
-            f"{len(loc.get('unmapped') or [])} not mapped):")
-    lines = [head]
-    if fd:
-        lines.append("  first divergent layer:")
-        lines += wrap(f"{fd['name']} ({fd['type']}, #{fd['index']})", "    ")
-        if fd.get("fused"):
-            lines += wrap("with " + ", ".join(fd["fused"]) + " folded in", "    ")
-        lines += wrap(
-            f"own error {_g(fd.get('own_max_abs'))} > tol {_g(fd.get('tolerance'))} "
-            f"(rel {_g(fd.get('own_rel'))}); accumulated {_g(fd.get('acc_max_abs'))}", "    ")
-        after = [lp for lp in layers if lp.get("index", -1) > fd.get("index", 0)]
-        inh = sum(1 for lp in after if lp.get("inherited"))
-        if after:
-            lines += wrap(f"{inh} of the {len(after)} later layers only inherit the error", "    ")
-    else:
-        lines += wrap(loc.get("summary") or "no divergence")
-    return "\n".join(lines)
-
-
-def _g(v) -> str:
-    if isinstance(v, (int, float)):
-        return f"{v:.3g}"
-    return str(v)

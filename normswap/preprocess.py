@@ -158,7 +158,7 @@ def _channels(model, input_shape, cfg, source: str) -> int:
     elif cfg is not None:
         c = int(cfg["input_size"][0])
     else:
-        from normswap.data import guess_input_shape
+        from normswap.dataset import guess_input_shape
 
         guess = guess_input_shape(model) if model is not None else None
         c = int(guess[1]) if guess is not None and len(guess) == 4 else 3

@@ -29,7 +29,7 @@ def _builders() -> dict[str, tuple[type, Any]]:
     """type name -> (class, function returning the constructor kwargs of a module)."""
     import torch.nn as nn
 
-    from normswap.convert.kinds import ChannelAffine
+    from normswap.layers.affine import ChannelAffine
     from normswap.layers import BatchGroupNorm2d, FilterResponseNorm2d, PowerNorm2d
 
     def bn_like(m):

@@ -1,5 +1,7 @@
-"""One fold policy: the same model audited eager, as TorchScript and as a saved .pt2 gets the
-same sites, kinds, fold verdicts and reasons (compiled verdicts add only a note)."""
+"""One planner: a model audited eager and as TorchScript gets the same verdicts (TorchScript's add
+only a note: it folds in the eager model); a saved .pt2 is audited exactly as ``fold`` folds that
+program (its PowerNorm is lowered to primitive ops there, so it and the BatchNorm after it do not
+fold in the program)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 from normswap.audit import audit
-from normswap.fold.policy import COMPILED_NOTE
+from normswap.fold import fold
+from normswap.views.script import COMPILED_NOTE
 from normswap.layers import PowerNorm2d
 
 
@@ -52,10 +55,17 @@ def test_eager_torchscript_and_pt2_audits_agree():
     buf = io.BytesIO()
     torch.export.save(ep, buf)
     buf.seek(0)
-    for compiled in (torch.jit.trace(model, x), torch.export.load(buf)):
-        rep = audit(compiled)
-        assert _verdicts(rep) == eager, type(compiled).__name__
-        assert all(COMPILED_NOTE in s.notes for s in rep.sites)
+    rep = audit(torch.jit.trace(model, x))
+    assert _verdicts(rep) == eager
+    assert all(COMPILED_NOTE in s.notes for s in rep.sites)
+    program = torch.export.load(buf)
+    rep = _verdicts(audit(program))
+    assert rep["bn2"] == ("bn", True, "conv2", None)
+    assert rep["pn"][1] is False and "lowered to primitive ops" in rep["pn"][3]
+    assert rep["bn"][1] is False
+    _, frep = fold(program, (x,))
+    assert {f["norm"] for f in frep.folded} == {n for n, v in rep.items() if v[1]}
+    assert {f["norm"]: f["reason"] for f in frep.skipped} == {n: v[3] for n, v in rep.items() if not v[1]}
 
 
 def test_compiled_graph_refuses_what_it_cannot_prove():

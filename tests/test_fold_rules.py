@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normswap.fold import fold, plan
-from normswap.fold.core import build_ctx
+from normswap.views.fx import build_view
 from normswap.fold.rules import RULES, bn_next, conv_bn, convtranspose_bn, functional_bn, linear_bn, norm_affine_linear
 from normswap.graph import trace_regions
 
@@ -58,10 +58,8 @@ def test_rules_list():
 
 
 def _site(model, name):
-    from normswap.fold.api import _sites
-    regions = trace_regions(model)
-    ctx = build_ctx(model, regions)
-    return next(s for s in _sites(model, regions, ctx) if s.name == name), ctx
+    view = build_view(model, trace_regions(model))
+    return next(s for s in view.sites() if s.name == name), view
 
 
 # --------------------------------------------------------------------------- conv_bn
@@ -559,9 +557,8 @@ def test_functional_bn_skip_non_constant_stats():
     r = [s for s in rep.skipped if s["kind"] == "functional_bn"][0]["reason"]
     assert "not a constant attribute" in r
     regions = trace_regions(M().eval())
-    ctx = build_ctx(M().eval(), regions)
-    from normswap.fold.api import _sites
-    site = [s for s in _sites(M().eval(), regions, ctx) if s.functional is not None][0]
+    ctx = build_view(M().eval(), regions)
+    site = [s for s in ctx.sites() if s.functional is not None][0]
     assert "constant" in functional_bn.rule.check(site, ctx)
 
 

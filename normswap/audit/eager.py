@@ -17,6 +17,7 @@ from normswap.fold import plan
 from normswap.norm_ops import bind, op_signature
 from normswap.norms import NORMS, NormKind, iter_norms, iter_weight_reparams, known_base, norm_shape
 
+from .compiled import apply_verdicts
 from .report import AuditReport, Site, check_tensors, to_float
 
 __all__ = ["audit_eager", "module_type_name"]
@@ -116,65 +117,76 @@ def audit_eager(model: nn.Module, example_inputs) -> AuditReport:
     for r in regions:
         if r.gm is None:
             rep.notes.append(f"{r.path or '<root>'} analysed without a graph: {r.error}")
-
-    # graph facts for module norms: name -> list of NodeRef
-    nodes: dict[str, list] = {}
+    nodes: dict[str, list] = {}  # graph facts for module norms: name -> list of NodeRef
     for name, ref, _kind in G.norm_nodes(regions):
         nodes.setdefault(name, []).append(ref)
+    sites = [_module_site(name, mod, kind, regions, nodes.get(name, [])) for name, mod, kind in iter_norms(model)]
+    script_sites = _script_sites(model, rep, sites)
+    sites += [_reparam_site(site_name, owner, r, regions) for site_name, owner, r in iter_weight_reparams(model)]
+    sites += [_functional_site(site_name, ref, kind) for site_name, ref, kind in G.functional_nodes(regions)]
+    example_inputs = _observe_inputs(rep, model, sites, example_inputs)
+    # the fold verdicts: normswap.fold.plan, the planner fold() itself runs
+    saved = _snapshot_buffers(model)
+    try:
+        decisions = {d.norm: d for d in plan(model, regions, example_inputs=example_inputs)}
+    finally:  # the planner may run the model: keep a train-mode model's buffers unchanged
+        _restore_buffers(model, saved)
+    rep.fold_planner = "normswap.fold.plan"
+    apply_verdicts([s for s in sites if s.name not in script_sites], decisions.values())
+    apply_verdicts([s for s in sites if s.name in script_sites], (), missing="torchscript_submodule")
+    rep.sites = sites
+    return rep
 
-    sites: list[Site] = []
-    for name, mod, kind in iter_norms(model):
-        desc = NORMS[kind]
-        s = Site(name=name, kind=kind, module_type=module_type_name(mod, kind))
-        reg = G.region_of(regions, name)
-        s.region = reg.path if reg is not None else None
-        s.shape = norm_shape(mod, kind)
-        s.affine = desc.has_affine(mod)
-        s.running_stats = desc.uses_running_stats(mod)
-        s.eps = desc.eps(mod)
-        s.mode = "train" if mod.training else "eval"
-        s.onnx_ops = list(desc.onnx_ops)
-        refs = nodes.get(name, [])
-        if refs:
-            s.graph = True
-            s.calls = len(refs)
-            s.reused = len(refs) > 1
-            s.producer = G.producer_info(refs[0])
-            s.producer_shared = bool(s.producer.get("other_users")) or s.producer.get("producer_calls", 1) > 1
-            cons = []
-            for ref in refs:
-                cons.extend(G.consumer_info(ref))
-            s.consumers = cons
-            if len(refs) > 1:
-                s.notes.append(f"called at {len(refs)} places")
-        elif reg is not None and reg.gm is not None:
-            s.graph = True
-            s.calls = 0
-            s.notes.append("never called in the traced forward (unused module?)")
-        else:
-            s.graph = False
-            s.calls = 1
-            s.flags.append("no_graph")
-            s.notes.append(f"analysed without a graph (inside untraceable {s.region or '<root>'})")
-        # risk flags
-        if mod.training and _mode_matters(desc, mod):
-            s.flag("train_mode", "training mode: uses batch statistics; both torch ONNX "
-                   "exporters silently export it as inference BatchNorm (wrong numbers)")
-        track = getattr(desc.stat_module(mod), "track_running_stats", None)
-        if track is False and desc.mode_sensitive is True and (desc.running_stat_names or known_base(mod)):
-            s.flag("no_running_stats", "track_running_stats=False: uses batch statistics at eval")
-        check_tensors(s, desc.running_stat_tensors(mod), _params(mod), s.eps, kind)
-        sites.append(s)
 
-    # TorchScript submodules of an eager model: audited from their own graphs
-    script_sites: set[str] = set()
-    script_paths: list[str] = []
+def _module_site(name: str, mod: nn.Module, kind: str, regions, refs: list) -> Site:
+    desc = NORMS[kind]
+    s = Site(name=name, kind=kind, module_type=module_type_name(mod, kind))
+    reg = G.region_of(regions, name)
+    s.region = reg.path if reg is not None else None
+    s.shape = norm_shape(mod, kind)
+    s.affine = desc.has_affine(mod)
+    s.running_stats = desc.uses_running_stats(mod)
+    s.eps = desc.eps(mod)
+    s.mode = "train" if mod.training else "eval"
+    s.onnx_ops = list(desc.onnx_ops)
+    if refs:
+        s.graph = True
+        s.calls = len(refs)
+        s.reused = len(refs) > 1
+        s.producer = G.producer_info(refs[0])
+        s.producer_shared = bool(s.producer.get("other_users")) or s.producer.get("producer_calls", 1) > 1
+        s.consumers = [c for ref in refs for c in G.consumer_info(ref)]
+        if len(refs) > 1:
+            s.notes.append(f"called at {len(refs)} places")
+    elif reg is not None and reg.gm is not None:
+        s.graph = True
+        s.calls = 0
+        s.notes.append("never called in the traced forward (unused module?)")
+    else:
+        s.graph = False
+        s.calls = 1
+        s.flags.append("no_graph")
+        s.notes.append(f"analysed without a graph (inside untraceable {s.region or '<root>'})")
+    # risk flags
+    if mod.training and _mode_matters(desc, mod):
+        s.flag("train_mode", "training mode: uses batch statistics; both torch ONNX "
+               "exporters silently export it as inference BatchNorm (wrong numbers)")
+    track = getattr(desc.stat_module(mod), "track_running_stats", None)
+    if track is False and desc.mode_sensitive is True and (desc.running_stat_names or known_base(mod)):
+        s.flag("no_running_stats", "track_running_stats=False: uses batch statistics at eval")
+    check_tensors(s, desc.running_stat_tensors(mod), _params(mod), s.eps, kind)
+    return s
+
+
+def _script_sites(model: nn.Module, rep: AuditReport, sites: list) -> set[str]:
+    """TorchScript submodules of an eager model, audited from their own graphs (appended to
+    ``sites``); returns their site names."""
+    names: set[str] = set()
+    paths: list[str] = []
     for path, sub in model.named_modules():
-        if not path or not isinstance(sub, torch.jit.ScriptModule):
+        if not path or not isinstance(sub, torch.jit.ScriptModule) or any(path.startswith(p + ".") for p in paths):
             continue
-        if any(path.startswith(p + ".") for p in script_paths):
-            continue
-        script_paths.append(path)
+        paths.append(path)
         try:
             sub_rep = audit_script(sub)
         except Exception as e:  # noqa: BLE001
@@ -187,100 +199,85 @@ def audit_eager(model: nn.Module, example_inputs) -> AuditReport:
             if ss.producer and ss.producer.get("name"):
                 ss.producer["name"] = f"{path}.{ss.producer['name']}"
             ss.notes.append("inside a TorchScript submodule")
-            script_sites.add(ss.name)
+            names.add(ss.name)
             sites.append(ss)
+    return names
 
-    # spectral / weight norm on producers' weights
-    for site_name, owner, r in iter_weight_reparams(model):
-        owner_name = site_name.rsplit(".", 1)[0] if "." in site_name else ""
-        s = Site(name=site_name, kind=r.kind,
-                 module_type=f"{module_type_name(owner, r.kind)} ({r.api})")
-        reg = G.region_of(regions, owner_name)
-        s.region = reg.path if reg is not None else None
-        s.shape = {"weight_shape": list(getattr(owner, r.param).shape)} if isinstance(
-            getattr(owner, r.param, None), torch.Tensor) else {}
-        s.affine = False
-        s.running_stats = NORMS[r.kind].mode_sensitive is True  # power iteration state (u, v)
-        s.eps = to_float(r.details.get("eps")) if r.details.get("eps") is not None else None
-        s.mode = "train" if owner.training else "eval"
-        s.onnx_ops = list(NORMS[r.kind].onnx_ops)
-        s.producer = {"name": owner_name, "op": G.producer_kind(owner),
-                      "type": module_type_name(owner, r.kind), "other_users": False}
-        s.notes.append(f"{r.api} API; " + ", ".join(f"{k}={v}" for k, v in r.details.items()))
-        refs = G.find_module_nodes(regions, owner_name)
-        s.graph = bool(refs)
-        s.calls = max(1, len(refs))
-        s.reused = len(refs) > 1
-        if refs:
-            s.consumers = [c for ref in refs for c in G.consumer_info(ref)]
-        if NORMS[r.kind].mode_sensitive and owner.training:
-            s.flag("train_mode", "training mode: power iteration updates u, v (and the weight) "
-                   "at every forward")
-        tensors = {n: t for n, t in list(owner.named_parameters()) + list(owner.named_buffers())
-                   if n.startswith(r.param) or n.startswith(f"parametrizations.{r.param}")}
-        check_tensors(s, {}, tensors, None, r.kind)
-        sites.append(s)
 
-    # functional norm calls
-    for site_name, ref, kind in G.functional_nodes(regions):
-        s = Site(name=site_name, kind=kind, module_type=getattr(ref.node.target, "__name__",
-                 str(ref.node.target)), functional=True)
-        s.region = ref.region.path
-        s.onnx_ops = list(NORMS[kind].onnx_ops)
-        s.producer = G.producer_info(ref)
-        s.producer_shared = bool(s.producer.get("other_users"))
-        s.consumers = G.consumer_info(ref)
-        _functional_facts(s, ref, kind)
-        sites.append(s)
+def _reparam_site(site_name: str, owner: nn.Module, r, regions) -> Site:
+    """A spectral / weight norm on a producer's weight."""
+    owner_name = site_name.rsplit(".", 1)[0] if "." in site_name else ""
+    s = Site(name=site_name, kind=r.kind, module_type=f"{module_type_name(owner, r.kind)} ({r.api})")
+    reg = G.region_of(regions, owner_name)
+    s.region = reg.path if reg is not None else None
+    s.shape = {"weight_shape": list(getattr(owner, r.param).shape)} if isinstance(
+        getattr(owner, r.param, None), torch.Tensor) else {}
+    s.affine = False
+    s.running_stats = NORMS[r.kind].mode_sensitive is True  # power iteration state (u, v)
+    s.eps = to_float(r.details.get("eps")) if r.details.get("eps") is not None else None
+    s.mode = "train" if owner.training else "eval"
+    s.onnx_ops = list(NORMS[r.kind].onnx_ops)
+    s.producer = {"name": owner_name, "op": G.producer_kind(owner),
+                  "type": module_type_name(owner, r.kind), "other_users": False}
+    s.notes.append(f"{r.api} API; " + ", ".join(f"{k}={v}" for k, v in r.details.items()))
+    refs = G.find_module_nodes(regions, owner_name)
+    s.graph = bool(refs)
+    s.calls = max(1, len(refs))
+    s.reused = len(refs) > 1
+    if refs:
+        s.consumers = [c for ref in refs for c in G.consumer_info(ref)]
+    if NORMS[r.kind].mode_sensitive and owner.training:
+        s.flag("train_mode", "training mode: power iteration updates u, v (and the weight) "
+               "at every forward")
+    tensors = {n: t for n, t in list(owner.named_parameters()) + list(owner.named_buffers())
+               if n.startswith(r.param) or n.startswith(f"parametrizations.{r.param}")}
+    check_tensors(s, {}, tensors, None, r.kind)
+    return s
 
-    # example inputs: input ranks and real call counts
+
+def _functional_site(site_name: str, ref, kind: str) -> Site:
+    s = Site(name=site_name, kind=kind, module_type=getattr(ref.node.target, "__name__", str(ref.node.target)),
+             functional=True)
+    s.region = ref.region.path
+    s.onnx_ops = list(NORMS[kind].onnx_ops)
+    s.producer = G.producer_info(ref)
+    s.producer_shared = bool(s.producer.get("other_users"))
+    s.consumers = G.consumer_info(ref)
+    _functional_facts(s, ref, kind)
+    return s
+
+
+def _observe_inputs(rep: AuditReport, model: nn.Module, sites: list, example_inputs):
+    """Input ranks and real call counts from one run on the example inputs; the inputs the
+    planner may use (None when they do not run, or would materialise lazy modules)."""
     if example_inputs is not None and _has_lazy(model):
         rep.notes.append("example inputs not run: the model has uninitialised lazy modules "
                          "(a forward would materialise them)")
-        example_inputs = None
-    if example_inputs is not None:
-        mod_sites = [s.name for s in sites if not s.functional and NORMS[s.kind].stats != "weight"]
-        seen, err = _observe(model, mod_sites, example_inputs)
-        if err:
-            rep.notes.append(err)
-            example_inputs = None  # inputs that do not run must not reach the fold planner either
-        else:
-            for s in sites:
-                rec = seen.get(s.name)
-                if rec is None or s.functional:
-                    continue
-                uniq = []
-                for sh in rec["shapes"]:
-                    if sh not in uniq:
-                        uniq.append(sh)
-                s.input_shapes = uniq
-                if rec["calls"] > s.calls:
-                    s.calls = rec["calls"]
-                    s.reused = True
-                    if not any(n.startswith("called at") for n in s.notes):
-                        s.notes.append(f"called {rec['calls']} times per forward")
-                if s.module_type == "BatchNorm1d" and any(len(sh) == 3 for sh in uniq):
-                    s.notes.append("BatchNorm1d on a 3-D input normalises dim 1 (N, C, L)")
-
-    # the fold verdicts: normswap.fold.plan, the planner fold() itself runs
-    saved = _snapshot_buffers(model)
-    try:
-        decisions = {d.norm: d for d in plan(model, regions, example_inputs=example_inputs)}
-    finally:  # the planner may run the model: keep a train-mode model's buffers unchanged
-        _restore_buffers(model, saved)
-    rep.fold_planner = "normswap.fold.plan"
+        return None
+    if example_inputs is None:
+        return None
+    mod_sites = [s.name for s in sites if not s.functional and NORMS[s.kind].stats != "weight"]
+    seen, err = _observe(model, mod_sites, example_inputs)
+    if err:
+        rep.notes.append(err)
+        return None  # inputs that do not run must not reach the fold planner either
     for s in sites:
-        if s.name in script_sites:
-            s.reason, s.foldable, s.fold_into = ("inside a TorchScript submodule (no eager module to rewrite)",
-                                                 False, None)
+        rec = seen.get(s.name)
+        if rec is None or s.functional:
             continue
-        d = decisions.get(s.name)
-        if d is not None:
-            s.reason = d.reason
-            s.foldable = d.reason is None
-            s.fold_into = d.into
-    rep.sites = sites
-    return rep
+        uniq = []
+        for sh in rec["shapes"]:
+            if sh not in uniq:
+                uniq.append(sh)
+        s.input_shapes = uniq
+        if rec["calls"] > s.calls:
+            s.calls = rec["calls"]
+            s.reused = True
+            if not any(n.startswith("called at") for n in s.notes):
+                s.notes.append(f"called {rec['calls']} times per forward")
+        if s.module_type == "BatchNorm1d" and any(len(sh) == 3 for sh in uniq):
+            s.notes.append("BatchNorm1d on a 3-D input normalises dim 1 (N, C, L)")
+    return example_inputs
 
 
 def _mode_matters(desc: NormKind, mod: nn.Module) -> bool:

@@ -51,6 +51,8 @@ class Site:
     input_shapes: list = field(default_factory=list)
     foldable: bool = False
     reason: str | None = None
+    #: the reason's catalogue code (normswap.reasons); None when foldable
+    reason_code: str | None = None
     fold_into: str | None = None
     onnx_ops: list = field(default_factory=list)
     flags: list = field(default_factory=list)

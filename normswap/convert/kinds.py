@@ -27,31 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import NormswapError
+from ..layers.affine import ChannelAffine
 from ..norms import NORMS
 
 __all__ = ["TARGETS", "TargetSpec", "ChannelAffine", "register_opacus", "DEFAULT_SOURCES", "source_kinds", "valid_targets",
            "valid_pairs_text", "default_sources", "check_pair", "build_target", "divisors", "naive_groups"]
-
-
-class ChannelAffine(nn.Module):
-    """A frozen per-channel affine ``y = x * weight + bias`` on dim 1 of an ``(N, C, *)`` tensor.
-
-    What an eval-mode BatchNorm computes, without the statistics (exact replacement, trivially
-    foldable, no batch dependence).
-    """
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = int(num_features)
-        self.weight = nn.Parameter(torch.ones(self.num_features))
-        self.bias = nn.Parameter(torch.zeros(self.num_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, self.num_features) + (1,) * (x.dim() - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}"
 
 
 def _channel_affine_grad_sample(layer: ChannelAffine, activations, backprops) -> dict:
@@ -199,13 +179,20 @@ class TargetSpec:
                        where=where)
 
 
-#: the BatchNorm kinds: what convert replaces unless told otherwise (timm's BatchNormAct2d is a
-#: BatchNorm followed by its drop / act, which the replacement keeps)
-DEFAULT_SOURCES = ("bn", "frozen_bn", "bn_act")
+def bn_sources() -> tuple[str, ...]:
+    """The BatchNorm kinds: what convert replaces unless told otherwise -- the registry's kinds
+    marked ``convert_default`` (bn, frozen_bn, timm's bn_act, ... and any kind registered so)."""
+    return tuple(k for k, nk in NORMS.items() if nk.convert_default)
+
+
+def __getattr__(name: str):
+    if name == "DEFAULT_SOURCES":  # always current: kinds may be registered later
+        return bn_sources()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _non_bn_conv_sources() -> tuple[str, ...]:
-    return tuple(k for k in source_kinds("conv") if k not in DEFAULT_SOURCES)
+    return tuple(k for k in source_kinds("conv") if k not in bn_sources())
 
 
 def _layer_norm_sources() -> tuple[str, ...]:
@@ -259,7 +246,7 @@ def valid_pairs_text() -> str:
 
 def default_sources(to: str) -> tuple[str, ...]:
     spec = TARGETS[to]
-    return spec.default_sources() if spec.default_sources is not None else DEFAULT_SOURCES
+    return spec.default_sources() if spec.default_sources is not None else bn_sources()
 
 
 def check_pair(kind: str, to: str, module: nn.Module | None = None) -> None:

@@ -152,7 +152,7 @@ def find_sites(work: nn.Module, to: str, sources: tuple[str, ...]) -> tuple[list
 
 
 def _post_ops(module: nn.Module, kind: str) -> list[tuple[str, nn.Module]]:
-    from ..library_norms import post_op_children
+    from ..norms import post_op_children
 
     return post_op_children(module, kind)
 

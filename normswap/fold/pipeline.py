@@ -26,6 +26,23 @@ def bad_statistics(model) -> dict[str, str]:
     return _bad(model)
 
 
+def _name_broken_statistics(module, report) -> None:
+    """Norms with NaN/Inf or negative running statistics are never folded (the registry's eval
+    affine refuses them): their reason says so, and they are named on the summary line."""
+    from normswap.reasons import reason
+    from normswap.report import add_summary_warning
+
+    bad = bad_statistics(module)
+    for s in report.skipped:
+        if s["norm"] in bad:
+            r = reason("broken_stats", problem=bad[s["norm"]])
+            s["reason"], s["code"] = str(r), r.code
+    if bad:
+        add_summary_warning(report, f"broken running statistics (NaN/Inf or negative) in {len(bad)} "
+                                    f"modules, not folded: {', '.join(list(bad)[:3])}"
+                                    + (" …" if len(bad) > 3 else ""))
+
+
 def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, bake_weight_std=False,
               input_shape=None, data=None,
               onnx_path=None, force=False, arch=None, arch_kwargs=None, trust=False, imports=(), outputs=None,
@@ -68,21 +85,10 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
         inputs = resolve_inputs(module, input_shape=input_shape, data=data, limit=8, preprocess=preprocess).example
         if inputs is None and onnx_path:
             raise NormswapError("--onnx needs example inputs: pass --input-shape N,C,H,W or --data DATA")
-        # norms with NaN/Inf or negative running statistics are never folded (the registry's eval
-        # affine refuses them); they are also named on the summary line
-        bad = bad_statistics(module)
         # (a model rebuilt from a state dict with --arch is already in eval mode: see normswap.io)
         folded, report = fold(module, inputs, eval=eval, bake_spectral_norm=bake_spectral_norm,
                               bake_weight_std=bake_weight_std)
-        for s in report.skipped:
-            if s["norm"] in bad:
-                s["reason"] = f"{bad[s['norm']]}: not folded (the statistics are broken)"
-        if bad:
-            from normswap.report import add_summary_warning
-
-            add_summary_warning(report, f"broken running statistics (NaN/Inf or negative) in {len(bad)} "
-                                        f"modules, not folded: {', '.join(list(bad)[:3])}"
-                                        + (" …" if len(bad) > 3 else ""))
+        _name_broken_statistics(module, report)
         report.model = str(model_path)
         report.notes[:0] = list(getattr(loaded, "notes", None) or [])  # e.g. keys a state dict load ignored
         attach_load(report, loaded)
@@ -127,7 +133,7 @@ def _fold_program_file(loaded, outputs, *, input_shape, data, onnx_path, eval, b
     import torch
 
     from normswap.errors import NormswapError
-    from normswap.fold.program import fold_program
+    from normswap.fold.api import fold_program
     from normswap.inputs import resolve_inputs
     from normswap.report import attach_load
 

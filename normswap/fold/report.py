@@ -24,6 +24,8 @@ class FoldDecision:
     into: str | None = None
     pattern: str | None = None
     reason: str | None = None
+    #: the reason's catalogue code (:mod:`normswap.reasons`); None when foldable
+    code: str | None = None
 
     @property
     def foldable(self) -> bool:
@@ -31,7 +33,7 @@ class FoldDecision:
 
     def to_dict(self) -> dict:
         return {"norm": self.norm, "kind": self.kind, "into": self.into, "pattern": self.pattern,
-                "reason": self.reason}
+                "reason": self.reason, "code": self.code}
 
 
 @dataclass

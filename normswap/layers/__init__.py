@@ -5,6 +5,7 @@ Each layer has BatchNorm-like train/eval behaviour where it has running statisti
 flow on tensor values.
 """
 
+from .affine import ChannelAffine  # noqa: F401  (convert's --to affine module; not a norm)
 from .bgn import BatchGroupNorm2d
 from .conditional import ConditionalBatchNorm2d, SandwichBatchNorm2d
 from .frn import FilterResponseNorm2d

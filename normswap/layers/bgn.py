@@ -96,24 +96,3 @@ class BatchGroupNorm2d(nn.Module):
             f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps:g}, "
             f"momentum={self.momentum:g}, affine={self.affine}"
         )
-
-
-# ---------------------------------------------------------------- registry
-from normswap.norms import NormKind, register  # noqa: E402  (norms imports layers last)
-
-def _eval_affine(m: BatchGroupNorm2d, eps: float):
-    from normswap.fold import arith  # noqa: PLC0415
-
-    if m.num_features % m.running_mean.numel():
-        return "channels not divisible by groups"
-    return arith.bgn_affine(m.running_mean, m.running_var, getattr(m, "weight", None),
-                            getattr(m, "bias", None), eps, m.num_features)
-
-
-register(NormKind(
-    "bgn", (BatchGroupNorm2d,), "batch", "N and each group's channels and spatial axes",
-    True, None, "yes", ("Reshape", "BatchNormalization", "Mul", "Add"),
-    "Batch Group Norm (running statistics per group at eval)",
-    fold_family="bn_like", layout="conv", running_stat_names=("running_mean", "running_var"),
-    eval_affine_fn=_eval_affine, mode_sensitive=True,
-))

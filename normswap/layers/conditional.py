@@ -140,23 +140,3 @@ class SandwichBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_branches={self.num_branches}, eps={self.bn.eps:g}, momentum={self.bn.momentum}"
-
-
-# ---------------------------------------------------------------- registry
-from normswap.norms import NormKind, register  # noqa: E402  (norms imports layers last)
-
-register(NormKind(
-    "cbn", (ConditionalBatchNorm2d,), "batch",
-    "N and spatial axes, per channel; affine from a condition",
-    True, True, "partial", ("BatchNormalization", "Gather", "Gemm", "Mul", "Add"),
-    "Conditional BatchNorm: BN statistics foldable, conditional affine not",
-    composite=True, running_stat_names=("running_mean", "running_var"), mode_sensitive=True,
-    no_fold_reason="{type}: its affine depends on a second input (condition/branch)",
-))
-register(NormKind(
-    "sabn", (SandwichBatchNorm2d,), "batch", "N and spatial axes, per channel; per-branch affine",
-    True, True, "partial", ("BatchNormalization", "Gather", "Mul", "Add"),
-    "Sandwich BatchNorm: shared part foldable, per-branch affine only for a fixed branch",
-    composite=True, running_stat_names=("running_mean", "running_var"), mode_sensitive=True,
-    no_fold_reason="{type}: its affine depends on a second input (condition/branch)",
-))

@@ -68,15 +68,3 @@ class FilterResponseNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={float(self.eps.detach().abs()):g}, learnable_eps={self.learnable_eps}"
-
-
-# ---------------------------------------------------------------- registry
-from normswap.norms import NormKind, register  # noqa: E402  (norms imports layers last)
-
-register(NormKind(
-    "frn", (FilterResponseNorm2d,), "sample",
-    "spatial axes, per sample and channel (mean of x^2) + TLU",
-    False, True, "no", ("Mul", "ReduceMean", "Add", "Sqrt", "Div", "Max"),
-    "Filter Response Norm + TLU", layout="conv",
-    no_fold_reason="FilterResponseNorm: per-sample statistics and a TLU are not a fixed affine",
-))

@@ -79,22 +79,3 @@ class PowerNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps:g}, momentum={self.momentum:g}, affine={self.affine}"
-
-
-# ---------------------------------------------------------------- registry
-from normswap.norms import NormKind, register  # noqa: E402  (norms imports layers last)
-
-def _eval_affine(m: PowerNorm2d, eps: float):
-    from normswap.fold import arith  # noqa: PLC0415
-
-    return arith.powernorm_affine(m.running_phi, getattr(m, "weight", None), getattr(m, "bias", None), eps)
-
-
-register(NormKind(
-    "powernorm", (PowerNorm2d,), "batch",
-    "N and spatial axes, per channel (quadratic mean, no centring)",
-    True, None, "yes", ("Mul", "Div", "Sqrt", "Add"),
-    "PowerNorm (running quadratic mean at eval)",
-    fold_family="bn_like", layout="conv", running_stat_names=("running_phi",),
-    eval_affine_fn=_eval_affine, mode_sensitive=True,
-))

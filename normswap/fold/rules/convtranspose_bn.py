@@ -6,10 +6,9 @@ dim 1 by the whole vector, wrong for groups > 1; see ``arith.fold_affine_after_c
 
 from __future__ import annotations
 
-from ..core import CONVT_TYPES
 from ._producer import ProducerRule
 from .conv_bn import conv_channels_problem
 
 NAME = "convtranspose_bn"
 
-rule = ProducerRule(NAME, CONVT_TYPES, "ConvTranspose1d/2d/3d", conv_channels_problem)
+rule = ProducerRule(NAME, ("convt",), "ConvTranspose1d/2d/3d", conv_channels_problem)

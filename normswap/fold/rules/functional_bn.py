@@ -1,20 +1,23 @@
 """A functional ``F.batch_norm(x, running_mean, running_var, weight, bias, training=False,
-momentum, eps)`` call in a traced graph, with constant statistics (``get_attr`` buffers)
+momentum, eps)`` call in a traced FX graph, with constant statistics (``get_attr`` buffers)
 and a Conv/ConvTranspose module as its input: fold into the conv and remove the call from
 the graph.  The region that held the call becomes a ``torch.fx.GraphModule`` (the whole
 model when the call sits in the root's forward).  Arguments are bound by role with the one
-op table (:mod:`normswap.norm_ops`)."""
+op table (:mod:`normswap.norm_ops`).  (On an ATen view a functional batch_norm is an ordinary
+site of the producer rules.)"""
 
 from __future__ import annotations
 
 import torch.fx as fx
 
+from normswap import arith
 from normswap.norm_ops import bind, op_signature
+from normswap.reasons import Reason, reason
+from normswap.views.base import GraphView, Match, NormSite
+from normswap.views.fx import describe_node, node_module
 
-from .. import arith
-from ..core import (CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, Ctx, Match, Site, conv_rank_problem, describe_node,
-                    fold_after, module_problem, node_module)
 from .base import FoldRule
+from .checks import conv_rank_problem
 
 NAME = "functional_bn"
 #: the ops whose result is the normalised tensor itself (others return tuples)
@@ -31,11 +34,11 @@ def _bind(node: fx.Node):
 
 
 def _attr(region, node):
-    """The tensor behind a get_attr node (None stays None), or a reason."""
+    """The tensor behind a get_attr node (None stays None), or the node's description."""
     if node is None:
         return None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return f"{describe_node(region, node)} is not a constant attribute"
+        return describe_node(region, node), False
     obj = region.gm
     for part in str(node.target).split("."):
         obj = getattr(obj, part)
@@ -45,76 +48,77 @@ def _attr(region, node):
 class FunctionalBnRule(FoldRule):
     NAME = NAME
     NOT_APPLICABLE = "not a functional batch_norm"
+    NEEDS = frozenset({"fx"})
 
-    def applies(self, site: Site, ctx: Ctx) -> bool:
-        return site.functional is not None
+    def applies(self, site: NormSite, view: GraphView) -> bool:
+        return self.supported(view) and site.functional is not None
 
-    def is_about(self, site: Site, ctx: Ctx) -> bool:
+    def is_about(self, site: NormSite, view: GraphView) -> bool:
         return site.functional is not None and site.kind == "bn"
 
-    def match(self, site: Site, ctx: Ctx) -> Match | str:
-        if site.kind != "bn":
-            return f"functional {site.kind} norm: only functional batch_norm is folded"
-        if not ctx.allow_training and ctx.model.training:
-            return "the model is in training mode (pass eval=True / --eval)"
-        ref = site.functional
-        region, node = ref.region, ref.node
-        a = _bind(node)
-        if a is None:
-            return f"unsupported functional batch_norm call ({getattr(node.target, '__name__', node.target)})"
-        if a.get("training") is not False:
-            return "functional batch_norm with training=True (or not a constant): uses batch statistics"
-        if not isinstance(a.get("eps"), (int, float)):
-            return "eps is not a constant"
-        if a.get("running_mean") is None or a.get("running_var") is None:
-            return "functional batch_norm without running statistics"
+    def _stats(self, region, a):
         tensors = {}
         for k in ("running_mean", "running_var", "weight", "bias"):
             v = _attr(region, a.get(k))
-            if isinstance(v, str):
-                return f"{k}: {v}"
+            if isinstance(v, tuple):
+                return reason("not_constant_attr", role=k, what=v[0])
             tensors[k] = v
+        return tensors
+
+    def match(self, site: NormSite, view: GraphView) -> Match | Reason:
+        if site.kind != "bn":
+            return reason("functional_kind", kind=site.kind)
+        if not view.allow_training and view.model.training:
+            return reason("model_training_short", hint="pass eval=True / --eval")
+        region, node = site.functional.region, site.functional.node
+        a = _bind(node)
+        if a is None:
+            return reason("functional_unsupported", target=getattr(node.target, "__name__", node.target))
+        if a.get("training") is not False:
+            return reason("functional_training")
+        if not isinstance(a.get("eps"), (int, float)):
+            return reason("eps_not_constant")
+        if a.get("running_mean") is None or a.get("running_var") is None:
+            return reason("functional_no_stats")
+        tensors = self._stats(region, a)
+        if isinstance(tensors, str):
+            return tensors
         s, t = arith.bn_affine(tensors["running_mean"], tensors["running_var"], tensors["weight"],
                                tensors["bias"], a["eps"])
         if not arith.is_finite(*tensors.values()) or not arith.is_finite(s, t):
-            return "non-finite statistics (NaN/Inf in running stats or affine, or var + eps <= 0)"
+            return reason("nonfinite_stats")
+        return self._producer(site, view, a, s, t)
+
+    def _producer(self, site, view, a, s, t):
+        region = site.functional.region
         x = a.get("input")
-        while isinstance(x, fx.Node) and id(x) in ctx.removed:  # a norm folded in an earlier round
+        while isinstance(x, fx.Node) and id(x) in view.removed:  # a norm folded in an earlier round
             x = x.args[0] if x.args else None
         if not isinstance(x, fx.Node) or x.op != "call_module":
-            return f"its input is {describe_node(region, x)}, not a Conv/ConvTranspose module"
+            return reason("input_not_layer", input=describe_node(region, x), what="Conv/ConvTranspose module")
         prod = node_module(region, x)
+        from normswap.views.fx import CONV_TYPES, CONVT_TYPES, LINEAR_TYPES
+
         if type(prod) in LINEAR_TYPES:
-            return "functional batch_norm after a Linear: its channel axis cannot be proven (no rank)"
+            return reason("functional_after_linear")
         if type(prod) not in CONV_TYPES + CONVT_TYPES:
-            return f"its input is {describe_node(region, x)}, not a Conv/ConvTranspose module"
-        pname = ctx.name_of(prod)
-        if len(ctx.users_of(x)) != 1:
-            return f"the output of '{pname}' is used by more than one consumer"
-        if len(ctx.calls_of(prod)) != 1:
-            return f"'{pname}' is called at several places whose call sites differ"
-        r = module_problem(prod, ctx, CONV_TYPES + CONVT_TYPES)
+            return reason("input_not_layer", input=describe_node(region, x), what="Conv/ConvTranspose module")
+        pname = view.name_of(prod)
+        if len(view.users_of(x)) != 1:
+            return reason("producer_users", layer=pname, users="")
+        if len(view.calls_of(prod)) != 1:
+            return reason("producer_call_sites", layer=pname, detail="")
+        layer = view.layer(prod)
+        r = view.layer_problem(layer, ("conv", "convt"))
         if r:
             return r
         if s.numel() != prod.out_channels:
-            return f"channel mismatch: {s.numel()} vs {prod.out_channels}"
+            return reason("channel_mismatch", detail=f"{s.numel()} vs {prod.out_channels}")
         # batch_norm takes dim 1 as channels at any rank: a conv on unbatched input has them on dim 0
-        r = conv_rank_problem(prod, None, ctx)
+        r = conv_rank_problem(layer, site, view)
         if r:
             return r
-        return Match([pname], NAME, {"producer": prod, "s": s, "t": t, "input": x})
-
-    def apply(self, site: Site, ctx: Ctx, m: Match) -> None:
-        fold_after(m.data["producer"], m.data["s"], m.data["t"])
-        region, node = site.functional.region, site.functional.node
-        args = [a for a in node.all_input_nodes if a is not m.data["input"]]
-        node.replace_all_uses_with(m.data["input"])
-        region.gm.graph.erase_node(node)
-        for a in args:
-            if a.op == "get_attr" and not a.users:
-                region.gm.graph.erase_node(a)
-        region.gm.recompile()
-        ctx.rewritten[id(region)] = region
+        return Match([pname], NAME, {"producer": layer, "s": s, "t": t, "norm": "erase_call", "input": x})
 
 
 rule = FunctionalBnRule()

@@ -9,27 +9,28 @@ Linear's output feature axis (the last one).
 
 from __future__ import annotations
 
-from ..core import LINEAR_TYPES, RANK_UNKNOWN, Ctx, Site
+from normswap.reasons import Reason, reason
+from normswap.views.base import GraphView, Layer, NormSite
+
 from ._producer import ProducerRule
+from .checks import RANK_UNKNOWN  # noqa: F401  (tests compare with it)
 
 NAME = "linear_bn"
 
 
-def _extra(site: Site, ctx: Ctx, lin, channels: int) -> str | None:
+def _extra(site: NormSite, view: GraphView, lin: Layer, channels: int) -> Reason | None:
     if channels == 1:
         return None  # scalar affine
-    ranks = ctx.ranks_of(site.module)
+    ranks = view.ranks(site)
     if ranks is None:
-        if channels != lin.out_features:
-            return (f"the norm normalises dim 1 ({channels} channels), not the output features "
-                    f"of '{ctx.name_of(lin)}' ({lin.out_features})")
+        if channels != lin.out_channels:
+            return reason("dim1_not_features", channels=channels, layer=lin.name, out=lin.out_channels)
         return RANK_UNKNOWN
     if ranks != {2}:
-        return (f"the norm sees rank-{max(ranks)} input (N, L, C): it normalises dim 1, not the "
-                f"output features (last dim) of '{ctx.name_of(lin)}'")
-    if channels != lin.out_features:
-        return f"channel mismatch: {channels} vs {lin.out_features}"
+        return reason("rank_nlc", rank=max(ranks), layer=lin.name)
+    if channels != lin.out_channels:
+        return reason("channel_mismatch", detail=f"{channels} vs {lin.out_channels}")
     return None
 
 
-rule = ProducerRule(NAME, LINEAR_TYPES, "Linear", _extra)
+rule = ProducerRule(NAME, ("linear",), "Linear", _extra)
