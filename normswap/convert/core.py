@@ -210,7 +210,7 @@ def _repair(work, module, data, held, sites, batches, budget, opts, progress, re
     with eval_mode(module):
         res = run_repair(work, module, train, heldset, replaced=replaced, to_dev=batches.to_dev,
                          time_budget_s=budget, max_steps=opts.repair_steps, opts=opts.repair,
-                         progress=progress)
+                         progress=progress, plain_batch=batches.batch_size)
     report.repair = res
     if res.kept:
         _measure(work, module, batches, None, report, after_repair=True)

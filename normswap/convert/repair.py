@@ -21,9 +21,9 @@ time budget (with the final scoring inside it), at ``max_steps``, or when ``pati
 scorings in a row did not improve.
 
 Memory: each step is split into micro-batches whose saved activations (measured on one
-sample) fit within ``memory_factor`` times the activation memory of a plain forward pass of
-the batch, with the gradients accumulated, so repair at batch 64 costs about what the
-calibration pass costs.  Under ``torch.distributed`` the model is wrapped in
+sample) fit within ``memory_factor`` times the activation memory of a plain forward pass of a
+calibration batch, with the gradients accumulated, so repair costs about the memory of the
+calibration pass.  Under ``torch.distributed`` the model is wrapped in
 ``DistributedDataParallel`` (each rank trains on its own samples; the held-back scores and the
 stop decision are all-reduced so every rank stops at the same step with the same model).
 """
@@ -61,6 +61,8 @@ class RepairOptions:
     #: random resized crop: share of the area kept, and whether to flip horizontally
     crop_scale: tuple = (0.25, 1.0)
     flip: bool = True
+    #: the views are resampled to this share of the input's height and width (< 1: cheaper steps)
+    view_scale: float = 1.0
     #: mixup: probability that a step mixes its batch with a shuffled copy (0: off)
     mixup: float = 0.0
     #: seconds between held-back scorings
@@ -163,7 +165,8 @@ class _Taps:
 
 def augment(x: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
     """One random view per sample of an image-like float batch ``(N, C, H, W)``: a random resized
-    crop (area share in ``opts.crop_scale``, aspect 3/4..4/3) resampled to the same size, flipped
+    crop (area share in ``opts.crop_scale``, aspect 3/4..4/3) resampled to ``opts.view_scale``
+    times the input size, flipped
     horizontally with probability 1/2; then, with probability ``opts.mixup``, mixup with a
     shuffled copy.  Other inputs are returned unchanged."""
     if x.dim() != 4 or not x.is_floating_point():
@@ -181,7 +184,10 @@ def augment(x: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
     theta[:, 1, 1], theta[:, 1, 2] = sh, cy
-    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    size = list(x.shape)
+    if opts.view_scale != 1.0:
+        size[2:] = [max(8, int(round(d * opts.view_scale))) for d in size[2:]]
+    grid = F.affine_grid(theta.to(x), size, align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if opts.mixup > 0 and float(torch.rand(1, generator=gen)) < opts.mixup and n > 1:
         lam = float(torch.rand(1, generator=gen))
@@ -303,14 +309,15 @@ def _lr_factor(frac: float, warmup: float = 0.03) -> float:
 
 def repair(work: nn.Module, original: nn.Module, train, held, *, replaced: list[nn.Module], to_dev: Callable,
            time_budget_s: float | None, max_steps: int | None = None, opts: RepairOptions | None = None,
-           progress: Callable | None = None) -> RepairResult:
+           progress: Callable | None = None, plain_batch: int = 64) -> RepairResult:
     """Distil ``work`` toward ``original`` in place (see the module docstring).
 
     ``train`` / ``held``: data sets (``batches``, ``subset``, ``len``) of the calibration samples
     to train on and of the held-back ones; ``replaced``: the replacement norm modules in
     ``work``; ``to_dev``: moves a batch to the model's device and dtype.  ``progress("repair",
     step, total, loss, eta_s)`` is called after every step, ``total`` being the budget in seconds
-    (else ``max_steps``) and ``eta_s`` the seconds left of it."""
+    (else ``max_steps``) and ``eta_s`` the seconds left of it.  ``plain_batch``: the batch size of
+    the plain forward pass whose activation memory bounds a micro-batch's (the calibration's)."""
     opts = opts or RepairOptions()
     res = RepairResult(budget_s=time_budget_s, max_steps=max_steps, train_samples=len(train),
                        held_samples=len(held) if held is not None else 0, options=vars(opts).copy())
@@ -334,7 +341,7 @@ def repair(work: nn.Module, original: nn.Module, train, held, *, replaced: list[
     s_taps, t_taps = _Taps(work, names), _Taps(original, names)
     try:
         _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, res, opts, t0,
-              time_budget_s, max_steps, progress)
+              time_budget_s, max_steps, progress, plain_batch)
     finally:
         s_taps.remove()
         t_taps.remove()
@@ -346,7 +353,7 @@ def repair(work: nn.Module, original: nn.Module, train, held, *, replaced: list[
 
 
 def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, res, opts, t0, budget,
-          max_steps, progress) -> None:
+          max_steps, progress, plain_batch) -> None:
     import torch.distributed as dist
     multi = dist_info()[0]
     gen = torch.Generator().manual_seed(opts.seed + 7919 * (dist.get_rank() if multi else 0))
@@ -369,7 +376,8 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
     res.curve.append({"seconds": time.perf_counter() - t0, "step": 0, **(best or {})})
     best_state = snapshot()
     x1 = next(iter(train.subset([0]).batches(1)))[0]
-    res.micro_batch = _micro_batch(work, to_dev(x1), opts.batch_size, opts.memory_factor)
+    x1 = augment(to_dev(x1), opts, torch.Generator().manual_seed(0))  # a view, at the views' size
+    res.micro_batch = min(opts.batch_size, _micro_batch(work, x1, plain_batch, opts.memory_factor))
     bs = min(opts.batch_size, len(train))
     last_eval, step_time, eval_time, stale = time.perf_counter(), None, 0.0, 0
     res.stopped = "max steps"
