@@ -1,12 +1,12 @@
 """Benchmark of `normswap.convert` on the trained digits ResNet (samples/digits).
 
-    OMP_NUM_THREADS=1 python benchmarks/convert_bench.py [--dir samples/digits] [--steps 200]
+    OMP_NUM_THREADS=1 python benchmarks/convert_bench.py [--dir samples/digits] [--budget 60]
 
 Prints two markdown tables:
 
 1. BN-trained model -> gn / in / ln / frn: test accuracy of the original, of the naive swap (a fresh
    replacement with gamma=1, beta=0, GroupNorm(gcd(32, C)) -- what Opacus' ModuleValidator.fix
-   does), calibrated fast, calibrated sequential, sequential + N distillation steps; the share of
+   does), calibrated fast, calibrated sequential, sequential + repair (time budget); the share of
    the original accuracy kept; calibration time as a multiple of one forward pass over the
    calibration set (both timed inside the same `convert` call: calib_seconds / forward_seconds).
 2. GN-trained model -> bn -> folded (normswap.fold): the same columns, then the accuracy of the
@@ -98,7 +98,7 @@ def pct(a: float, base: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=None, help="digits artefacts (default samples/digits)")
-    ap.add_argument("--steps", type=int, default=200, help="distillation steps")
+    ap.add_argument("--budget", type=float, default=60.0, help="repair's time budget (seconds)")
     ap.add_argument("--targets", default="gn,in,ln,frn")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-bn", action="store_true", help="skip the GN -> BN -> fold table")
@@ -121,24 +121,23 @@ def main(argv=None) -> int:
         naive = accuracy(naive_swap(model, to), xt, yt)
         fast, rf = convert(model, to, (xc, yc), mode="fast")
         seq, rs = convert(model, to, (xc, yc), mode="sequential")
-        dist, rd = convert(model, to, (xc, yc), mode="sequential", distill_steps=args.steps)
-        rec, rr = convert(model, to, (xc, yc), mode="reconstruct")
-        a_fast, a_seq, a_dist, a_rec = (accuracy(m, xt, yt) for m in (fast, seq, dist, rec))
-        rows.append((to, naive, a_fast, a_seq, a_dist, rf.calib_ratio, rs.calib_ratio,
-                     rd.distill_seconds, [layer.groups for layer in rs.layers], a_rec, rr.calib_ratio))
-        print(f"  {to}: naive {naive:.4f} fast {a_fast:.4f} seq {a_seq:.4f} +distill {a_dist:.4f} "
-              f"reconstruct {a_rec:.4f}", file=sys.stderr, flush=True)
+        rep_m, rr = convert(model, to, (xc, yc), mode="sequential", repair=True, time_budget_s=args.budget)
+        a_fast, a_seq, a_rep = (accuracy(m, xt, yt) for m in (fast, seq, rep_m))
+        rows.append((to, naive, a_fast, a_seq, a_rep, rf.calib_ratio, rs.calib_ratio,
+                     rr.repair.seconds, [layer.groups for layer in rs.layers]))
+        print(f"  {to}: naive {naive:.4f} fast {a_fast:.4f} seq {a_seq:.4f} +repair {a_rep:.4f}",
+              file=sys.stderr, flush=True)
     fix = opacus_fix(model)
     print("| target | original | naive swap (fresh affine) | calibrated fast | calibrated sequential | "
-          f"sequential + {args.steps} distill | reconstruct | calib time fast / seq / reconstruct (x one forward) "
-          "| distill time |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for to, naive, a_fast, a_seq, a_dist, r_fast, r_seq, dsec, groups, a_rec, r_rec in rows:
+          f"sequential + repair ({args.budget:.0f} s budget) | calib time fast / seq (x one forward) "
+          "| repair time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for to, naive, a_fast, a_seq, a_dist, r_fast, r_seq, dsec, groups in rows:
         name = {"gn": "BN -> GN", "in": "BN -> IN", "ln": "BN -> LN (GN, 1 group)", "frn": "BN -> FRN+TLU"}.get(to, to)
         if to == "gn":
             name += f" (groups auto: {sorted(set(g for g in groups if g))})"
         print(f"| {name} | {100 * base:.2f}% | {pct(naive, base)} | {pct(a_fast, base)} | {pct(a_seq, base)} | "
-              f"{pct(a_dist, base)} | {pct(a_rec, base)} | {r_fast:.1f}x / {r_seq:.1f}x / {r_rec:.1f}x | {dsec:.0f} s |")
+              f"{pct(a_dist, base)} | {r_fast:.1f}x / {r_seq:.1f}x | {dsec:.0f} s |")
     if fix is not None:
         print(f"\nOpacus ModuleValidator.fix (GroupNorm(gcd(32, C)), fresh affine): {pct(accuracy(fix, xt, yt), base)}")
     print("\n(percent in parentheses: share of the original test accuracy kept)\n", flush=True)
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
     naive = accuracy(naive_swap(gn_model, "bn", ("gn",)), xt, yt)
     fast, rf = convert(gn_model, "bn", (xc, yc), mode="fast")
     seq, rs = convert(gn_model, "bn", (xc, yc), mode="sequential")
-    dist, rd = convert(gn_model, "bn", (xc, yc), mode="sequential", distill_steps=args.steps)
+    dist, rd = convert(gn_model, "bn", (xc, yc), mode="sequential", repair=True, time_budget_s=args.budget)
     a_fast, a_seq, a_dist = (accuracy(m, xt, yt) for m in (fast, seq, dist))
     best = dist if a_dist >= a_seq else seq
     try:
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
         lat[bs] = (latency_ms(gn_model, xb), latency_ms(best, xb),
                    latency_ms(folded, xb) if folded is not None else float("nan"))
     print("| GN-trained -> bn | original (GN) | naive swap (fresh BN) | calibrated fast | calibrated sequential | "
-          f"sequential + {args.steps} distill | folded ({how}) |")
+          f"sequential + repair | folded ({how}) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| test accuracy | {100 * gbase:.2f}% | {pct(naive, gbase)} | {pct(a_fast, gbase)} | {pct(a_seq, gbase)} | "
           f"{pct(a_dist, gbase)} | {pct(a_fold, gbase)} |")

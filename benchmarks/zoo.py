@@ -493,7 +493,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lib", help="comma-separated libraries: torchvision,timm,hf")
     ap.add_argument("--export", action="store_true", help="also export each converted model to ONNX")
     ap.add_argument("--calib", choices=("photos", "random"), default="photos")
-    ap.add_argument("--mode", choices=("fast", "sequential", "reconstruct"), default="fast",
+    ap.add_argument("--mode", choices=("fast", "sequential"), default="fast",
                     help="convert's calibration mode (default fast)")
     ap.add_argument("--json", help="write the rows as JSON to this file ('-': stdout)")
     ap.add_argument("--md", help="write the results as markdown to this file")
