@@ -68,6 +68,23 @@ def _zeros(*shape: int, device=None) -> Tensor:
     return torch.zeros(*shape, dtype=torch.float64, device=device)
 
 
+def _row_moments(xr: Tensor, yr: Tensor) -> tuple[Tensor, ...]:
+    """Per (sample, channel) row of ``(N, C, P)`` activations: the mean ``m`` of x, ``sum (x - m)^2``,
+    ``sum (x - m) y``, ``sum y`` and ``sum y^2``.  Both x and y are centred on their row means
+    first, so the row sums (batched dot products in the activation dtype: no float64 copy of the
+    activations, one pass each) add no large nearly-equal terms; float64 takes over from there."""
+    N, C, P = xr.shape
+    m = xr.mean(2, keepdim=True)
+    my = yr.mean(2, keepdim=True)
+    xc = (xr - m).reshape(N * C, 1, P)
+    yc = (yr - my).reshape(N * C, 1, P)
+    q = torch.bmm(xc, xc.transpose(1, 2)).reshape(N, C).double()
+    r_ = torch.bmm(xc, yc.transpose(1, 2)).reshape(N, C).double()
+    qy = torch.bmm(yc, yc.transpose(1, 2)).reshape(N, C).double()
+    my = my.reshape(N, C).double()
+    return m.reshape(N, C), q, r_, P * my, qy + P * my * my
+
+
 class ConvSiteStats:
     """Sums for one conv-layout site (channel dim 1 of an ``(N, C, *)`` activation).
 
@@ -112,8 +129,8 @@ class ConvSiteStats:
     @torch.no_grad()
     def update(self, x: Tensor, y: Tensor) -> None:
         """Add one batch.  Per (sample, channel) the moments are taken *centred* on that sample's
-        channel mean (products in the activation dtype, sums in float64), so no moment formula
-        below subtracts large nearly-equal numbers."""
+        channel means (:func:`_row_moments`), so no moment formula below subtracts large
+        nearly-equal numbers."""
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"expected (N, {self.channels}, ...) activations, got {tuple(x.shape)}")
         self.calls += 1
@@ -126,13 +143,7 @@ class ConvSiteStats:
         if N * P == 0:
             return
         f64 = torch.float64
-        m32 = xr.mean(2, keepdim=True)
-        xc = xr - m32
-        m = m32.squeeze(2).to(dev, f64)                      # per-(n, c) mean of x
-        q = (xc * xc).sum(2, dtype=f64).to(dev)              # sum (x - m)^2
-        r_ = (xc * yr).sum(2, dtype=f64).to(dev)             # sum (x - m) y
-        sy = yr.sum(2, dtype=f64).to(dev)
-        syy = (yr * yr).sum(2, dtype=f64).to(dev)
+        m, q, r_, sy, syy = (t.to(dev, f64) for t in _row_moments(xr, yr))
         self.n += N * P
         self.sx += (P * m).sum(0)
         self.sxx += (q + P * m * m).sum(0)
