@@ -30,6 +30,7 @@ stop decision are all-reduced so every rank stops at the same step with the same
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -415,7 +416,8 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
         x = to_dev(next(iter(train.subset(idx).batches(bs)))[0])
         x = augment(x, opts, gen)
         loss_sum = 0.0
-        for xm in x.split(res.micro_batch):
+        chunks = x.split(res.micro_batch)
+        for j, xm in enumerate(chunks):
             with torch.no_grad():
                 t_out = _user_call(original, xm, original, "a repair batch")
             t_feats = t_taps.take()
@@ -426,7 +428,11 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
                 loss.backward()
                 return loss.item()
 
-            loss_sum += _user_call(train_step, xm, work, "a repair batch (a forward with gradients)")
+            # DDP: the gradients are all-reduced once per step, after the last micro-batch (ranks with
+            # unequal shards split their batches into different numbers of micro-batches)
+            sync = model.no_sync() if multi and j < len(chunks) - 1 else contextlib.nullcontext()
+            with sync:
+                loss_sum += _user_call(train_step, xm, work, "a repair batch (a forward with gradients)")
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
