@@ -147,3 +147,50 @@ def test_forward_raising_in_repair_is_one_line_exit_2(picky):
     one_line_error(p, "RuntimeError", "repair batch", "needs targets")
     assert outputs_left(tmp / "out") == ["r.json"]  # only the error report
     assert json.loads((tmp / "out" / "r.json").read_text())["passed"] is False
+
+
+# ----------------------------------------------------------------- option combinations
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--time-budget", "5"], "--time-budget only apply with --repair"),
+    (["--repair-steps", "3"], "--repair-steps only apply with --repair"),
+    (["--time-budget", "5", "--repair-steps", "3"], "--time-budget and --repair-steps"),
+])
+def test_repair_options_without_repair_are_refused(tmp_path, extra, needle):
+    p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--calib", CALIB, "-o", tmp_path / "m.pt", *extra,
+                cwd=tmp_path)
+    one_line_error(p, needle)
+    assert outputs_left(tmp_path) == []
+
+
+def test_repair_without_calib_is_refused(tmp_path):
+    p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--repair", "--time-budget", "2", "-o", tmp_path / "m.pt",
+                "--input-shape", "2,1,32,32", cwd=tmp_path)
+    one_line_error(p, "--repair needs calibration data")
+    assert outputs_left(tmp_path) == []
+
+
+def test_repair_with_too_few_samples_to_hold_back_is_refused(tmp_path):
+    x, y = _digits(5)
+    np.savez(tmp_path / "five.npz", x=x, y=y)
+    (tmp_path / "out").mkdir()
+    p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--calib", tmp_path / "five.npz", "--repair",
+                "--time-budget", "3", "-o", tmp_path / "out" / "m.pt", cwd=tmp_path)
+    one_line_error(p, "--repair needs at least 14 calibration samples", "got 5")
+    # --calib-samples counts too
+    p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--calib", CALIB, "--calib-samples", "13", "--repair",
+                "--repair-steps", "1", "-o", tmp_path / "out" / "m.pt", cwd=tmp_path)
+    one_line_error(p, "got 13")
+    assert outputs_left(tmp_path / "out") == []
+
+
+def test_eval_that_is_the_calib_data_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "same.npz"
+    link.symlink_to(CALIB)
+    for ev in (CALIB, link):
+        p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--calib", CALIB, "--eval", ev,
+                    "-o", tmp_path / "out" / "m.pt", cwd=tmp_path)
+        one_line_error(p, "is the --calib data")
+    assert outputs_left(tmp_path / "out") == []
