@@ -194,3 +194,30 @@ def test_eval_that_is_the_calib_data_is_refused(tmp_path):
                     "-o", tmp_path / "out" / "m.pt", cwd=tmp_path)
         one_line_error(p, "is the --calib data")
     assert outputs_left(tmp_path / "out") == []
+
+
+# ----------------------------------------------------------------- image folders
+
+
+def test_skipped_images_are_warned_about_once(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x, y = _digits(16)
+    px = np.clip((x[:, 0] * 0.376 + 0.3053) * 255, 0, 255).astype(np.uint8)
+    for i in range(16):
+        Image.fromarray(px[i], "L").save(folder / f"{int(y[i]):04d}_{i}.png")
+    (folder / "0001_empty.png").write_bytes(b"")
+    (folder / "0002_text.jpg").write_text("not an image\n")
+    before = md5(folder)
+    (tmp_path / "out").mkdir()
+    p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--calib", folder, "--preprocess", "none", "--image-size", "32",
+                "--skip-bad-images", "-o", tmp_path / "out" / "m.pt", "--json", tmp_path / "out" / "r.json",
+                "--no-onnx", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    warnings = json.loads((tmp_path / "out" / "r.json").read_text())["warnings"]
+    about = [w for w in warnings if "unreadable image" in w]
+    assert len(about) == 1 and "skipped 2" in about[0], warnings
+    assert p.stdout.count("unreadable image") == 1, p.stdout
+    assert md5(folder) == before

@@ -84,10 +84,13 @@ def load_calib(calib, model: nn.Module, calib_samples: int | None, report: Conve
     if calib_samples is not None and int(calib_samples) < len(ds):
         k = int(calib_samples)
         ds = ds.subset([int(i * len(ds) / k) for i in range(k)])
-    for key in ("skipped",):
-        n_bad = (ds.to_dict() if hasattr(ds, "to_dict") else {}).get(key) or 0
-        if n_bad:
-            report.warnings.append(f"{ds.source}: {n_bad} unreadable image(s) skipped (--skip-bad-images)")
+    skipped = getattr(ds, "skipped", None)
+    if skipped:  # the same text as the folder's own warning (the CLI shows it once)
+        from ..images import skipped_message
+
+        msg = skipped_message(getattr(ds, "root", ds.source), skipped)
+        if msg not in report.warnings:
+            report.warnings.append(msg)
     return ds
 
 
