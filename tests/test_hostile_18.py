@@ -221,3 +221,20 @@ def test_skipped_images_are_warned_about_once(tmp_path):
     assert len(about) == 1 and "skipped 2" in about[0], warnings
     assert p.stdout.count("unreadable image") == 1, p.stdout
     assert md5(folder) == before
+
+
+# ----------------------------------------------------------------- report, numerics, budget
+
+
+def test_html_repair_curve_never_above_100_percent():
+    from normswap.html_plots import line_plot_svg
+    from normswap.html_report import _repair_section
+
+    svg = line_plot_svg([(0.0, 1.0, "a"), (9.9, 1.0, "b")], percent=True)
+    assert "110%" not in svg and "150%" not in svg and "100%" in svg
+    # a flat agreement says nothing: the held-back KL (what repair keeps the best of) is drawn
+    html = _repair_section({"steps": 121, "seconds": 9.9, "budget_s": 10, "kept": True,
+                            "before": {"kl": 0.02, "agreement": 1.0}, "after": {"kl": 0.01, "agreement": 1.0},
+                            "curve": [{"seconds": 1.0, "step": 0, "kl": 0.02, "agreement": 1.0},
+                                      {"seconds": 9.9, "step": 121, "kl": 0.01, "agreement": 1.0}]})
+    assert "Held-back KL against time" in html and "110%" not in html
