@@ -238,3 +238,18 @@ def test_html_repair_curve_never_above_100_percent():
                             "curve": [{"seconds": 1.0, "step": 0, "kl": 0.02, "agreement": 1.0},
                                       {"seconds": 9.9, "step": 121, "kl": 0.01, "agreement": 1.0}]})
     assert "Held-back KL against time" in html and "110%" not in html
+
+
+def test_float32_overflowing_activations_are_fitted_in_float64():
+    from normswap.convert.stats import ConvSiteStats
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    x[1] *= 1e19  # finite, but its squares overflow float32
+    y = 2.0 * x + 1.0
+    st = ConvSiteStats(3, [1, 3], 1e-5)
+    st.update(x, y)
+    for t in st.sum_tensors():
+        assert torch.isfinite(t).all()
+    s, t, _ = st.fit_x()
+    assert torch.allclose(s, torch.full_like(s, 2.0), rtol=1e-6)

@@ -126,13 +126,13 @@ class ConvSiteStats:
         if N * P == 0:
             return
         f64 = torch.float64
-        m32 = xr.mean(2, keepdim=True)
-        xc = xr - m32
-        m = m32.squeeze(2).to(dev, f64)                      # per-(n, c) mean of x
-        q = (xc * xc).sum(2, dtype=f64).to(dev)              # sum (x - m)^2
-        r_ = (xc * yr).sum(2, dtype=f64).to(dev)             # sum (x - m) y
-        sy = yr.sum(2, dtype=f64).to(dev)
-        syy = (yr * yr).sum(2, dtype=f64).to(dev)
+        m, q, r_, sy, syy = self._moments(xr, yr)
+        if xr.dtype != f64 and not all(bool(torch.isfinite(t).all()) for t in (q, r_, syy)) \
+                and bool(torch.isfinite(xr).all()) and bool(torch.isfinite(yr).all()):
+            # finite activations whose squares overflow the activation dtype (e.g. float32 values
+            # above ~1e19): the batch's moments again in float64, not a NaN fit of a finite layer
+            xr, yr = xr.to(f64), yr.to(f64)
+            m, q, r_, sy, syy = self._moments(xr, yr)
         self.n += N * P
         self.sx += (P * m).sum(0)
         self.sxx += (q + P * m * m).sum(0)
@@ -150,6 +150,15 @@ class ConvSiteStats:
             mu, rs = self._norm_params(m, q, P, 0)
             z = (xr * rs.unsqueeze(2).to(xr.dtype)).clamp_min(0.0)  # naive FRN: gamma=1, beta=0, TLU tau=0
             self.naive_sse += ((z - yr) ** 2).sum(2, dtype=f64).sum(0).to(dev)
+
+    def _moments(self, xr: Tensor, yr: Tensor) -> tuple[Tensor, ...]:
+        """Per (sample, channel): the mean ``m`` of x and the sums ``(x - m)^2``, ``(x - m) y``,
+        ``y``, ``y^2`` (products in the activation dtype, sums in float64)."""
+        f64, dev = torch.float64, self.n.device
+        m32 = xr.mean(2, keepdim=True)
+        xc = xr - m32
+        return (m32.squeeze(2).to(dev, f64), (xc * xc).sum(2, dtype=f64).to(dev), (xc * yr).sum(2, dtype=f64).to(dev),
+                yr.sum(2, dtype=f64).to(dev), (yr * yr).sum(2, dtype=f64).to(dev))
 
     def _norm_params(self, m: Tensor, q: Tensor, P: int, g: int) -> tuple[Tensor, Tensor]:
         """Per-(sample, channel) mean ``mu`` and inverse std ``r`` of the normaliser with ``g``
