@@ -253,3 +253,16 @@ def test_float32_overflowing_activations_are_fitted_in_float64():
         assert torch.isfinite(t).all()
     s, t, _ = st.fit_x()
     assert torch.allclose(s, torch.full_like(s, 2.0), rtol=1e-6)
+
+
+def test_repair_whose_budget_ends_before_a_step_says_so():
+    from torch import nn
+
+    from normswap.convert import convert as run_convert
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    _, rep = run_convert(model, "gn", torch.randn(28, 1, 8, 8), repair=True, time_budget_s=1e-9)
+    assert rep.repair.steps == 0 and not rep.repair.kept
+    assert any("ran out before its first step" in w for w in rep.warnings), rep.warnings
+    assert not any("did not improve" in w for w in rep.warnings)

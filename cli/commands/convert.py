@@ -261,6 +261,8 @@ def _repair_table(r):
     if b:
         t.add_row("held-back KL", f"{_num(b.get('kl'))} -> {_num(a.get('kl'))}")
     t.add_row("result", "repaired model returned" if r.kept else
+              "no step within the time budget: the calibrated model is returned"
+              if r.stopped == "time budget" and not r.steps else
               "not better on the held-back samples: the calibrated model is returned")
     return t
 
