@@ -6,7 +6,7 @@ is refused (its numbers would be in-sample, reported as held-out); --time-budget
 to hold any back are refused; skipped images are warned about once; the HTML repair curve never
 shows an agreement above 100 %; finite activations whose squares overflow float32 no longer
 give NaN fits with a note that blames the original model; a repair whose budget ends before
-its first step says so."""
+its first step says so; the notes about a killed run's leftovers fit 80 columns."""
 
 from __future__ import annotations
 
@@ -266,3 +266,50 @@ def test_repair_whose_budget_ends_before_a_step_says_so():
     assert rep.repair.steps == 0 and not rep.repair.kept
     assert any("ran out before its first step" in w for w in rep.warnings), rep.warnings
     assert not any("did not improve" in w for w in rep.warnings)
+
+
+# ----------------------------------------------------------------- a killed run's leftovers
+
+
+def _wide_lines(text: str, width: int = 80) -> list[str]:
+    """Lines wider than ``width`` that are not a single unbroken word (a path, a layer name)."""
+    return [ln for ln in text.splitlines() if len(ln) > width and len(ln.strip().split()) > 1]
+
+
+def test_notes_about_a_killed_runs_claims_fit_80_columns(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("m.pt", "m.onnx", "report.json"):  # what a SIGKILLed run leaves: unlocked claims
+        (out / f".{name}.normswap-claim").write_text("999999 1 0123456789abcdef\n")
+    p = convert(MODEL, "--arch", ARCH, "--to", "gn", "--calib", CALIB, "--calib-samples", "16", "-o", out / "m.pt",
+                "--json", out / "report.json", "--no-check", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "a claim no running normswap run holds" in " ".join(p.stderr.split())
+    assert _wide_lines(p.stderr) == [] and _wide_lines(p.stdout) == [], p.stderr
+    assert sorted(os.listdir(out)) == ["m.onnx", "m.pt", "report.json"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_repair_leaves_only_hidden_files_and_the_next_run_succeeds(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [sys.executable, "-m", "normswap_cli.main", "convert", str(MODEL), "--arch", ARCH, "--to", "gn",
+            "--calib", str(CALIB), "--repair", "--time-budget", "30", "-o", str(out / "m.pt"),
+            "--json", str(out / "r.json"), "--report", str(out / "r.html")]
+    before = md5(CALIB), md5(MODEL)
+    proc = subprocess.Popen(args, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(10)  # loaded, calibrated, repairing
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    left = os.listdir(out)
+    assert left and all(n.startswith(".") and "normswap" in n for n in left), left
+    p = subprocess.run(args[:-8] + ["--repair-steps", "2", "-o", str(out / "m.pt"), "--json", str(out / "r.json"),
+                                    "--report", str(out / "r.html")], cwd=str(tmp_path), env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(out)) == ["m.onnx", "m.pt", "r.html", "r.json"]
+    assert _wide_lines(p.stderr) == [] and _wide_lines(p.stdout) == [], p.stderr + p.stdout
+    assert (md5(CALIB), md5(MODEL)) == before
