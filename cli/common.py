@@ -504,11 +504,15 @@ def _check_inputs(inputs) -> None:
 
 
 def _say_output_notes(outs) -> None:
-    """What cleaning the output folders did (notes) and left alone (warnings), on stderr."""
-    for n in outs.notes:
-        click.echo(f"note: {n}", err=True)
-    for w in outs.warnings:
-        click.echo(f"warning: {w}", err=True)
+    """What cleaning the output folders did (notes) and left alone (warnings), on stderr, in lines
+    that fit the terminal (80 columns in a pipe; a file name is never broken)."""
+    import textwrap
+
+    width = max(40, console(stderr=True).width)
+    for kind, items in (("note", outs.notes), ("warning", outs.warnings)):
+        for text in items:
+            click.echo("\n".join(textwrap.wrap(f"{kind}: {text}", width, subsequent_indent="  ",
+                                               break_long_words=False, break_on_hyphens=False)), err=True)
 
 
 def attach_loaded(report) -> None:

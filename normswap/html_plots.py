@@ -319,8 +319,8 @@ def line_plot_svg(points: Sequence[tuple[float, float, str]], *, color: str = FI
     x0, x1 = 0.0, max(max(p[0] for p in pts), 1e-9)
     ys = [p[1] for p in pts]
     lo, hi = (0.0, 1.0) if percent else (min(ys), max(ys))
-    if percent:
-        lo = max(0.0, math.floor(min(ys) * 10) / 10)
+    if percent:  # never above 100 %: a flat 100 % curve gets the band 90-100 %
+        lo = max(0.0, min(0.9, math.floor(min(ys) * 10) / 10))
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
 

@@ -375,7 +375,9 @@ def _repair_section(rep: dict) -> str:
          "not better on the held-back samples: the calibrated model was returned unchanged"),
     ])]
     curve = rep.get("curve") or []
-    key = "agreement" if curve and curve[0].get("agreement") is not None else "kl"
+    # the agreement while it moves; else the KL (what repair keeps the best of)
+    agreements = {c.get("agreement") for c in curve}
+    key = "agreement" if curve and None not in agreements and len(agreements) > 1 else "kl"
     pts = [(c.get("seconds"), c.get(key), f'{_fmt(c.get("seconds"))} s, step {c.get("step")}: '
             f'agreement {_pct(c.get("agreement"))}, KL {_fmt(c.get("kl"))}') for c in curve]
     if len(pts) > 1:

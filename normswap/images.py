@@ -175,6 +175,12 @@ def decode(path: Path, transform) -> "object":
         raise BadImage(_reason(e)) from None
 
 
+def skipped_message(root, skipped) -> str:
+    """The one warning about the images ``--skip-bad-images`` left out of ``root``."""
+    return (f"image folder {root}: skipped {len(skipped)} unreadable image(s) (first: "
+            f"{Path(skipped[0][0]).name}: {skipped[0][1]})")
+
+
 def bad_image_error(path, reason: str) -> NormswapError:
     return NormswapError(f"{path}: cannot read image ({reason}); {SKIP_HINT}")
 
@@ -384,7 +390,6 @@ def open_image_folder(root, preprocess=None, *, model=None, input_shape=None, li
     if transform.source.startswith("default"):
         warnings.warn(DEFAULT_WARNING.format(src=root, h=transform.size[0], w=transform.size[1]), stacklevel=3)
     if skipped:
-        warnings.warn(f"image folder {root}: skipped {len(skipped)} unreadable image(s) (first: "
-                      f"{skipped[0][0].name}: {skipped[0][1]})", stacklevel=3)
+        warnings.warn(skipped_message(root, skipped), stacklevel=3)
     return ImageFolder(root, good, labels if info["labels"] is not None else None, transform, info,
                        skipped=skipped, workers=workers, on_decode=on_decode)

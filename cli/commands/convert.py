@@ -117,7 +117,15 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
     from normswap.convert.pipeline import output_paths
+    from normswap_cli.common import fail
 
+    if not repair and (time_budget is not None or repair_steps is not None):
+        given = " and ".join(o for o, v in (("--time-budget", time_budget), ("--repair-steps", repair_steps))
+                             if v is not None)
+        fail(f"{given} only apply with --repair (add --repair, or drop {given})")
+    if repair and calib is None:
+        fail("--repair needs calibration data: add --calib DATA (repair distils toward the original "
+             "on it and holds some of it back)")
     out_path, onnx_file = output_paths(model_path, to, output, onnx_path)
 
     def job(outs):
@@ -253,6 +261,8 @@ def _repair_table(r):
     if b:
         t.add_row("held-back KL", f"{_num(b.get('kl'))} -> {_num(a.get('kl'))}")
     t.add_row("result", "repaired model returned" if r.kept else
+              "no step within the time budget: the calibrated model is returned"
+              if r.stopped == "time budget" and not r.steps else
               "not better on the held-back samples: the calibrated model is returned")
     return t
 

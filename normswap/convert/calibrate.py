@@ -84,23 +84,27 @@ def load_calib(calib, model: nn.Module, calib_samples: int | None, report: Conve
     if calib_samples is not None and int(calib_samples) < len(ds):
         k = int(calib_samples)
         ds = ds.subset([int(i * len(ds) / k) for i in range(k)])
-    for key in ("skipped",):
-        n_bad = (ds.to_dict() if hasattr(ds, "to_dict") else {}).get(key) or 0
-        if n_bad:
-            report.warnings.append(f"{ds.source}: {n_bad} unreadable image(s) skipped (--skip-bad-images)")
+    skipped = getattr(ds, "skipped", None)
+    if skipped:  # the same text as the folder's own warning (the CLI shows it once)
+        from ..images import skipped_message
+
+        msg = skipped_message(getattr(ds, "root", ds.source), skipped)
+        if msg not in report.warnings:
+            report.warnings.append(msg)
     return ds
 
 
-def forward_error(e: Exception, x, module: nn.Module) -> str:
-    """One line for a model forward that raised on user data: what raised and where, and the
-    input shape the model expects when it looks like a shape problem."""
+def forward_error(e: Exception, x, module: nn.Module, what: str = "a calibration batch") -> str:
+    """One line for a model forward that raised on user data: what raised and where (``what``:
+    the batch it ran on), and the input shape the model expects when it looks like a shape
+    problem."""
     import traceback
 
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
     where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
     shape = tuple(x.shape) if hasattr(x, "shape") else "?"
-    text = f"the model's forward raised {type(e).__name__}{where} on a calibration batch of shape {shape}: {first}"
+    text = f"the model's forward raised {type(e).__name__}{where} on {what} of shape {shape}: {first}"
     if isinstance(e, (RuntimeError, ValueError)) and any(w in first.lower() for w in ("shape", "size", "channels",
                                                                                        "dimension", "expected")):
         text += f" (the model expects inputs of shape {expected_input_text(module)})"

@@ -214,6 +214,10 @@ def _repair(work, module, data, held, sites, batches, budget, opts, progress, re
     report.repair = res
     if res.kept:
         _measure(work, module, batches, None, report, after_repair=True)
+    elif res.stopped == "time budget" and res.steps == 0:
+        report.warnings.append(f"repair: the time budget ({res.budget_s:g} s) ran out before its first step "
+                               f"(scoring the held-back samples took {res.seconds:.2g} s): the calibrated "
+                               "model is returned unchanged")
     elif res.stopped != "nothing to train":
         report.warnings.append("repair did not improve the held-back calibration samples "
                                "(KL to the original): the calibrated model is returned unchanged")

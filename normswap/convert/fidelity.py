@@ -189,10 +189,18 @@ def allreduce_max(values: list[float]) -> list[float]:
     return _allreduce(values, "MAX")
 
 
-def _chunked(model: nn.Module, x: Tensor, chunk: int | None):
-    if not chunk or chunk >= x.shape[0]:
-        return model(x)
-    return cat_outputs([model(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+def _chunked(model: nn.Module, x: Tensor, chunk: int | None, where: str = "calibration"):
+    """``model(x)`` in chunks; a forward that raises on the user's data is one NormswapError."""
+    try:
+        if not chunk or chunk >= x.shape[0]:
+            return model(x)
+        return cat_outputs([model(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+    except NormswapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model raised on the user's data (e.g. --eval)
+        from .calibrate import forward_error
+
+        raise NormswapError(forward_error(e, x, model, what=f"a {where} batch")) from None
 
 
 class _OutputErrors:
@@ -253,7 +261,7 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
     for i, (x, y) in enumerate(data.batches(batch_size)):
         xb = to_dev(x)
         t0 = time.perf_counter()
-        raw = _chunked(work, xb, chunk)
+        raw = _chunked(work, xb, chunk, where)
         fwd += time.perf_counter() - t0
         out = first_tensor(raw).float()
         named = named_outputs(raw)
@@ -266,14 +274,14 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
             ref = cache[i].to(out.device).float()
             ref_named = None
         else:
-            raw_ref = _chunked(original, xb, chunk)
+            raw_ref = _chunked(original, xb, chunk, where)
             ref = first_tensor(raw_ref).float()
             ref_named = dict(named_outputs(raw_ref))
         if classifier is None:
             classifier = is_classifier(ref)
         fin = torch.isfinite(ref.reshape(ref.shape[0], -1)).all(1) if ref.dim() else torch.isfinite(ref).reshape(1)
         if ref_named is None:  # only the first output cached: run the original for the others
-            ref_named = dict(named_outputs(_chunked(original, xb, chunk))) if len(named) > 1 else {primary or "output": ref}
+            ref_named = dict(named_outputs(_chunked(original, xb, chunk, where))) if len(named) > 1 else {primary or "output": ref}
         for name, t in named:
             if name in ref_named:
                 errors.add(name, t, ref_named[name], fin if ref.dim() else None)

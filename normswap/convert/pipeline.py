@@ -48,6 +48,34 @@ def _resolve(module, calib, calib_samples, input_shape, *, required: bool, prepr
                           required=required, data_option="--calib", preprocess=preprocess)
 
 
+def _same_path(a, b) -> bool:
+    """Do ``a`` and ``b`` (paths, or anything else) name the same existing file or folder?"""
+    import os
+
+    if not isinstance(a, (str, Path)) or not isinstance(b, (str, Path)):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_repair_samples(data, calib_samples, options) -> None:
+    """--repair holds back 1/7 of the calibration samples to make sure the repaired model is not
+    worse; with too few samples to hold any back nothing would guard it, so the run is refused
+    (in a single process: under torch.distributed each rank holds back its own)."""
+    from .calibrate import HOLDBACK_MIN_SAMPLES
+    from .fidelity import dist_info
+
+    if data is None or dist_info()[1] > 1 or not getattr(options, "holdback", True):
+        return
+    n = len(data) if calib_samples is None else min(len(data), int(calib_samples))
+    if n < HOLDBACK_MIN_SAMPLES:
+        raise NormswapError(f"--repair needs at least {HOLDBACK_MIN_SAMPLES} calibration samples (it holds back "
+                            f"1/7 of them to make sure the repaired model is not worse); got {n}: give more "
+                            "--calib data or drop --repair")
+
+
 def default_output_paths(model_path: str | Path, to: str) -> tuple[Path, Path]:
     """``model.pt --to gn`` -> (``model.gn.pt``, ``model.gn.onnx``) beside the input."""
     p = Path(model_path)
@@ -125,9 +153,14 @@ def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, repai
         raise NormswapError(f"--calib-samples must be a positive number of samples, got {calib_samples}")
     if isinstance(eval_data, str) and eval_data == "random":
         raise NormswapError("--eval needs real held-out data, not 'random'")
+    if _same_path(calib, eval_data):
+        raise NormswapError(f"--eval {eval_data} is the --calib data: held-out numbers need data the "
+                            "calibration has not seen (drop --eval for the in-sample numbers)")
     # the data is loaded (an image folder: opened, streamed later) once, here; convert() checks it
     resolved = _resolve(module, calib, calib_samples, input_shape, required=export_onnx, preprocess=preprocess)
     data, ex = resolved.data, resolved.example
+    if repair:
+        _check_repair_samples(data, calib_samples, options)
     evald = None
     if eval_data is not None:
         evald = _resolve(module, eval_data, None, input_shape, required=False, preprocess=preprocess).data

@@ -30,6 +30,7 @@ stop decision are all-reduced so every rank stops at the same step with the same
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import NormswapError
 from .fidelity import allreduce_floats, allreduce_max, dist_info, first_tensor, is_classifier
 
 __all__ = ["RepairOptions", "RepairResult", "repair", "feature_points", "augment"]
@@ -199,6 +201,19 @@ def augment(x: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
 # ------------------------------------------------------------------------------ losses, scores
 
 
+def _user_call(fn, x: Tensor, module: nn.Module, what: str):
+    """``fn(x)`` (a forward, or a forward and backward, of the user's model); what it raises on
+    the user's data is one NormswapError naming the batch, not an internal error."""
+    try:
+        return fn(x)
+    except NormswapError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        from .calibrate import forward_error
+
+        raise NormswapError(forward_error(e, x, module, what=what)) from None
+
+
 def _distill_loss(s_out, t_out, s_feats: dict, t_feats: dict, opts: RepairOptions) -> Tensor:
     s, t = first_tensor(s_out).float(), first_tensor(t_out).float()
     if is_classifier(t):
@@ -219,7 +234,7 @@ def _score(model: nn.Module, held_batches: list, refs: list) -> dict:
     agreement over the held-back batches, all-reduced over ranks."""
     kl = agree = n = 0.0
     for x, ref in zip(held_batches, refs):
-        out = first_tensor(model(x)).float()
+        out = first_tensor(_user_call(model, x, model, "a held-back repair batch")).float()
         ref = ref.to(out.device).float()
         if is_classifier(ref):
             lp, lq = F.log_softmax(ref, 1), F.log_softmax(out, 1)
@@ -277,7 +292,7 @@ def _micro_batch(model: nn.Module, x1: Tensor, batch: int, factor: float) -> int
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x1)
+            _user_call(model, x1, model, "a repair batch (a forward with gradients)")
     finally:
         for h in handles:
             h.remove()
@@ -329,7 +344,8 @@ def repair(work: nn.Module, original: nn.Module, train, held, *, replaced: list[
         return res
     held_x = _Held(held, opts.batch_size, to_dev)  # streamed again at every scoring (bounded memory)
     with torch.no_grad():
-        refs = [first_tensor(original(x)).detach() for x in held_x]
+        refs = [first_tensor(_user_call(original, x, original, "a held-back repair batch")).detach()
+                for x in held_x]
     was = work.training
     work.eval()  # eval-mode forward (no dropout, no running-statistics updates), gradients on
     flags = [(p, p.requires_grad) for p in work.parameters()]
@@ -405,14 +421,23 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
         x = to_dev(next(iter(train.subset(idx).batches(bs)))[0])
         x = augment(x, opts, gen)
         loss_sum = 0.0
-        for xm in x.split(res.micro_batch):
+        chunks = x.split(res.micro_batch)
+        for j, xm in enumerate(chunks):
             with torch.no_grad():
-                t_out = original(xm)
+                t_out = _user_call(original, xm, original, "a repair batch")
             t_feats = t_taps.take()
-            s_out = model(xm)
-            loss = _distill_loss(s_out, t_out, s_taps.take(), t_feats, opts) * (xm.shape[0] / x.shape[0])
-            loss.backward()
-            loss_sum += loss.item()
+
+            def train_step(xm, t_out=t_out, t_feats=t_feats):  # the forward with gradients, and its backward
+                s_out = model(xm)
+                loss = _distill_loss(s_out, t_out, s_taps.take(), t_feats, opts) * (xm.shape[0] / x.shape[0])
+                loss.backward()
+                return loss.item()
+
+            # DDP: the gradients are all-reduced once per step, after the last micro-batch (ranks with
+            # unequal shards split their batches into different numbers of micro-batches)
+            sync = model.no_sync() if multi and j < len(chunks) - 1 else contextlib.nullcontext()
+            with sync:
+                loss_sum += _user_call(train_step, xm, work, "a repair batch (a forward with gradients)")
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

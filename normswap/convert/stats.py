@@ -143,7 +143,13 @@ class ConvSiteStats:
         if N * P == 0:
             return
         f64 = torch.float64
-        m, q, r_, sy, syy = (t.to(dev, f64) for t in _row_moments(xr, yr))
+        m, q, r_, sy, syy = self._moments(xr, yr)
+        if xr.dtype != f64 and not all(bool(torch.isfinite(t).all()) for t in (q, r_, syy)) \
+                and bool(torch.isfinite(xr).all()) and bool(torch.isfinite(yr).all()):
+            # finite activations whose squares overflow the activation dtype (e.g. float32 values
+            # above ~1e19): the batch's moments again in float64, not a NaN fit of a finite layer
+            xr, yr = xr.to(f64), yr.to(f64)
+            m, q, r_, sy, syy = self._moments(xr, yr)
         self.n += N * P
         self.sx += (P * m).sum(0)
         self.sxx += (q + P * m * m).sum(0)
@@ -161,6 +167,10 @@ class ConvSiteStats:
             mu, rs = self._norm_params(m, q, P, 0)
             z = (xr * rs.unsqueeze(2).to(xr.dtype)).clamp_min(0.0)  # naive FRN: gamma=1, beta=0, TLU tau=0
             self.naive_sse += ((z - yr) ** 2).sum(2, dtype=f64).sum(0).to(dev)
+
+    def _moments(self, xr: Tensor, yr: Tensor) -> tuple[Tensor, ...]:
+        """:func:`_row_moments` of one batch, as float64 on the statistics' device."""
+        return tuple(t.to(self.n.device, torch.float64) for t in _row_moments(xr, yr))
 
     def _norm_params(self, m: Tensor, q: Tensor, P: int, g: int) -> tuple[Tensor, Tensor]:
         """Per-(sample, channel) mean ``mu`` and inverse std ``r`` of the normaliser with ``g``
