@@ -87,20 +87,21 @@ PREPROCESS_HELP = ("How image folders are read: imagenet (resize 256, crop 224, 
 
 def image_options(f: Callable) -> Callable:
     """The one option group for reading image folders (``--preprocess``, ``--image-size``,
-    ``--resize``, ``--crop-pct``, ``--interpolation``, ``--skip-bad-images``), the same in every
+    ``--resize``, ``--crop-pct``, ``--interpolation``, ``--mean``, ``--std``,
+    ``--skip-bad-images``), the same in every
     command that takes data.  The values are validated before the job starts and reach the
     command as one ``preprocess`` argument (a :class:`normswap.preprocess.Preprocess`)."""
     from normswap.preprocess import INTERPOLATIONS, PRESETS
 
     @functools.wraps(f)
     def wrapper(*args, preprocess_name=None, image_size=None, resize=None, crop_pct=None, interpolation=None,
-                skip_bad_images=False, **kwargs):
+                skip_bad_images=False, mean=None, std=None, **kwargs):
         from normswap.errors import NormswapError
         from normswap.preprocess import Preprocess
 
         try:
             spec = Preprocess.from_options(preprocess_name, image_size, resize, crop_pct, interpolation,
-                                           skip_bad_images)
+                                           skip_bad_images, mean, std)
         except NormswapError as e:
             fail(str(e))
         return f(*args, preprocess=spec, **kwargs)
@@ -117,6 +118,10 @@ def image_options(f: Callable) -> Callable:
                           "shorter side)."),
         click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
                      help="Resize filter (default: the preset's)."),
+        click.option("--mean", default=None, metavar="M|R,G,B",
+                     help="Subtract this mean (pixels in [0, 1]) instead of the preset's."),
+        click.option("--std", default=None, metavar="S|R,G,B",
+                     help="Divide by this std (pixels in [0, 1]) instead of the preset's."),
         click.option("--skip-bad-images", is_flag=True, default=False,
                      help="Skip (and count) images that cannot be decoded instead of failing."),
     ]

@@ -53,6 +53,23 @@ def _positive_int(text, option: str, limit: int = MAX_SIDE) -> int:
     return v
 
 
+def parse_channel_values(text, option: str, positive: bool = False) -> tuple[float, ...] | None:
+    """``--mean`` / ``--std``: one value or one per channel (``"0.485,0.456,0.406"``), in the
+    units of pixels scaled to [0, 1] (torchvision's ``Normalize``)."""
+    if text is None:
+        return None
+    parts = list(text) if isinstance(text, (tuple, list)) else str(text).replace(" ", "").split(",")
+    try:
+        vals = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise NormswapError(f"{option} {text!r}: expected a number or one per channel, e.g. 0.485,0.456,0.406") \
+            from None
+    if len(vals) not in (1, 3) or not all(math.isfinite(v) for v in vals) or (positive and min(vals) <= 0):
+        need = "positive " if positive else ""
+        raise NormswapError(f"{option} {text!r}: expected one or three finite {need}numbers (pixels in [0, 1])")
+    return vals
+
+
 def parse_image_size(text) -> tuple[int, int] | None:
     """``--image-size``: ``"224"`` -> (224, 224); ``"224,320"`` / ``"224x320"`` -> (H, W)."""
     if text is None:
@@ -80,10 +97,13 @@ class Preprocess:
     crop_pct: float | None = None
     interpolation: str | None = None
     skip_bad_images: bool = False
+    #: ``--mean`` / ``--std`` (pixels in [0, 1]): override the preset's or pretrained_cfg's
+    mean: tuple | None = None
+    std: tuple | None = None
 
     @classmethod
     def from_options(cls, preprocess=None, image_size=None, resize=None, crop_pct=None, interpolation=None,
-                     skip_bad_images=False) -> "Preprocess":
+                     skip_bad_images=False, mean=None, std=None) -> "Preprocess":
         """Validate the option values (each error names its option) and build the spec."""
         if preprocess is not None and str(preprocess) not in PRESETS:
             raise NormswapError(f"--preprocess {preprocess!r}: expected one of {', '.join(PRESETS)}")
@@ -104,7 +124,8 @@ class Preprocess:
         if preprocess == "tf-lite" and rsz is not None:
             raise NormswapError("--resize does not apply to --preprocess tf-lite (it crops before resizing); "
                                 "use --crop-pct")
-        return cls(preprocess, size, rsz, pct, interpolation, bool(skip_bad_images))
+        return cls(preprocess, size, rsz, pct, interpolation, bool(skip_bad_images),
+                   parse_channel_values(mean, "--mean"), parse_channel_values(std, "--std", positive=True))
 
     @classmethod
     def coerce(cls, spec) -> "Preprocess":
@@ -134,14 +155,30 @@ class Preprocess:
         size = size or shape_hw
         channels = _channels(model, input_shape, cfg, source)
         if cfg is not None:
-            return _from_cfg(self, cfg, size, channels)
+            return self._normalised(_from_cfg(self, cfg, size, channels), channels)
         preset = self.preset or "none"
         if size is None:
             if preset == "none":
                 raise NormswapError(f"{source or 'an image folder'}: an image folder needs --input-shape N,C,H,W "
                                     "or --image-size (or a --preprocess preset) to know the size")
             size = (DEFAULT_SIZE[preset],) * 2
-        return _from_preset(self, preset, size, channels)
+        return self._normalised(_from_preset(self, preset, size, channels), channels)
+
+    def _normalised(self, t: "ImageTransform", channels: int) -> "ImageTransform":
+        """``--mean`` / ``--std`` in place of the transform's own (one value: every channel)."""
+        if self.mean is None and self.std is None:
+            return t
+        import dataclasses
+
+        def per_channel(v, old):
+            if v is None:
+                return old
+            return v * channels if len(v) == 1 else (v if channels == 3 else (sum(v) / 3,))
+
+        base = "--preprocess none" if t.source.startswith("default") else t.source  # said, not defaulted
+        explicit = base + " with " + " and ".join(o for o, v in (("--mean", self.mean), ("--std", self.std)) if v)
+        return dataclasses.replace(t, mean=per_channel(self.mean, t.mean), std=per_channel(self.std, t.std),
+                                   source=explicit)
 
 
 def _pretrained_cfg(model) -> dict | None:

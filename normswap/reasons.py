@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = ["Reason", "reason", "join", "code_of", "CATALOGUE", "TRAIN_HINT"]
 
-TRAIN_HINT = "pass eval=True / --eval"
+TRAIN_HINT = "pass eval=True / --eval-mode"
 
 #: code -> text template (``str.format`` fields)
 CATALOGUE: dict[str, str] = {
@@ -172,7 +172,7 @@ CATALOGUE: dict[str, str] = {
     "torchscript_submodule": "inside a TorchScript submodule (no eager module to rewrite)",
     # ---- weight reparametrisations
     "spectral_not_baked": "spectral norm: pass bake_spectral_norm=True / --bake-spectral-norm to bake W/sigma",
-    "spectral_training": "the module is in training mode (its spectral norm iterates): pass eval=True / --eval",
+    "spectral_training": "the module is in training mode (its spectral norm iterates): pass eval=True / --eval-mode",
     "spectral_other": "other parametrizations on the same weight",
     "weight_std_not_baked": ("weight standardization: pass bake_weight_std=True / --bake-weight-std to bake the "
                              "standardised weight into a plain Conv2d"),

@@ -438,3 +438,66 @@ def test_efficientnet_lite1_accuracy_needs_the_right_preprocessing():
     acc_none, nll_none = measure("none")
     assert acc >= 0.8, acc  # measured 84.4 % (54/64); 88.9 % on photos 256-499
     assert acc_none < acc and nll_none > nll + 0.15, (acc_none, nll_none, nll)  # measured 79.7 %, NLL 1.32 vs 1.03
+
+
+def test_mean_and_std_options_read_a_folder_the_way_the_model_was_trained(tmp_path):
+    """The digits model was trained on pixels normalised with its own mean/std: saved as PNGs, its
+    test images give the original accuracy back only with --mean/--std (and near chance without)."""
+    import numpy as np
+    from PIL import Image
+
+    from normswap.convert import convert
+    from normswap.images import open_image_folder
+    from normswap.preprocess import Preprocess
+    from samples.digits import DIGITS_MEAN, DIGITS_STD, load_split, load_trained
+
+    model = load_trained("bn")
+    x, y = load_split("test")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(120):
+        pix = np.clip(np.round((x[i, 0].numpy() * DIGITS_STD + DIGITS_MEAN) * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pix, "L").save(folder / f"{int(y[i]):04d}_{i}.png")
+
+    def accuracy(spec):
+        data = open_image_folder(folder, spec, model=model, input_shape=(1, 1, 32, 32))
+        with torch.no_grad():
+            return sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in data.batches(64)) / len(data)
+
+    good = accuracy(Preprocess.from_options("none", mean=str(DIGITS_MEAN), std=f"{DIGITS_STD}"))
+    assert good >= 0.95
+    with pytest.warns(UserWarning):
+        assert accuracy(Preprocess()) < 0.5  # [0, 1] pixels: not what the model was trained on
+    with pytest.raises(NormswapError, match="--std"):
+        Preprocess.from_options(std="0")
+    with pytest.raises(NormswapError, match="--mean"):
+        Preprocess.from_options(mean="1,2")
+    # and through convert: the original's accuracy on the folder is the real one
+    data = open_image_folder(folder, Preprocess.from_options("none", mean=str(DIGITS_MEAN), std=str(DIGITS_STD)),
+                             model=model, input_shape=(1, 1, 32, 32))
+    _, rep = convert(model, "gn", data, mode="fast")
+    assert rep.fidelity.accuracy_original >= 0.95
+
+
+def test_original_at_chance_on_labelled_data_is_warned(tmp_path):
+    """Digits PNGs read without the model's mean/std: the original model is near chance, and the
+    report says so (it used to pass quietly with 'accuracy 10.6%, gain 0.3 points')."""
+    import numpy as np
+    from PIL import Image
+
+    from normswap.convert import convert
+    from samples.digits import load_split, load_trained
+
+    model = load_trained("bn")
+    x, y = load_split("test")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):  # noise images labelled 0..9: no model beats chance on them
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8), "L").save(folder / f"{i % 10:04d}_{i}.png")
+    data = open_image_folder(folder, Preprocess.from_options("none"), model=model, input_shape=(1, 1, 32, 32))
+    _, rep = convert(model, "gn", data, mode="fast", eval_data=data)
+    assert any("at chance on the calibration data" in w for w in rep.warnings)
+    assert any("at chance on the held-out data" in w for w in rep.warnings)
+    _, ok = convert(model, "gn", (x, y), mode="fast")
+    assert not any("at chance" in w for w in ok.warnings)

@@ -17,7 +17,7 @@ Uses the dynamo exporter and falls back to the TorchScript exporter (with a
 warning) when it fails.  Default opset 18: GroupNorm then exports as a precise
 decomposition; GroupNormalization-21 (opset >= 21) is imprecise in onnxruntime
 for inputs with a large mean.  Norm layers in training mode are refused unless
---eval.  The file is self-contained, validated with onnx.checker and written
+--eval-mode.  The file is self-contained, validated with onnx.checker and written
 atomically; an existing file is kept unless --force.
 """
 

@@ -11,7 +11,7 @@ EPILOG = """\b
 Examples:
   normswap fold samples/digits/digits_resnet_module.pt --trust -o digits.folded.pt
   normswap fold weights.pt --arch samples.digits:digits_resnet --input-shape 1,1,32,32 -o w.folded.pt
-  normswap fold model.pt --trust --eval --bake-spectral-norm -o m.folded.pt --json fold.json
+  normswap fold model.pt --trust --eval-mode --bake-spectral-norm -o m.folded.pt --json fold.json
   normswap fold model.pt --trust --input-shape 1,3,224,224 -o m.folded.pt --onnx m.folded.onnx
 
 \b
@@ -26,7 +26,7 @@ Every other site is skipped with its reason, never folded approximately.
 Conv1d -> BatchNorm1d and functional batch_norm need them), call counts (layers
 also reachable from code FX cannot trace need them) and a check that the folded
 model's outputs match.  A model in training mode folds nothing unless
---eval.  Output keeps MODEL's format (default MODEL.folded.<ext>); folded
+--eval-mode.  Output keeps MODEL's format (default MODEL.folded.<ext>); folded
 norms become nn.Identity.
 """
 

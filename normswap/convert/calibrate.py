@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from ..data import Dataset, guess_input_shape, is_dataset, load_data
 from ..errors import NormswapError
 from .fidelity import OutputCache, allreduce_floats, dist_info
+from .forward import _first_layer, expected_input_text, forward_error  # noqa: F401 (re-exported)
 from .fit import assign, build_new, data_free, fit_site, fix_nonfinite, make_stats
 from .report import ConvertReport
 from .sites import CalibSite, Mode, Site, calibration_mode, default_ndim, param_like
@@ -30,28 +30,6 @@ __all__ = ["load_calib", "calibrate", "holdback_split", "resolve_target", "repla
 
 
 # ================================================================================ data
-
-def _first_layer(model: nn.Module) -> nn.Module | None:
-    for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding,
-                          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            return m
-    return None
-
-
-def expected_input_text(model: nn.Module) -> str:
-    m = _first_layer(model)
-    if m is None:
-        return "unknown (no Conv/Linear/Embedding layer found)"
-    if isinstance(m, nn.Embedding):
-        return f"integer token ids (N, L) < {m.num_embeddings} (first layer {m})"
-    if isinstance(m, nn.Linear):
-        return f"(N, ..., {m.in_features}) (first layer {m})"
-    nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
-          nn.ConvTranspose3d: 3}[type(m)]
-    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}[nd]
-    return f"(N, {m.in_channels}, {spatial}) (first layer {type(m).__name__}({m.in_channels}, {m.out_channels}, ...))"
-
 
 def _warn_random(report: ConvertReport, shape) -> None:
     msg = (f"calibrating on random inputs of shape {shape}: the fit matches the norms on noise, not on "
@@ -92,23 +70,6 @@ def load_calib(calib, model: nn.Module, calib_samples: int | None, report: Conve
         if msg not in report.warnings:
             report.warnings.append(msg)
     return ds
-
-
-def forward_error(e: Exception, x, module: nn.Module, what: str = "a calibration batch") -> str:
-    """One line for a model forward that raised on user data: what raised and where (``what``:
-    the batch it ran on), and the input shape the model expects when it looks like a shape
-    problem."""
-    import traceback
-
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
-    where = f" in {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
-    shape = tuple(x.shape) if hasattr(x, "shape") else "?"
-    text = f"the model's forward raised {type(e).__name__}{where} on {what} of shape {shape}: {first}"
-    if isinstance(e, (RuntimeError, ValueError)) and any(w in first.lower() for w in ("shape", "size", "channels",
-                                                                                       "dimension", "expected")):
-        text += f" (the model expects inputs of shape {expected_input_text(module)})"
-    return text
 
 
 class Batches:

@@ -25,7 +25,7 @@ _CHUNK = 256
 
 
 def _first_layer(model: nn.Module) -> nn.Module | None:
-    from .calibrate import _first_layer as first
+    from .forward import _first_layer as first
 
     return first(model)
 

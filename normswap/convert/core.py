@@ -51,7 +51,7 @@ from .bounded import BoundedBatches
 from .calibrate import (Batches, calib_count, calibrate, expected_input_text, holdback_split, load_calib,
                         uncalibrated)
 from .checks import check_data
-from .fidelity import OutputCache, dist_info, eval_mode, fidelity, heldout_fidelity
+from .fidelity import OutputCache, chance_warning, dist_info, eval_mode, fidelity, heldout_fidelity
 from .repair import RepairOptions
 from .report import ConvertReport, LayerFit
 from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents, subclass_reasons
@@ -341,6 +341,9 @@ def _measure(work: nn.Module, module: nn.Module, batches: Batches, cache: Output
         report.warnings.append(
             f"{fid._labels_out_of_range} calibration labels are outside the model's output classes: "
             f"no accuracy reported (are they the labels of this model?)")
+    chance = chance_warning(fid, "calibration data")
+    if chance:
+        report.warnings.append(chance)
     if getattr(fid, "_nonfinite", 0):
         report.warnings.append(
             f"the original model's output is not finite (NaN/Inf) for {fid._nonfinite} of "

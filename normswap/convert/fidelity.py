@@ -198,7 +198,7 @@ def _chunked(model: nn.Module, x: Tensor, chunk: int | None, where: str = "calib
     except NormswapError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's model raised on the user's data (e.g. --eval)
-        from .calibrate import forward_error
+        from .forward import forward_error
 
         raise NormswapError(forward_error(e, x, model, what=f"a {where} batch")) from None
 
@@ -317,7 +317,21 @@ def fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: in
         if data.labels is not None and not oob:
             fid.accuracy_original = correct_o / max(n, 1)
             fid.accuracy_converted = correct_c / max(n, 1)
+            fid._classes = int(ref.shape[1])
     return fid, fwd
+
+
+def chance_warning(fid, what: str) -> str | None:
+    """A warning when the *original* model is no better than chance on labelled data (at most 1.5x
+    1/classes, on 20 samples or more): the data is then most likely not read the way the model was
+    trained, and every fidelity number is about the wrong inputs."""
+    classes = getattr(fid, "_classes", 0)
+    acc = fid.accuracy_original if fid is not None else None
+    if acc is None or classes < 2 or fid.samples < 20 or acc > 1.5 / classes:
+        return None
+    return (f"the original model itself is at chance on the {what} ({100 * acc:.1f}% accuracy, {classes} classes): "
+            "are the inputs read the way it was trained (--preprocess, --mean/--std, --image-size) and are "
+            "these its labels?")
 
 
 def heldout_fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_size: int, to_dev,
@@ -336,6 +350,9 @@ def heldout_fidelity(work: nn.Module, original: nn.Module, data: Dataset, batch_
     if getattr(fid, "_labels_out_of_range", 0):
         report.warnings.append(f"{fid._labels_out_of_range} held-out labels are outside the model's output "
                                "classes: no held-out accuracy reported")
+    chance = chance_warning(fid, "held-out data")
+    if chance:
+        report.warnings.append(chance)
     if getattr(fid, "_nonfinite", 0):
         report.warnings.append(f"the original model's output is not finite for {fid._nonfinite} held-out "
                                f"samples: held-out fidelity uses the other {fid.samples}")

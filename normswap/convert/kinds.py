@@ -23,7 +23,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ..errors import NormswapError

@@ -209,7 +209,7 @@ def _user_call(fn, x: Tensor, module: nn.Module, what: str):
     except NormswapError:
         raise
     except Exception as e:  # noqa: BLE001
-        from .calibrate import forward_error
+        from .forward import forward_error
 
         raise NormswapError(forward_error(e, x, module, what=what)) from None
 

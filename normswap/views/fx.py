@@ -123,9 +123,9 @@ class FxView(ExportFallback, GraphView):
         if self.allow_training:
             return None
         if self.model.training:
-            return reason("model_training", hint="pass eval=True / --eval")
+            return reason("model_training", hint="pass eval=True / --eval-mode")
         if site.module is not None and site.module.training:
-            return reason("norm_training", hint="pass eval=True / --eval")
+            return reason("norm_training", hint="pass eval=True / --eval-mode")
         return None
 
     def eval_affine(self, site: NormSite):

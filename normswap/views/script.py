@@ -277,9 +277,9 @@ class ScriptView(GraphView):
 
     def mode_problem(self, site: NormSite) -> Reason | None:
         if self.sm.training:
-            return reason("model_training", hint="pass eval=True / --eval")
+            return reason("model_training", hint="pass eval=True / --eval-mode")
         if site.module is not None and site.module.training:
-            return reason("norm_training", hint="pass eval=True / --eval")
+            return reason("norm_training", hint="pass eval=True / --eval-mode")
         return None
 
     def eval_affine(self, site: NormSite):
@@ -378,5 +378,5 @@ class ScriptView(GraphView):
 
     def functional_problem(self, site: NormSite) -> Reason:
         if self.sm.training:
-            return reason("model_training_short", hint="pass eval=True / --eval")
+            return reason("model_training_short", hint="pass eval=True / --eval-mode")
         return reason("compiled_unproven", text="functional batch_norm: its producer cannot be proven")

@@ -45,7 +45,7 @@ class CompositeBnRule(FoldRule):
         if m._forward_hooks or m._forward_pre_hooks:
             return reason("norm_hooks")
         if not view.allow_training and m.training:
-            return reason("norm_training", hint="pass eval=True / --eval")
+            return reason("norm_training", hint="pass eval=True / --eval-mode")
         inner = NormSite(f"{site.name}.bn", classify(bn), bn, site.calls, type_name=type(bn).__name__)
         r = norm_problem(inner, view)
         if r:

@@ -69,7 +69,7 @@ class FunctionalBnRule(FoldRule):
         if site.kind != "bn":
             return reason("functional_kind", kind=site.kind)
         if not view.allow_training and view.model.training:
-            return reason("model_training_short", hint="pass eval=True / --eval")
+            return reason("model_training_short", hint="pass eval=True / --eval-mode")
         region, node = site.functional.region, site.functional.node
         a = _bind(node)
         if a is None:
