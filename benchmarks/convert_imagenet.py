@@ -132,7 +132,9 @@ def _run(args, variant: int, method: str) -> dict:
            "--time-budget", str(args.time_budget)]
     if args.repair_steps:
         cmd += ["--repair-steps", str(args.repair_steps)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore",
+                                                                   PYTHONPATH=os.pathsep.join(
+                                                                       filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))))
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr.strip().splitlines() or ["?"])[-1]
