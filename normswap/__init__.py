@@ -27,7 +27,7 @@ _LAZY = {
     "Report": ("normswap.report", "Report"),
     "LoadedModel": ("normswap.io", "LoadedModel"),
     "load_model": ("normswap.io", "load_model"),
-    "save_model": ("normswap.io", "save_model"),
+    "save_model": ("normswap.save", "save_model"),
     "load_data": ("normswap.data", "load_data"),
     "audit": ("normswap.audit", "audit"),
     "fold": ("normswap.fold", "fold"),

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from normswap.errors import NormswapError
 from normswap.inputs import normalize_inputs
-from normswap.io import atomic_save
+from normswap.save import atomic_save
 from normswap.onnx_utils import (
     eval_mode,
     no_cache,

@@ -516,7 +516,7 @@ def write_html(path, html: str, force: bool = False) -> str:
         raise NormswapError(f"report folder {folder} does not exist")
     if path.exists() and not force:
         raise NormswapError(f"{path} exists; pass force=True (--force) to overwrite it")
-    from normswap.io import atomic_save  # the one safe-write path (normswap.outputs.OutputSet)
+    from normswap.save import atomic_save  # the one safe-write path (normswap.outputs.OutputSet)
 
     atomic_save(path, lambda tmp: tmp.write_text(html, encoding="utf-8"), force=force)
     return str(path)

@@ -39,20 +39,35 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import hashlib
 import json
 import os
-import re
 import secrets
 import signal
 import stat
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from normswap.claims import (  # noqa: F401 (re-exported)
+    _HIDDEN_OVERHEAD,
+    _JOURNAL_VERSION,
+    STAGED_RE,
+    _claim_path,
+    _claim_wait,
+    _exists_quietly,
+    _is_special,
+    _kind_of,
+    _probe_claim,
+    _program,
+    _resolve,
+    _staged_path,
+    _start_time,
+    check_path_length,
+    show_path,
+)
 from normswap.errors import NormswapError
+from normswap.journal import _remove_stale_claim, clean_leftovers
 
 try:  # POSIX advisory locks; elsewhere claims fall back to the pid / start-time test
     import fcntl
@@ -61,493 +76,6 @@ except ImportError:  # pragma: no cover - not POSIX
 
 __all__ = ["OutputSet", "install_signal_handlers", "clean_leftovers", "STAGED_RE", "interrupted_by",
            "check_path_length", "show_path"]
-
-_CLAIM_SUFFIX = ".normswap-claim"
-STAGED_RE = re.compile(r"^\.(?P<name>.+)\.normswap-(?P<pid>\d+)(?:-(?P<nonce>[0-9a-f]{16}))?\.tmp(?P<ext>\.[^.]*)?$")
-_CLAIM_RE = re.compile(r"^\.(?P<name>.+)\.normswap-claim$")
-_JOURNAL_RE = re.compile(r"^\.normswap-commit-(?P<pid>\d+)(?:-(?P<nonce>[0-9a-f]{16}))?\.json$")
-_NONCE_RE = re.compile(r"^[0-9a-f]{16}$")
-#: bytes the hidden names add to a final name (".", ".normswap-", pid, "-", nonce, ".tmp")
-_HIDDEN_OVERHEAD = 42
-_JOURNAL_VERSION = 1
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time (Linux /proc; '' elsewhere): tells a reused pid from the writer."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat_line = f.read().decode(errors="replace")
-        return stat_line.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _pid_alive(pid: int, start: str = "") -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return not start or start == _start_time(pid) or not _start_time(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    except OverflowError:
-        return False
-    if start:
-        now = _start_time(pid)
-        if now and now != start:  # the pid was reused by another process: the writer is gone
-            return False
-    return True
-
-
-def _program(pid: int) -> str:
-    """``pid 1234 (sleep)``: a process as a person would want to read it."""
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            name = f.read().decode(errors="replace").strip()
-    except OSError:
-        name = ""
-    return f"pid {pid}" + (f" ({name})" if name else "")
-
-
-def show_path(p) -> str:
-    """A path short enough for a one-line message (a very long one is cut in the middle)."""
-    s = str(p)
-    return s if len(s) <= 100 else f"{s[:56]}...{s[-28:]}"
-
-
-def _name_max(folder: Path) -> int:
-    try:
-        return int(os.pathconf(folder if str(folder) else ".", "PC_NAME_MAX"))
-    except (OSError, ValueError):
-        return 255
-
-
-def _path_max(folder: Path) -> int:
-    try:
-        return int(os.pathconf(folder if str(folder) else ".", "PC_PATH_MAX"))
-    except (OSError, ValueError):
-        return 4096
-
-
-def check_path_length(p, what: str, *, extra: int = 0) -> None:
-    """A one-line :class:`NormswapError` when a component of ``p`` is longer than the file system
-    allows or ``p`` (plus ``extra`` bytes) is longer than ``PATH_MAX`` -- instead of the
-    ENAMETOOLONG that would otherwise surface half-way through a job."""
-    p = Path(p)
-    folder = p.parent
-    while str(folder) not in ("", ".", "/") and not _exists_quietly(folder):
-        folder = folder.parent
-    name_max = _name_max(folder)
-    for part in p.parts:
-        n = len(os.fsencode(part))
-        if part != "/" and n > name_max:
-            kind = "the file name" if part == p.name else "a folder name in it"
-            raise NormswapError(f"{what} {show_path(p)}: {kind} is {n} bytes long, the file system "
-                                f"allows {name_max}; choose a shorter name")
-    n = len(os.fsencode(str(p))) + extra
-    limit = _path_max(folder)
-    if n >= limit:
-        raise NormswapError(f"{what} {show_path(p)}: the path is {len(os.fsencode(str(p)))} bytes long; the "
-                            f"system allows {limit - 1 - extra} here; choose a shorter path")
-
-
-def _exists_quietly(p: Path) -> bool:
-    try:
-        return os.path.isdir(p)
-    except (OSError, ValueError):
-        return False
-
-
-def _hidden_key(final: Path) -> tuple[str, str]:
-    """(stem, suffix) the hidden files of ``final`` are named after: the final name itself, or,
-    when that would make a hidden name too long, its start plus a hash of the whole name."""
-    name = final.name
-    suffix = final.suffix if 0 < len(final.suffix) <= 16 else ""
-    room = _name_max(final.parent) - _HIDDEN_OVERHEAD
-    if len(os.fsencode(name)) <= room:
-        return name[: len(name) - len(suffix)], suffix
-    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
-    head = name[: len(name) - len(suffix)]
-    budget = room - len(digest) - 1 - len(os.fsencode(suffix))
-    while head and len(os.fsencode(head)) > budget:
-        head = head[:-1]
-    return f"{head}~{digest}", suffix
-
-
-def _claim_path(final: Path) -> Path:
-    stem, suffix = _hidden_key(final)
-    return final.with_name(f".{stem}{suffix}{_CLAIM_SUFFIX}")
-
-
-def _staged_path(final: Path, pid: int, nonce: str) -> Path:
-    stem, suffix = _hidden_key(final)
-    return final.with_name(f".{stem}.normswap-{pid}-{nonce}.tmp{suffix}")
-
-
-def _parse_claim(data: bytes) -> tuple[int, str, str]:
-    parts = data.decode(errors="replace").split()
-    try:
-        pid = int(parts[0]) if parts else 0
-    except ValueError:
-        pid = -1
-    start = parts[1] if len(parts) > 1 and parts[1] != "-" else ""
-    return pid, start, (parts[2] if len(parts) > 2 else "")
-
-
-def _read_claim(path: Path) -> tuple[int, str]:
-    """(pid, start time) written in a claim file; (0, '') when it is no readable regular file.
-    Never blocks (a FIFO is not opened)."""
-    pr = _probe_claim(path, lock=False)
-    return pr.pid, pr.start
-
-
-def _kind_of(st) -> str:
-    m = st.st_mode
-    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(m):
-            return name
-    return "special file"
-
-
-def _lock_holders(st) -> list[int]:
-    """Pids holding a lock on the file of ``st`` (from /proc/locks; [] when unknown)."""
-    try:
-        with open("/proc/locks", "rb") as f:
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    pids = []
-    for line in text.splitlines():
-        parts = line.split()
-        if "->" in parts:  # a waiter, not a holder
-            continue
-        for i, tok in enumerate(parts[1:], 1):
-            bits = tok.split(":")
-            if len(bits) == 3:
-                try:
-                    key = (int(bits[0], 16), int(bits[1], 16), int(bits[2]))
-                    pid = int(parts[i - 1])
-                except ValueError:
-                    continue
-                if key == want and pid > 0:
-                    pids.append(pid)
-                break
-    return pids
-
-
-@dataclass
-class _Probe:
-    """What a claim file is: ``gone``, ``special`` (not a regular file), ``live`` (locked by the
-    normswap run it names), ``foreign`` (locked by something else), ``creating`` (empty and
-    new: a run is writing it right now), ``stale`` (nobody holds it)."""
-
-    state: str
-    pid: int = 0
-    start: str = ""
-    nonce: str = ""
-    holder: int | None = None
-    detail: str = ""
-    ino: tuple | None = None
-
-
-def _probe_claim(c: Path, lock: bool = True) -> _Probe:
-    try:
-        st = os.lstat(c)
-    except FileNotFoundError:
-        return _Probe("gone")
-    except OSError as e:
-        return _Probe("special", detail=e.strerror or str(e))
-    if not stat.S_ISREG(st.st_mode):
-        return _Probe("special", detail=_kind_of(st))
-    try:
-        fd = os.open(c, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return _Probe("gone")
-    except OSError as e:
-        return _Probe("special", detail=e.strerror or str(e))
-    locked: bool | None = None
-    try:
-        fst = os.fstat(fd)
-        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-            return _Probe("creating")  # replaced between lstat and open: look again
-        data = os.read(fd, 512)
-        if lock and fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                locked = False
-            except BlockingIOError:
-                locked = True
-            except OSError:  # no locks on this file system: judge by the pid alone
-                locked = None
-    finally:
-        os.close(fd)
-    pid, start, nonce = _parse_claim(data)
-    ino = (st.st_dev, st.st_ino)
-    if not lock:
-        return _Probe("unknown", pid, start, nonce, ino=ino)
-    fresh = not data.strip() and time.time() - st.st_mtime < 2
-    if locked is None:  # no lock information: the pid and its start time decide
-        if fresh:
-            return _Probe("creating", pid, start, nonce, ino=ino)
-        return _Probe("live" if _pid_alive(pid, start) else "stale", pid, start, nonce, ino=ino)
-    if not locked:
-        return _Probe("creating" if fresh else "stale", pid, start, nonce, ino=ino)
-    holders = _lock_holders(st)
-    now = _start_time(pid) if pid > 0 else ""
-    # a normswap run: the pid it names is alive, started when it says (where /proc tells: a claim
-    # without a start time is no normswap claim) and, where /proc/locks tells, holds the lock
-    if pid > 0 and _pid_alive(pid, start) and (start == now if now else True) and \
-            (not holders or pid in holders):
-        return _Probe("live", pid, start, nonce, holders[0] if holders else pid, ino=ino)
-    if fresh:
-        return _Probe("creating", pid, start, nonce, holders[0] if holders else None, ino=ino)
-    return _Probe("foreign", pid, start, nonce, holders[0] if holders else None, ino=ino)
-
-
-def _claim_alive(path: Path) -> bool:
-    return _probe_claim(path).state in ("live", "foreign", "creating")
-
-
-def _claim_wait() -> float:
-    try:
-        return max(0.0, float(os.environ.get("NORMSWAP_CLAIM_WAIT", "10")))
-    except ValueError:
-        return 10.0
-
-
-def _owned_regular(st) -> bool:
-    return stat.S_ISREG(st.st_mode) and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
-
-
-def _protected_set(protect: Iterable) -> set[Path]:
-    out: set[Path] = set()
-    for p in protect or ():
-        if p is None or _is_special(p):
-            continue
-        p = Path(p)
-        out.add(_resolve(p))
-        with contextlib.suppress(OSError, ValueError):
-            out.add(p.absolute())
-    return out
-
-
-def _is_protected(p: Path, protected: set[Path]) -> bool:
-    if not protected:
-        return False
-    if _resolve(p) in protected:
-        return True
-    with contextlib.suppress(OSError, ValueError):
-        if p.absolute() in protected:
-            return True
-    return False
-
-
-def _read_small(p: Path, limit: int = 1 << 20) -> bytes | None:
-    """The bytes of a small regular file, without following a link or blocking on a FIFO."""
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, limit + 1)
-        return None if len(data) > limit else data
-    finally:
-        os.close(fd)
-
-
-def _plain_name(x) -> bool:
-    return isinstance(x, str) and x not in ("", ".", "..") and "/" not in x and "\0" not in x and \
-        (os.sep == "/" or os.sep not in x)
-
-
-def _recover_journal(j: Path, protected: set[Path]) -> tuple[list[str], list[str]]:
-    """Complete the moves an interrupted commit listed in journal ``j`` -- only those it may
-    (see the module docstring).  Returns (notes, warnings)."""
-    folder = j.parent
-    notes: list[str] = []
-    warnings_: list[str] = []
-
-    def leave(why: str) -> tuple[list[str], list[str]]:
-        return [], [f"left {j.name} alone ({why}); nothing was moved; delete it if no normswap write into "
-                    f"{show_path(_resolve(folder))} was interrupted"]
-
-    jm = _JOURNAL_RE.match(j.name)
-    jpid = int(jm.group("pid"))
-    try:
-        st = os.lstat(j)
-    except OSError:
-        return [], []
-    if not stat.S_ISREG(st.st_mode):
-        return leave(f"a {_kind_of(st)}, not a file")
-    if not _owned_regular(st):
-        return leave("it belongs to another user")
-    data = _read_small(j)
-    try:
-        doc = json.loads(data.decode()) if data is not None else None
-    except (ValueError, UnicodeDecodeError):
-        doc = None
-    if not isinstance(doc, dict) or doc.get("normswap_journal") != _JOURNAL_VERSION:
-        return leave("not a normswap commit journal: unknown format")
-    pid, start, nonce, moves = doc.get("pid"), doc.get("start"), doc.get("nonce"), doc.get("moves")
-    if pid != jpid or not isinstance(start, str) or not isinstance(nonce, str) or not _NONCE_RE.match(nonce) \
-            or not isinstance(moves, list) or not moves or (jm.group("nonce") and jm.group("nonce") != nonce):
-        return leave("its pid, nonce or move list is malformed")
-    if _pid_alive(jpid, start):
-        return [], []  # its run is alive (committing right now): not ours to touch
-    for mv in moves:
-        if not (isinstance(mv, list) and len(mv) == 2 and _plain_name(mv[0]) and _plain_name(mv[1])):
-            return leave("a move names a path outside its folder")
-        staged, final = mv
-        m = STAGED_RE.match(staged)
-        if not m or int(m.group("pid")) != jpid or m.group("nonce") != nonce \
-                or _staged_path(folder / final, jpid, nonce).name != staged:
-            return leave(f"{staged!r} is not a file staged by that run for {final!r}")
-        if STAGED_RE.match(final) or _CLAIM_RE.match(final) or _JOURNAL_RE.match(final):
-            return leave(f"{final!r} is a normswap working file, not an output")
-    force = doc.get("force") is True
-    complete = True
-    for staged, final in moves:
-        s, f = folder / staged, folder / final
-        try:
-            sst = os.lstat(s)
-        except FileNotFoundError:
-            continue  # moved before the kill
-        except OSError:
-            complete = False
-            continue
-        if not _owned_regular(sst):
-            warnings_.append(f"{j.name}: left {s} alone (not a regular file of this user)")
-            complete = False
-            continue
-        if _is_protected(f, protected) or _is_protected(s, protected):
-            warnings_.append(f"{j.name}: did not move {staged} to {f}: {f.name} is an input of this run "
-                             "(inputs are never overwritten)")
-            complete = False
-            continue
-        try:
-            fst = os.lstat(f)
-        except FileNotFoundError:
-            fst = None
-        except OSError:
-            complete = False
-            continue
-        try:
-            if fst is not None and (fst.st_dev, fst.st_ino) == (sst.st_dev, sst.st_ino):
-                os.unlink(s)  # hard-linked into place before the kill: only the staged name is left
-            elif fst is None:
-                try:
-                    os.link(s, f)  # never replaces a file that appeared meanwhile
-                    os.unlink(s)
-                except FileExistsError:
-                    warnings_.append(f"{j.name}: did not complete the write of {f}: it exists")
-                    complete = False
-                    continue
-                except OSError:
-                    os.rename(s, f)
-            elif force and stat.S_ISREG(fst.st_mode):
-                os.replace(s, f)
-            else:
-                warnings_.append(f"{j.name}: did not complete the write of {f}: it exists and the "
-                                 "interrupted run had no --force")
-                complete = False
-                continue
-            notes.append(f"completed an interrupted write of {f}")
-        except OSError as e:
-            warnings_.append(f"{j.name}: could not complete the write of {f} ({e.strerror or e})")
-            complete = False
-    # done with it: what could not be completed is said in the warnings (its staged files are
-    # then removed as leftovers of a killed run)
-    with contextlib.suppress(OSError):
-        os.unlink(j)
-    del complete
-    return notes, warnings_
-
-
-def clean_leftovers(folder: Path, protect: Iterable = (), warnings: list[str] | None = None) -> list[str]:
-    """Complete or remove what killed runs left in ``folder``; returns what was done.
-
-    ``protect``: the inputs of the current run, never moved over, replaced or removed.
-    ``warnings``: a list that receives what was left alone and why (a journal that is not one
-    this run may complete, see the module docstring)."""
-    done: list[str] = []
-    warns = warnings if warnings is not None else []
-    protected = _protected_set(protect)
-    try:
-        entries = list(Path(folder).iterdir())
-    except OSError:
-        return done
-    # 1. journals of dead runs: finish their renames (roll forward), within the rules
-    for p in entries:
-        if _JOURNAL_RE.match(p.name):
-            n, w = _recover_journal(p, protected)
-            done.extend(n)
-            warns.extend(w)
-    # 2. staged files and claims of dead runs (a staged file counts as live only while its
-    #    writer is alive and still holds the claim on its final name)
-    for p in entries:
-        m = STAGED_RE.match(p.name)
-        if m:
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            if not _owned_regular(st) or _is_protected(p, protected):
-                continue
-            pid = int(m.group("pid"))
-            claim = p.with_name(f".{m.group('name')}{m.group('ext') or ''}{_CLAIM_SUFFIX}")
-            pr = _probe_claim(claim)
-            live = pr.state == "live" and pr.pid == pid and (not m.group("nonce") or not pr.nonce
-                                                             or pr.nonce == m.group("nonce"))
-            if not live:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    done.append(f"removed {p.name} left by a killed run")
-            continue
-        m = _CLAIM_RE.match(p.name)
-        if m and not _is_protected(p, protected):
-            pr = _probe_claim(p)
-            if pr.state == "stale" and _remove_stale_claim(p, pr):
-                done.append(f"removed {p.name}, a claim no running normswap run holds (left by a killed run)")
-    return done
-
-
-def _remove_stale_claim(c: Path, pr: _Probe) -> bool:
-    """Remove claim ``c`` that nobody holds -- only if it is still that same unlocked file."""
-    try:
-        fd = os.open(c, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return False
-    try:
-        fst = os.fstat(fd)
-        if pr.ino is not None and (fst.st_dev, fst.st_ino) != pr.ino:
-            return False
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False  # someone holds it now
-            except OSError:
-                pass
-        try:
-            st = os.lstat(c)
-        except OSError:
-            return False
-        if (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino):
-            return False
-        os.unlink(c)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
 
 # ------------------------------------------------------------------------- signals
 
@@ -587,7 +115,7 @@ class OutputSet:
                  share: bool = False):
         self.force = bool(force)
         #: share claims this process already holds (a single-file writer inside a run whose
-        #: OutputSet claimed the name, e.g. io.staged_output under the CLI's run_job)
+        #: OutputSet claimed the name, e.g. save.staged_output under the CLI's run_job)
         self.share = bool(share)
         self.final: dict[str, Path] = {k: Path(v) for k, v in outputs.items() if v is not None and str(v) != ""}
         # inputs: paths, or (label, path) pairs ("the input model", "the --calib data", ...)
@@ -869,20 +397,6 @@ def _err(opt: str | None, message: str) -> NormswapError:
     e = NormswapError(message)
     e.option = opt
     return e
-
-
-def _is_special(p) -> bool:
-    """Not a file: 'random', '-', or an in-memory input (a tensor, an array, a DataLoader)."""
-    if not isinstance(p, (str, os.PathLike)):
-        return True
-    return isinstance(p, str) and p in ("random", "-")
-
-
-def _resolve(p: Path) -> Path:
-    try:
-        return p.resolve()
-    except (OSError, RuntimeError):
-        return p.absolute()
 
 
 def _umask() -> int:

@@ -82,7 +82,7 @@ class Report:
 
     def to_json(self, path: str | os.PathLike, *, force: bool = True) -> None:
         """Write ``to_dict()`` as JSON atomically."""
-        from normswap.io import atomic_write_bytes
+        from normswap.save import atomic_write_bytes
 
         atomic_write_bytes(Path(path), json_bytes(self), force=force)
 

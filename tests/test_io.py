@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from normswap.errors import NormswapError
-from normswap.io import LoadedModel, as_module, atomic_save, load_model, save_model
+from normswap.io import LoadedModel, as_module, load_model
+from normswap.save import atomic_save, save_model
 
 MODEL_SRC = textwrap.dedent(
     """

@@ -142,7 +142,8 @@ def output_paths(model_path, to: str, output=None, onnx=None) -> tuple[Path, Pat
 def _convert_file(outputs, model_path, to, *, calib, source, groups, mode, repair, time_budget_s, options,
                   batch_size, calib_samples, export_onnx, check, input_shape, progress, arch, arch_kwargs, trust,
                   imports, providers, eval_data, commit, preprocess=None):
-    from ..io import as_module, load_model, save_model
+    from ..io import as_module, load_model
+    from ..save import save_model
     from .core import convert
 
     loaded = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports)

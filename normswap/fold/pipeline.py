@@ -59,7 +59,8 @@ def fold_file(model_path, *, output=None, eval=False, bake_spectral_norm=False, 
     from normswap.errors import NormswapError
     from normswap.fold import fold
     from normswap.inputs import resolve_inputs
-    from normswap.io import as_module, save_model
+    from normswap.io import as_module
+    from normswap.save import save_model
     from normswap.io import load_model as load
     from normswap.outputs import OutputSet
     from normswap.report import attach_load
