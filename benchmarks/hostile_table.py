@@ -44,10 +44,11 @@ def _env():
                 PYTHONWARNINGS="ignore")
 
 
-def _run(args, cwd, timeout=300, kill_after=None, sig=signal.SIGTERM):
+def _run(args, cwd, timeout=300, kill_after=None, sig=signal.SIGTERM, env=None):
     cmd = ["normswap", *args]
     t0 = time.time()
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(_env(), COLUMNS="80", **(env or {})))
     if kill_after is not None:
         time.sleep(kill_after)
         p.send_signal(sig)
@@ -56,11 +57,20 @@ def _run(args, cwd, timeout=300, kill_after=None, sig=signal.SIGTERM):
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
-        return 124, "(timed out)", time.time() - t0
+        return 124, "(timed out)", time.time() - t0, out, err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     tb = any("Traceback" in ln for ln in lines)
     first = "TRACEBACK" if tb else (lines[0] if lines else (out.strip().splitlines() or [""])[-1])
-    return p.returncode, first, time.time() - t0
+    return p.returncode, first, time.time() - t0, out, err
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
 
 
 def _png_folder(dst: Path, n: int, split: str = "calib"):
@@ -158,6 +168,19 @@ def main() -> int:
          {"kill_after": 6}),
         ("20.10", "SIGINT 6 s into convert", conv + ["--calib", str(calib), "-o", "killed.pt"], 130,
          {"kill_after": 6, "sig": signal.SIGINT}),
+        ("20.4", "claim locked by a program that is not normswap", ["--force", "audit", str(model), "--arch", ARCH,
+                                                                     "--json", "a.json"], 2, {"foreign": True}),
+        ("20.5", "forward raises (3-channel data into a 1-channel model)", conv + ["--calib", str(wrongshape)], 2,
+         {"need": "raised"}),
+        ("20.9", "fold --onnx of an eval model: no training-mode warning",
+         ["fold", str(model), "--arch", ARCH, "--input-shape", "2,1,32,32", "-o", "f.pt", "--onnx", "f.onnx"], 0,
+         {"forbid": "training"}),
+        ("20.11", "audit at 80 columns: no line over 80", ["audit", str(model), "--arch", ARCH, "--input-shape",
+                                                           "2,1,32,32"], 0, {"maxcol": 80}),
+        ("20.11", "convert at 80 columns: no line over 80", conv + ["--calib", str(calib), "-o", "c.pt"], 0,
+         {"maxcol": 80}),
+        ("misc", "two converts to the same -o at once (the second)", conv + ["--calib", str(calib), "-o", "same.pt"],
+         2, {"concurrent": True}),
         ("misc", "directory as MODEL", ["audit", str(imgs), "--arch", ARCH], 2, {}),
         ("misc", "truncated state dict", ["audit", str(trunc), "--arch", ARCH], 2, {}),
         ("misc", "pickled module without --trust", ["audit", str(pickled)], 2, {}),
@@ -178,8 +201,32 @@ def main() -> int:
                  "moves": [[".m.normswap-999999-0123456789abcdef.tmp.pt", "m.pt"], ["victim.txt", str(model)]]}))
             args = ["convert", "m.pt", "--arch", ARCH, "--to", "gn", "--no-onnx", "--calib", str(calib), "-o", "ok.pt"]
             before += hashlib.sha256(local.read_bytes()).hexdigest()
-        rc, first, secs = _run(args, out, timeout=kw.get("timeout", 300), kill_after=kw.get("kill_after"),
-                               sig=kw.get("sig", signal.SIGTERM))
+        holder = first_run = None
+        if kw.get("foreign"):  # another program holds the claim's lock
+            holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out / ".a.json.normswap-claim")],
+                                      stdout=subprocess.PIPE, text=True)
+            holder.stdout.readline()
+        if kw.get("concurrent"):  # a first run of the same command, already working
+            first_run = subprocess.Popen(["normswap", *args], cwd=out, env=_env(), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            time.sleep(4)
+        rc, first, secs, sout, serr = _run(args, out, timeout=kw.get("timeout", 300), kill_after=kw.get("kill_after"),
+                                           sig=kw.get("sig", signal.SIGTERM),
+                                           env={"NORMSWAP_CLAIM_WAIT": "3"} if holder else None)
+        extra_ok = True
+        if holder:
+            holder.kill()
+            holder.wait()
+        if first_run:
+            extra_ok = first_run.wait() == 0  # the first run is not disturbed
+        if kw.get("need"):
+            extra_ok = extra_ok and kw["need"] in serr
+        if kw.get("forbid"):
+            extra_ok = extra_ok and kw["forbid"] not in (sout + serr).lower()
+        if kw.get("maxcol"):
+            widest = max((len(ln) for ln in (sout + serr).splitlines()), default=0)
+            extra_ok = extra_ok and widest <= kw["maxcol"]
+            first = f"widest line {widest} columns; " + first
         after = _digest(inputs)
         if kw.get("journal"):
             after += hashlib.sha256((out / "m.pt").read_bytes()).hexdigest()
@@ -187,7 +234,9 @@ def main() -> int:
         intact = after == before
         planted = {"victim.txt", "m.pt", ".normswap-commit-999999.json", ".m.normswap-999999-0123456789abcdef.tmp.pt"}
         left = sorted(p.name for p in out.iterdir() if p.name not in planted)
-        ok = rc == want and intact and first != "TRACEBACK" and (rc == 0 or not left)
+        if first_run:
+            left = [n for n in left if n != "same.pt"]  # the first run's output
+        ok = rc == want and intact and extra_ok and first != "TRACEBACK" and (rc == 0 or not left)
         rows.append((issue, name, want, rc, f"{secs:.1f}", "yes" if intact else "NO", ",".join(left) or "-",
                      "pass" if ok else "FAIL", first[:110]))
         print(rows[-1], flush=True)
