@@ -296,7 +296,7 @@ def run_job(
 
     ``NormswapError`` → one line on stderr, exit 2 (with --json: ``{"job", "passed": false,
     "error"}``).  Any other exception → one line naming it, exit 3 (``--debug`` shows the
-    traceback instead).  Ctrl-C / SIGTERM → the staged files and claims are removed, exit 130.
+    traceback instead).  Ctrl-C / SIGTERM → the staged files and claims are removed, exit 128 + the signal (130, 143).
     """
     from normswap.errors import NormswapError
     from normswap.io import load_options
@@ -395,7 +395,7 @@ def run_job(
                        + ", ".join(str(p) for p in outs.committed), err=True)
         else:
             click.echo(f"{what}: nothing was written", err=True)
-        sys.exit(130)
+        sys.exit(128 + (sig or 2))  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     finally:
         outs.release()
 

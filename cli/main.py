@@ -47,8 +47,11 @@ class JobGroup(click.Group):
             e.show()
             sys.exit(e.exit_code)
         except (click.Abort, KeyboardInterrupt):  # Ctrl-C / SIGTERM before a job started
+            from normswap.outputs import interrupted_by
+
+            sig = interrupted_by()
             click.echo("interrupted: nothing was written", err=True)
-            sys.exit(130)
+            sys.exit(128 + (sig or 2))  # 130 for Ctrl-C, 143 for SIGTERM
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def format_commands(self, ctx, formatter):

@@ -452,7 +452,7 @@ def ignore_signals() -> None:
 
 def install_signal_handlers() -> None:
     """Turn SIGTERM, SIGINT and SIGHUP into KeyboardInterrupt after removing the staged files and
-    claims of every claimed :class:`OutputSet` of the process (the CLI then exits 130)."""
+    claims of every claimed :class:`OutputSet` of the process (the CLI then exits 128 + the signal)."""
     for s in _SIGNALS():
         with contextlib.suppress(ValueError, OSError):
             signal.signal(s, _on_signal)
