@@ -307,6 +307,18 @@ def bar_plot_svg(
 # --------------------------------------------------------------------------- check
 
 
+def nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    """Tick values in [lo, hi] at a round step (1, 2 or 5 times a power of ten), about ``n`` of them."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    count = int(math.floor((hi - first) / step + 1e-9)) + 1
+    return [round(first + k * step, 12) for k in range(count)]
+
+
 def line_plot_svg(points: Sequence[tuple[float, float, str]], *, color: str = FITTED_COLOR, ylabel: str = "",
                   xlabel: str = "", percent: bool = False, width: int = 940, height: int = 280) -> str:
     """A linear line plot of ``(x, y, tooltip)`` points (e.g. held-back agreement against
@@ -333,13 +345,11 @@ def line_plot_svg(points: Sequence[tuple[float, float, str]], *, color: str = FI
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" font-size="11" role="img">',
            f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fbfbfc" stroke="#bbb"/>']
-    for k in range(6):
-        v = lo + (hi - lo) * k / 5
+    for v in nice_ticks(lo, hi):
         out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e3e3e3"/>')
         out.append(f'<text x="{ml - 6}" y="{Y(v) + 4:.1f}" text-anchor="end" fill="#333">'
                    f'{_e(f"{100 * v:.0f}%" if percent else _fmt(v))}</text>')
-    for k in range(6):
-        v = x0 + (x1 - x0) * k / 5
+    for v in nice_ticks(x0, x1):
         out.append(f'<text x="{X(v):.1f}" y="{mt + ph + 16}" text-anchor="middle" fill="#333">{_e(_fmt(v))}</text>')
     out.append(f'<text x="{ml + pw / 2}" y="{height - 14}" text-anchor="middle" fill="#333">{_e(xlabel)}</text>')
     out.append(f'<text transform="translate(16,{mt + ph / 2}) rotate(-90)" text-anchor="middle" fill="#333">{_e(ylabel)}</text>')

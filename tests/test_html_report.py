@@ -1,5 +1,6 @@
 """normswap.html_report: self-contained HTML for check (with locate) and convert."""
 
+import math
 import os
 import re
 import shutil
@@ -205,3 +206,15 @@ def test_reports_render_in_headless_chromium(tmp_path, kind):
     assert (w, h) == (1000, 1400)
     # not blank: a blank page decodes to a handful of distinct byte values
     assert len(set(raw[: len(raw) // 2])) > 50
+
+
+def test_plot_ticks_are_round_numbers_inside_the_range():
+    from normswap.html_plots import nice_ticks
+
+    for lo, hi in ((0.0, 20.0), (0.00847, 0.0216), (0.9, 1.0), (0.0, 596.3), (-3.0, 7.5), (0.0, 1e-9)):
+        ticks = nice_ticks(lo, hi)
+        assert 2 <= len(ticks) <= 12 and all(lo - 1e-12 <= t <= hi + 1e-12 for t in ticks), (lo, hi, ticks)
+        step = ticks[1] - ticks[0]
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 5, 10)), (lo, hi, step)
+    assert nice_ticks(0.0, 20.0) == [0, 5, 10, 15, 20]

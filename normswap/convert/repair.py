@@ -41,7 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import NormswapError
-from .fidelity import allreduce_floats, allreduce_max, dist_info, first_tensor, is_classifier
+from .fidelity import (
+    allreduce_floats,
+    allreduce_max,
+    dist_info,
+    first_tensor,
+    is_classifier,
+)
 
 __all__ = ["RepairOptions", "RepairResult", "repair", "feature_points", "augment"]
 
@@ -70,7 +76,8 @@ class RepairOptions:
     view_scale: float = 1.0
     #: mixup: probability that a step mixes its batch with a shuffled copy (0: off)
     mixup: float = 0.0
-    #: seconds between held-back scorings
+    #: seconds between held-back scorings (at most: a budget gets at least 12 scorings, one every
+    #: second at most often, so a short run still draws a curve)
     eval_every_s: float = 30.0
     #: stop after this many scorings in a row without improvement (0: never)
     patience: int = 0
@@ -446,7 +453,8 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
         opt.zero_grad(set_to_none=True)
         res.steps += 1
         step_time = time.perf_counter() - ts if step_time is None else 0.8 * step_time + 0.2 * (time.perf_counter() - ts)
-        due = float(time.perf_counter() - last_eval >= opts.eval_every_s or
+        every = opts.eval_every_s if not budget else min(opts.eval_every_s, max(1.0, budget / 12))
+        due = float(time.perf_counter() - last_eval >= every or
                     (max_steps is not None and res.steps >= max_steps))
         if multi:  # every rank scores at the same steps (the scores are all-reduced)
             due = allreduce_max([due])[0]
