@@ -153,8 +153,8 @@ def test_forward_raising_in_repair_is_one_line_exit_2(picky):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--time-budget", "5"], "--time-budget only apply with --repair"),
-    (["--repair-steps", "3"], "--repair-steps only apply with --repair"),
+    (["--time-budget", "5"], "--time-budget only applies with --repair"),
+    (["--repair-steps", "3"], "--repair-steps only applies with --repair"),
     (["--time-budget", "5", "--repair-steps", "3"], "--time-budget and --repair-steps"),
 ])
 def test_repair_options_without_repair_are_refused(tmp_path, extra, needle):

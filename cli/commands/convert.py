@@ -122,7 +122,8 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
     if not repair and (time_budget is not None or repair_steps is not None):
         given = " and ".join(o for o, v in (("--time-budget", time_budget), ("--repair-steps", repair_steps))
                              if v is not None)
-        fail(f"{given} only apply with --repair (add --repair, or drop {given})")
+        verb = "apply" if " and " in given else "applies"
+        fail(f"{given} only {verb} with --repair (add --repair, or drop {given})")
     if repair and calib is None:
         fail("--repair needs calibration data: add --calib DATA (repair distils toward the original "
              "on it and holds some of it back)")
