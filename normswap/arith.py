@@ -76,6 +76,11 @@ def bgn_affine(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
     return bn_affine(mean, var, weight, bias, eps)
 
 
+def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """A layer's bias in float64, or zeros of length ``n`` for a layer without one."""
+    return f64(bias) if bias is not None else torch.zeros(n, dtype=torch.float64, device=like.device)
+
+
 def _bcast(v: Tensor, n: int) -> Tensor:
     """A scale/shift of n entries (a 1-element one broadcasts)."""
     v = v.reshape(-1)
@@ -91,7 +96,7 @@ def fold_affine_after_conv(weight: Tensor, bias: Tensor | None, s: Tensor, t: Te
     w = f64(weight)
     out = w.shape[0]
     s, t = _bcast(s, out), _bcast(t, out)
-    b = f64(bias) if bias is not None else torch.zeros(out, dtype=torch.float64, device=w.device)
+    b = _bias64(bias, out, w)
     w2 = w * s.reshape((-1,) + (1,) * (w.dim() - 1))
     return w2, b * s + t
 
@@ -103,7 +108,7 @@ def fold_affine_after_conv_transpose(weight: Tensor, bias: Tensor | None, s: Ten
     cin, opg = w.shape[0], w.shape[1]
     out = opg * groups
     s, t = _bcast(s, out), _bcast(t, out)
-    b = f64(bias) if bias is not None else torch.zeros(out, dtype=torch.float64, device=w.device)
+    b = _bias64(bias, out, w)
     k = tuple(w.shape[2:])
     wg = w.reshape((groups, cin // groups, opg) + k)
     w2 = wg * s.reshape((groups, 1, opg) + (1,) * len(k))
@@ -126,7 +131,7 @@ def fold_affine_before_linear(weight: Tensor, bias: Tensor | None, s: Tensor, t:
     w = f64(weight)
     out, cin = w.shape
     s, t = _bcast(s, cin), _bcast(t, cin)
-    b = f64(bias) if bias is not None else torch.zeros(out, dtype=torch.float64, device=w.device)
+    b = _bias64(bias, out, w)
     return w * s[None, :], b + w @ t
 
 
@@ -143,7 +148,7 @@ def fold_affine_before_conv(weight: Tensor, bias: Tensor | None, s: Tensor, t: T
     out, ipg = w.shape[0], w.shape[1]
     cin = ipg * groups
     s, t = _bcast(s, cin), _bcast(t, cin)
-    b = f64(bias) if bias is not None else torch.zeros(out, dtype=torch.float64, device=w.device)
+    b = _bias64(bias, out, w)
     k = tuple(w.shape[2:])
     wg = w.reshape((groups, out // groups, ipg) + k)
     ones_k = (1,) * len(k)

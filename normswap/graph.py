@@ -161,10 +161,11 @@ def _is_default_leaf(m: nn.Module) -> bool:
         return False
 
 
-def _short_error(e: BaseException) -> str:
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, the message cut to ``limit`` characters (for reasons)."""
     msg = " ".join(str(e).split())
-    if len(msg) > 300:
-        msg = msg[:297] + "..."
+    if len(msg) > limit:
+        msg = msg[:limit - 3] + "..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
@@ -249,7 +250,7 @@ def _trace_module(module: nn.Module, path: str, out: list[Region], depth: int = 
             _trace_module(sub, _join(path, rel), out, depth + 1)
         return
     # the module's own forward cannot be traced: children become regions of their own
-    out.append(Region(path, module, None, _short_error(err) if err is not None else "untraceable"))
+    out.append(Region(path, module, None, short_error(err) if err is not None else "untraceable"))
     for name, child in module.named_children():
         if _is_default_leaf(child):
             continue

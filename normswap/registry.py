@@ -223,15 +223,6 @@ def _type_name(module: nn.Module) -> str:
     return t.__name__
 
 
-def _t(*names: str) -> tuple[type, ...]:
-    out = []
-    for n in names:
-        t = getattr(nn, n, None)
-        if isinstance(t, type):
-            out.append(t)
-    return tuple(out)
-
-
 NORMS: dict[str, NormKind] = {}
 
 

@@ -280,15 +280,22 @@ class AtenView(GraphView):
     def _lname(self, p: ProgLayer) -> str:
         return module_of(p.nodes[0], self.prefix)[0] or p.nodes[0].name
 
-    def _sole_user(self, site: NormSite, prod: ProgLayer) -> Reason | None:
-        """The layer's output feeds only this norm, and its weight / bias only these calls."""
-        name = self._lname(prod)
+    def _output_feeds_only(self, site: NormSite, prod: ProgLayer) -> Reason | None:
+        """The layer's output (every call of it) feeds only this norm."""
         norm_nodes = {id(c["node"]) for c in site.calls}
         for node in prod.nodes:
             users = self.users_of(node)
             if len(users) != 1 or id(users[0]) not in norm_nodes:
-                return reason("producer_users", layer=name,
+                return reason("producer_users", layer=self._lname(prod),
                               users=f" ({', '.join(self.describe(u) for u in users)})")
+        return None
+
+    def _sole_user(self, site: NormSite, prod: ProgLayer) -> Reason | None:
+        """The layer's output feeds only this norm, and its weight / bias only these calls."""
+        r = self._output_feeds_only(site, prod)
+        if r is not None:
+            return r
+        name = self._lname(prod)
         own = {id(n) for n in prod.nodes} | {id(v) for v in prod.views}
         for ph in (prod.weight, prod.bias):
             if ph is None:

@@ -28,8 +28,10 @@ from normswap.norms import NORMS, weight_reparam
 from normswap.reasons import Reason, reason
 
 from .aten import AtenView, ProgLayer
+from normswap.graph import short_error
+
 from .aten_graph import VIEWS, bn_output, get_arg, is_assert, is_dead, is_identity, module_of, rms_call, schema, \
-    short_error, val
+    val
 from .base import Layer, NormSite
 from .modules import layer_family, layer_of
 
@@ -98,12 +100,12 @@ def _export_eager(fx_view):
     try:
         return EagerAtenView(torch.export.export(model, ex, strict=False), fx_view, "")
     except Exception as e:  # noqa: BLE001
-        r = reason("export_failed", error=short_error(e))
+        r = reason("export_failed", error=short_error(e, 240))
         if "pytree" in str(e) or "not a known type" in str(e):
             try:
                 return EagerAtenView(torch.export.export(_Flat(model), ex, strict=False), fx_view, "model.")
             except Exception as e2:  # noqa: BLE001
-                r = reason("export_failed", error=short_error(e2))
+                r = reason("export_failed", error=short_error(e2, 240))
         return r
 
 
@@ -411,11 +413,4 @@ class EagerAtenView(AtenView):
         return None
 
     def _sole_user(self, site: NormSite, prod: ProgLayer) -> Reason | None:
-        name = self._lname(prod)
-        norm_nodes = {id(c["node"]) for c in site.calls}
-        for node in prod.nodes:
-            users = self.users_of(node)
-            if len(users) != 1 or id(users[0]) not in norm_nodes:
-                return reason("producer_users", layer=name,
-                              users=f" ({', '.join(self.describe(u) for u in users)})")
-        return None  # the weight's other uses: layer_problem
+        return self._output_feeds_only(site, prod)  # the weight's other uses: layer_problem

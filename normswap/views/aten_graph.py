@@ -15,7 +15,7 @@ from normswap.graph import LAYER_OPS
 
 __all__ = ["schema", "get_arg", "set_arg", "module_of", "short_op", "rank", "val", "is_assert", "is_identity",
            "is_dead", "bn_output", "ProgramState", "rms_call", "CONV", "CONVT", "LINEAR", "TRANSPOSE_VIEWS",
-           "VIEWS", "CASTS", "strip_call_index", "short_error"]
+           "VIEWS", "CASTS", "strip_call_index"]
 
 CONV = {op for op, f in LAYER_OPS.items() if f == "conv"}
 CONVT = {op for op, f in LAYER_OPS.items() if f == "convt"}
@@ -138,13 +138,6 @@ def bn_output(node: fx.Node):
         else:
             return ("tuple_output", {"user": u.name})
     return out
-
-
-def short_error(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    if len(msg) > 240:
-        msg = msg[:237] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 class ProgramState:
