@@ -384,8 +384,9 @@ def test_a_convert_interrupted_while_it_writes_leaves_nothing(work, sig, point):
     p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
     left = sorted(os.listdir(work))
-    if p.returncode == 0:  # the signal came after the commit
-        assert {"m.gn.pt", "m.gn.onnx"} <= set(left)
+    if p.returncode == 0 or "after the outputs were written" in err:  # the signal came after the commit
+        assert {"m.gn.pt", "m.gn.onnx"} <= set(left), (left, err)
+        assert p.returncode in (0, 128 + getattr(signal, sig)), (p.returncode, err)
     else:
         assert p.returncode == 128 + getattr(signal, sig) and "interrupted by " + sig in err, err
         assert left == ["m.pt", "victim.txt"], left
