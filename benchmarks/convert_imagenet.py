@@ -38,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "imagenet-sample"
-METHODS = ("naive", "fast", "sequential", "repair")
+METHODS = ("naive", "fast", "sequential", "fit", "repair", "fit+repair")
 
 
 def _peak_mb() -> float:
@@ -111,9 +111,10 @@ def worker(args) -> dict:
         fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
         row["seconds"] = time.perf_counter() - t0
     else:
-        mode = "fast" if args.method == "fast" else "sequential"
+        mode = {"fast": "fast", "fit": "fit", "fit+repair": "fit"}.get(args.method, "sequential")
         opts = ConvertOptions(repair_steps=args.repair_steps)
-        conv, rep = convert(model, "gn", calib, mode=mode, batch_size=args.batch, repair=args.method == "repair",
+        conv, rep = convert(model, "gn", calib, mode=mode, batch_size=args.batch,
+                            repair=args.method.endswith("repair"),
                             time_budget_s=args.time_budget, options=opts)
         row["seconds"] = time.perf_counter() - t0  # the conversion, without the held-out evaluation
         fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
@@ -122,6 +123,10 @@ def worker(args) -> dict:
         # (already decoded) calibration tensors, both timed inside convert
         row["calib_s"], row["calib_forward_s"] = rep.calib_seconds, rep.forward_seconds
         row["calib_x_forward"] = rep.calib_ratio
+        if rep.fit is not None:
+            r = rep.fit
+            row["fit"] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
+                          "after": r.after, "micro_batch": r.micro_batch}
         if rep.repair is not None:
             r = rep.repair
             row["repair"] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,

@@ -359,6 +359,19 @@ def _fidelity_table(cal: dict | None, fin: dict | None, repaired: bool, held: di
     return "".join(out)
 
 
+def _fit_text(fit: dict | None) -> str | None:
+    """mode="fit": the affine fit's steps and held-back KL in one line."""
+    if not fit:
+        return None
+    b, a = fit.get("before") or {}, fit.get("after") or {}
+    txt = f'{fit.get("steps")} steps, {fit.get("trained_parameters")} parameters (the new norms\' scale and shift)'
+    if b:
+        txt += f'; held-back KL {_fmt(b.get("kl"))} → {_fmt(a.get("kl"))}'
+        if not fit.get("kept"):
+            txt += " (not better: the closed-form fit was kept)"
+    return txt
+
+
 def _repair_section(rep: dict) -> str:
     """Repair: what ran, and the held-back agreement (or KL) against time."""
     before, after = rep.get("before") or {}, rep.get("after") or {}
@@ -412,6 +425,7 @@ def convert_report_html(convert_report_dict: dict) -> str:
         ("calibrated", calib),
         ("passes over the data", r.get("passes") if calibrated else None),
         ("calibration time", timing),
+        ("affine fit", _fit_text(r.get("fit"))),
         ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
     ]))
     fidelity = [r.get("fidelity_calibrated"), r.get("fidelity"), r.get("fidelity_eval")]

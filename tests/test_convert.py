@@ -612,3 +612,51 @@ def test_repair_on_a_deep_model_within_budget_and_not_worse():
 def test_repair_options_checked():
     _, rep = convert(_net(), "gn", None, repair=True)
     assert any("--repair needs calibration data" in w for w in rep.warnings) and rep.repair is None
+
+
+# ------------------------------------------------------------------ mode="fit" (affine fit)
+
+
+def test_fit_mode_trains_only_the_new_norms_and_is_never_worse_on_held_back():
+    model = _randomize(_Deep(depth=4))
+    x, x_test = _deep_x(112, 1), _deep_x(112, 2)
+    seq, _ = convert(model, "gn", x, mode="sequential")
+    calls = []
+    fit, rep = convert(model, "gn", x, mode="fit",
+                       progress=lambda stage, step, total, loss, eta=None: calls.append((stage, step, total)))
+    r = rep.fit
+    assert rep.mode == "fit" and r is not None and rep.repair is None
+    # 6 epochs of the 96 not held-back samples at 32 a step; 16 held back guard it
+    assert r.steps == 18 and r.stopped == "max steps" and r.train_samples == 96 and r.held_samples == 16
+    assert [c[1] for c in calls if c[0] == "fit"] == list(range(1, 19)) and {c[2] for c in calls if c[0] == "fit"} == {18}
+    new = {id(p) for m in fit.modules() if isinstance(m, nn.GroupNorm) for p in m.parameters()}
+    assert r.trained_parameters == sum(p.numel() for p in fit.parameters() if id(p) in new)
+    # nothing but the new norms' scale and shift moved
+    for (n, a), (_, b) in zip(seq.named_parameters(), fit.named_parameters()):
+        if id(b) not in new:
+            assert torch.equal(a, b), n
+    assert r.after["kl"] <= r.before["kl"] + 1e-12
+    hb = x[[i for i in range(112) if i % 7 == 6]]
+    assert _kl(model, fit, hb) <= _kl(model, seq, hb) + 1e-6  # never worse on the held-back samples
+    if r.kept:  # and it carries over to data neither saw (a deep random net: generous slack)
+        assert _kl(model, fit, x_test) <= 1.2 * _kl(model, seq, x_test) + 1e-4
+    assert rep.calib_seconds >= r.seconds  # the fit counts as calibration time
+    assert rep.to_dict()["fit"]["steps"] == 18
+
+
+def test_fit_mode_improves_the_trained_digits_network():
+    model, (xc, yc), (xt, yt) = _digits()
+    seq, _ = convert(model, "gn", (xc, yc), mode="sequential")
+    fit, rep = convert(model, "gn", (xc, yc), mode="fit")
+    assert rep.fit.kept and rep.fit.after["kl"] < rep.fit.before["kl"]
+    assert _kl(model, fit, xt) < _kl(model, seq, xt)  # held-out: closer to the original
+    assert _acc(fit, xt, yt) >= _acc(seq, xt, yt) - 0.005
+
+
+def test_fit_mode_without_held_back_samples_says_so():
+    from normswap.convert.core import ConvertOptions
+
+    model, x = _net(), _x(40)
+    _, rep = convert(model, "gn", x, mode="fit", options=ConvertOptions(holdback=False, fit_epochs=1))
+    assert rep.fit.steps == 2 and rep.fit.kept and rep.fit.held_samples == 0
+    assert any("kept unguarded" in w for w in rep.warnings)

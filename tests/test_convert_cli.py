@@ -192,3 +192,17 @@ def test_cli_convert_refuses_nan_calibration_before_writing(sd_model, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(bad), "--no-onnx",
                                  "-o", str(out)])
     assert r.exit_code != 0 and "1 of 8 samples (first: sample 3)" in r.output and not out.exists()
+
+
+def test_cli_convert_mode_fit_reports_the_affine_fit(tmp_path):
+    model = _digits_model(tmp_path)
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(cli, ["convert", str(model), "--trust", "--to", "gn", "--calib", str(DIGITS / "calib.npz"),
+                                 "--json", str(js), "--no-onnx", "--mode", "fit"])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "calibrated (fit, 256 samples)" in flat and "affine fit" in flat and "held-back KL" in flat
+    d = json.loads(js.read_text())
+    assert d["mode"] == "fit" and d["fit"]["steps"] == 42 and d["fit"]["held_samples"] == 36
+    assert d["fit"]["after"]["kl"] <= d["fit"]["before"]["kl"]
+    assert d["fidelity"]["accuracy_converted"] >= 0.95

@@ -62,6 +62,14 @@ def test_augment_views():
     assert torch.equal(a, b) and not torch.allclose(a, x)  # seeded, and a real change
     tokens = torch.randint(0, 9, (4, 7))
     assert augment(tokens, RepairOptions(), torch.Generator()) is tokens  # not image-like: unchanged
+    # no crop (mode="fit"): every sample is itself or its exact mirror image, at its own size
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 3, 5, 7)
+    v = augment(x, RepairOptions(crop_scale=None), g)
+    kept = [torch.equal(v[i], x[i]) for i in range(64)]
+    mirrored = [torch.equal(v[i], x[i].flip(2)) for i in range(64)]
+    assert all(k or m for k, m in zip(kept, mirrored)) and 10 < sum(mirrored) < 54
+    assert torch.equal(augment(x, RepairOptions(crop_scale=None, flip=False), g), x)
 
 
 def test_micro_batch_fits_the_memory_budget():

@@ -218,3 +218,17 @@ def test_plot_ticks_are_round_numbers_inside_the_range():
         mantissa = step / 10 ** math.floor(math.log10(step))
         assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 5, 10)), (lo, hi, step)
     assert nice_ticks(0.0, 20.0) == [0, 5, 10, 15, 20]
+
+
+def test_convert_report_html_shows_the_affine_fit():
+    d = _convert_dict()
+    d["mode"] = "fit"
+    d["fit"] = {"steps": 42, "trained_parameters": 1234, "kept": True, "before": {"kl": 0.41, "agreement": 0.8},
+                "after": {"kl": 0.35, "agreement": 0.83}}
+    html = convert_report_html(d)
+    _assert_self_contained(html)
+    assert "affine fit" in html and "42 steps, 1234 parameters" in html and "0.41 → 0.35" in html
+    d["fit"]["kept"] = False
+    assert "closed-form fit was kept" in convert_report_html(d)
+    del d["fit"]
+    assert "affine fit" not in convert_report_html(d)

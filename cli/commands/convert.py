@@ -88,10 +88,12 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @image_options
 @click.option("--calib-samples", type=int, default=None, metavar="N", help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Calibration batch size.")
-@click.option("--mode", type=click.Choice(("fast", "sequential")), default="sequential", show_default=True,
-              help="Calibration: fast (closed form on the original activations, 1 pass) or sequential "
+@click.option("--mode", type=click.Choice(("fast", "sequential", "fit")), default="sequential", show_default=True,
+              help="Calibration: fast (closed form on the original activations, 1 pass), sequential "
                    "(closed form on the converted model's own inputs, 2 passes; never worse than fast on "
-                   "held-back calibration samples).")
+                   "held-back calibration samples) or fit (sequential, then only the new norms' scale and "
+                   "shift fitted to the original's outputs by gradient descent, about 20 more forward "
+                   "passes; kept only when better on held-back samples).")
 @click.option("--repair", is_flag=True, default=False,
               help="After calibration, distil the converted model toward the original on augmented "
                    "views of the calibration data, early-stopped on held-back samples (never returned "
@@ -184,7 +186,7 @@ class _Progress:
         if self.bar is None:
             self._start()
         if stage not in self.tasks:
-            label = {"calibrate": "calibrating", "repair": "repairing"}.get(stage, stage)
+            label = {"calibrate": "calibrating", "fit": "fitting", "repair": "repairing"}.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total, info="")
         if stage == "repair" and eta is not None:  # total: the time budget (s); eta: what is left of it
             info = f"step {step}" + (f" loss {max(0.0, loss):.3g}" if loss is not None else "") + f" ~{eta:.0f} s left"
@@ -307,6 +309,12 @@ def render(report, console) -> None:
         if report.calib_ratio is not None:
             s.add_row("calibration time", f"{report.calib_seconds:.2f} s = {report.calib_ratio:.1f}x one forward "
                                           f"pass ({report.passes} pass{'es' if report.passes != 1 else ''})")
+        fit = report.fit
+        if fit is not None:
+            b, a = fit.before or {}, fit.after or {}
+            s.add_row("affine fit", f"{fit.steps} steps, {fit.trained_parameters} parameters; held-back KL "
+                                    f"{_num(b.get('kl'))} -> {_num(a.get('kl'))}"
+                                    + ("" if fit.kept or not b else " (not better: closed form kept)"))
         console.print(s)
     if report.repair is not None:
         console.print(_repair_table(report.repair))

@@ -69,8 +69,8 @@ class RepairOptions:
     norm_lr: float = 1e-3
     #: weight of the block feature-matching term
     feature_weight: float = 1.0
-    #: random resized crop: share of the area kept, and whether to flip horizontally
-    crop_scale: tuple = (0.5, 1.0)
+    #: random resized crop: share of the area kept (None: no crop), and whether to flip horizontally
+    crop_scale: tuple | None = (0.5, 1.0)
     flip: bool = True
     #: the views are resampled to this share of the input's height and width (< 1: cheaper steps)
     view_scale: float = 1.0
@@ -184,6 +184,12 @@ def augment(x: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
     if x.dim() != 4 or not x.is_floating_point():
         return x
     n = x.shape[0]
+    if opts.crop_scale is None:  # no crop: the whole view, flipped or not, at its own size
+        out = x
+        if opts.flip:
+            flip = torch.rand(n, generator=gen) < 0.5
+            out = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
+        return _mixup(out, opts, gen)
     lo, hi = opts.crop_scale
     area = torch.empty(n).uniform_(lo, hi, generator=gen)
     logr = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
@@ -201,6 +207,11 @@ def augment(x: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
         size[2:] = [max(8, int(round(d * opts.view_scale))) for d in size[2:]]
     grid = F.affine_grid(theta.to(x), size, align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return _mixup(out, opts, gen)
+
+
+def _mixup(out: Tensor, opts: RepairOptions, gen: torch.Generator) -> Tensor:
+    n = out.shape[0]
     if opts.mixup > 0 and float(torch.rand(1, generator=gen)) < opts.mixup and n > 1:
         lam = float(torch.rand(1, generator=gen))
         perm = torch.randperm(n, generator=gen)

@@ -110,6 +110,8 @@ class ConvertReport(Report):
     eval_source: str | None = None
     #: :class:`normswap.convert.repair.RepairResult` when repair ran
     repair: Any = None
+    #: :class:`normswap.convert.repair.RepairResult` of mode="fit"'s affine fit
+    fit: Any = None
     calib_seconds: float | None = None
     #: seconds of one plain forward pass over the calibration set (the converted model)
     forward_seconds: float | None = None
@@ -169,6 +171,7 @@ class ConvertReport(Report):
             #: which fidelity the headline numbers are: "held-out" or "in-sample"
             "fidelity_basis": self.fidelity_basis,
             "repair": jsonable(self.repair),
+            "fit": jsonable(self.fit),
             "calib_seconds": self.calib_seconds,
             "forward_seconds": self.forward_seconds,
             "calib_ratio": self.calib_ratio,
