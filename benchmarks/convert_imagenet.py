@@ -18,9 +18,11 @@ original, top-5 overlap (|top5 ∩ top5| / 5), KL(original ‖ converted); *cal 
 as a multiple of one forward pass of the original over the same decoded calibration tensors (both
 timed inside ``convert``: the issue's measure); *all x*: the whole ``convert`` call (reading and
 decoding the JPEGs, calibration, in-sample fidelity, repair) as a multiple of one forward pass over
-the image folder including its decoding (measured in the same process just before); and the
-process's peak resident memory.  Every (model, method) runs in
-a fresh subprocess so that its peak memory is its own.  ``naive`` is what Opacus'
+the image folder including its decoding (measured in the same process just after); and the
+process's peak resident memory when the conversion returns (before that forward pass and the
+held-out evaluation).  Every (model, method) runs in a fresh subprocess so that its peak memory is
+its own; ``--memory`` adds a row per model for a plain forward pass (batch ``--batch``) in a fresh
+process, the baseline of the memory target.  ``naive`` is what Opacus'
 ``ModuleValidator.fix`` builds: a fresh ``GroupNorm(gcd(32, C), C)`` with gamma 1, beta 0.
 """
 
@@ -100,14 +102,14 @@ def worker(args) -> dict:
     calib, held = _split(args.data, model, args.calib, args.batch)
     row = {"model": f"lite{args.model}", "method": args.method, "calib": len(calib), "held_out": len(held),
            "size": list(calib.sample_shape), "threads": args.threads, "batch": args.batch}
-    fwd = _forward_seconds(model, calib, args.batch)
-    row["forward_s"] = fwd
     if args.method == "forward":
+        row["forward_s"] = _forward_seconds(model, calib, args.batch)
         row["peak_mb"] = _peak_mb()
         return row
     t0 = time.perf_counter()
     if args.method == "naive":
         conv = _naive(model)
+        row["peak_mb"] = _peak_mb()
         fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
         row["seconds"] = time.perf_counter() - t0
     else:
@@ -117,6 +119,9 @@ def worker(args) -> dict:
                             repair=args.method.endswith("repair"),
                             time_budget_s=args.time_budget, options=opts)
         row["seconds"] = time.perf_counter() - t0  # the conversion, without the held-out evaluation
+        # the conversion's own peak, in a fresh process (the forward pass timed below comes after it:
+        # memory the allocator kept from an earlier forward would otherwise count as the conversion's)
+        row["peak_mb"] = _peak_mb()
         fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
         row["calib_choice"] = rep.calibration_choice
         # the issue's measure: calibration time / one forward pass of the original over the same
@@ -132,7 +137,8 @@ def worker(args) -> dict:
             row["repair"] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
                              "after": r.after, "micro_batch": r.micro_batch, "stopped": r.stopped,
                              "curve": r.curve}
-    row.update(peak_mb=_peak_mb(), x_forward=row["seconds"] / fwd, agreement=fid.top1_agreement,
+    fwd = row["forward_s"] = _forward_seconds(model, calib, args.batch)
+    row.update(x_forward=row["seconds"] / fwd, agreement=fid.top1_agreement,
                top5=fid.top5_overlap, kl=fid.kl, acc_original=fid.accuracy_original,
                acc_converted=fid.accuracy_converted, drop=fid.accuracy_drop)
     return row

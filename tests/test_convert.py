@@ -453,7 +453,8 @@ def test_training_mode_model_is_reported():
     assert not any("training mode" in w for w in rep.warnings)
 
 
-def test_nonfinite_outputs_are_refused():
+@pytest.mark.parametrize("mode", ["sequential", "fit"])
+def test_nonfinite_outputs_are_refused(mode):
     # QA regression: with NaN running statistics the original outputs NaN; argmax of NaN rows
     # made "top-1 agreement 100%" (PASSED, no warning); then it was only a warning (exit 0):
     # now there is nothing faithful to convert to, and it is refused (issue 18)
@@ -462,7 +463,7 @@ def test_nonfinite_outputs_are_refused():
         m[1].running_var[2] = float("nan")
     x = torch.randn(8, 1, 8, 8)
     with pytest.raises(NormswapError, match="original model's outputs are not finite.*nothing was written"):
-        convert(m, "gn", x)
+        convert(m, "gn", x, mode=mode)
     # the converted model non-finite where the original is finite: refused too.  BN with eps=0
     # is finite on a blank image; GroupNorm with the source's eps=0 divides 0 by 0 there
     m2 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, eps=0.0), nn.Flatten(), nn.Linear(4 * 36, 5)).eval()
@@ -471,7 +472,7 @@ def test_nonfinite_outputs_are_refused():
     x2 = torch.randn(8, 1, 8, 8)
     x2[0] = 0
     with pytest.raises(NormswapError, match="converted model's outputs are not finite.*original's are finite"):
-        convert(m2, "gn", x2)
+        convert(m2, "gn", x2, mode=mode)
 
 
 def test_labels_outside_classes_give_no_accuracy():

@@ -21,6 +21,9 @@ How it works
      already-converted layers before it and is refitted there (to ``original_norm(x_conv)`` for
      per-sample targets, see :func:`normswap.convert.calibrate.resolve_target`).  A held-back
      1/7 of the samples chooses between the fast and the sequential fit.
+   * ``mode="fit"``: the sequential fit, then only the replacements' scale and shift are trained
+     toward the original's outputs (gradient descent on the calibration inputs and their mirror
+     images, :data:`FIT_OPTIONS`), kept only when better on the held-back 1/7.
 3. Fidelity of the converted model against the original on the calibration inputs (in-sample)
    and, with ``eval_data``, on held-out inputs: top-1 agreement, top-5 overlap, KL, accuracy
    with labels, and the error of every output.
@@ -227,10 +230,12 @@ def _fit_affine(work, module, data, held, sites, batches, opts, progress, report
                          (lambda _stage, step, total, loss, eta=None: progress("fit", step, total, loss)))
     report.fit = res
     report.calib_seconds = (report.calib_seconds or 0.0) + (time.perf_counter() - t0)
+    if res.stopped == "nothing to train":
+        return
     if not held:
-        report.warnings.append("fit: too few calibration samples to hold some back (give at least 14), so the "
-                               "affine fit was kept unguarded")
-    elif not res.kept and res.stopped != "nothing to train":
+        report.warnings.append("fit: no calibration samples were held back (fewer than 14, or holdback off), so "
+                               "the affine fit was kept unguarded")
+    elif not res.kept:
         report.warnings.append("fit: the affine fit did not improve the held-back calibration samples "
                                "(KL to the original): the closed-form calibration is returned")
 
