@@ -128,15 +128,10 @@ def worker(args) -> dict:
         # (already decoded) calibration tensors, both timed inside convert
         row["calib_s"], row["calib_forward_s"] = rep.calib_seconds, rep.forward_seconds
         row["calib_x_forward"] = rep.calib_ratio
-        if rep.fit is not None:
-            r = rep.fit
-            row["fit"] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
-                          "after": r.after, "micro_batch": r.micro_batch}
-        if rep.repair is not None:
-            r = rep.repair
-            row["repair"] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
-                             "after": r.after, "micro_batch": r.micro_batch, "stopped": r.stopped,
-                             "curve": r.curve}
+        for key, r in (("fit", rep.fit), ("repair", rep.repair)):  # both are RepairResults
+            if r is not None:
+                row[key] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
+                            "after": r.after, "micro_batch": r.micro_batch, "stopped": r.stopped, "curve": r.curve}
     fwd = row["forward_s"] = _forward_seconds(model, calib, args.batch)
     row.update(x_forward=row["seconds"] / fwd, agreement=fid.top1_agreement,
                top5=fid.top5_overlap, kl=fid.kl, acc_original=fid.accuracy_original,

@@ -82,11 +82,18 @@ def _digits_model(tmp_path) -> Path:
     return model
 
 
-def test_cli_digits_default_names_no_onnx(tmp_path):
+def _convert_digits(tmp_path, *more):
+    """``normswap convert`` of the bundled trained digits model (a copy in ``tmp_path``) on its
+    calibration images, the JSON report in ``tmp_path / "r.json"``."""
     model = _digits_model(tmp_path)
     js = tmp_path / "r.json"
     r = CliRunner().invoke(cli, ["convert", str(model), "--trust", "--to", "gn", "--calib", str(DIGITS / "calib.npz"),
-                                 "--json", str(js), "--no-onnx", "--mode", "fast"])
+                                 "--json", str(js), *more])
+    return r, js
+
+
+def test_cli_digits_default_names_no_onnx(tmp_path):
+    r, js = _convert_digits(tmp_path, "--no-onnx", "--mode", "fast")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "digits_resnet_module.gn.pt").exists()
     assert not (tmp_path / "digits_resnet_module.gn.onnx").exists()
@@ -101,10 +108,7 @@ def test_cli_digits_default_names_no_onnx(tmp_path):
 @pytest.mark.slow
 def test_cli_headline_digits(tmp_path):
     """The README's first command on the bundled trained sample: convert, save, export, check (~40 s)."""
-    model = _digits_model(tmp_path)
-    js = tmp_path / "r.json"
-    r = CliRunner().invoke(cli, ["convert", str(model), "--trust", "--to", "gn", "--calib", str(DIGITS / "calib.npz"),
-                                 "--json", str(js)])
+    r, js = _convert_digits(tmp_path)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "digits_resnet_module.gn.pt").exists() and (tmp_path / "digits_resnet_module.gn.onnx").exists()
     flat = " ".join(r.output.split())
@@ -195,10 +199,7 @@ def test_cli_convert_refuses_nan_calibration_before_writing(sd_model, tmp_path):
 
 
 def test_cli_convert_mode_fit_reports_the_affine_fit(tmp_path):
-    model = _digits_model(tmp_path)
-    js = tmp_path / "r.json"
-    r = CliRunner().invoke(cli, ["convert", str(model), "--trust", "--to", "gn", "--calib", str(DIGITS / "calib.npz"),
-                                 "--json", str(js), "--no-onnx", "--mode", "fit"])
+    r, js = _convert_digits(tmp_path, "--no-onnx", "--mode", "fit")
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.split())
     assert "calibrated (fit, 256 samples)" in flat and "affine fit" in flat and "held-back KL" in flat

@@ -66,7 +66,7 @@ MODES = ("fast", "sequential", "fit")
 #: the affine fit of ``mode="fit"``: only the replacement norms' scale and shift are trained, to the
 #: original's logits (KL; relative output error for other outputs), on the calibration inputs and
 #: their mirror images, for ``fit_epochs`` epochs (EfficientNet-Lite0/1/2 on 256 ImageNet photos:
-#: held-out KL -10..-13 %, about 20x one forward pass on top of the sequential fit's 5-8x)
+#: held-out KL -8..-12 %, calibration 25-28x one forward pass in all, the sequential fit's 6-10x included)
 FIT_OPTIONS = RepairOptions(params="norms", norm_lr=1e-3, feature_weight=0.0, crop_scale=None, flip=True,
                             batch_size=32, eval_every_s=1e9)
 #: repair's wall-clock budget when none is given (seconds)
@@ -177,17 +177,18 @@ def _holdback(data, mode: str, repair: bool, opts: ConvertOptions, report: Conve
     """Reorder the calibration data so a held-back 1/7 comes last (sequential mode: it chooses
     between the fast and the sequential fit; repair: it early-stops and reverts).  Returns
     ``(data, held for the calibration choice, held for repair)``."""
-    if data is None or not len(data) or not (mode in ("sequential", "fit") or repair) or not opts.holdback:
+    chooses = mode in ("sequential", "fit")  # the modes whose fast / sequential pick uses held-back samples
+    if data is None or not len(data) or not (chooses or repair) or not opts.holdback:
         return data, 0, 0
     data, held = holdback_split(data)
-    if mode in ("sequential", "fit") and dist_info()[1] > 1:
+    if chooses and dist_info()[1] > 1:
         # each process holds back its own samples: the pick between the fast and the sequential fit
         # could then differ from a single process on the union, so it is off under torch.distributed
         # (repair still early-stops on them: its scores are all-reduced, every rank decides alike)
         report.warnings.append("torch.distributed: the held-back comparison of the fast and sequential fits is off "
                                "(every process fits on all of its samples; the result equals one process on the union)")
         return data, 0, held
-    return data, held if mode in ("sequential", "fit") else 0, held
+    return data, held if chooses else 0, held
 
 
 def _calibrate(work, sites, batches, to, groups, mode, held, opts, progress, report) -> OutputCache | None:
@@ -211,16 +212,23 @@ def _calibrate(work, sites, batches, to, groups, mode, held, opts, progress, rep
     return cache
 
 
+def _training_parts(data, held: int, sites: list[Site]):
+    """What the affine fit and repair train on: the calibration samples but the held-back last
+    ``held`` (those, or None), and the replacement norm modules."""
+    n = len(data)
+    train = data.subset(range(n - held)) if held else data
+    heldset = data.subset(range(n - held, n)) if held else None
+    replaced = [s.wrapper.new for s in sites if s.wrapper is not None and s.wrapper.new is not None]
+    return train, heldset, replaced
+
+
 def _fit_affine(work, module, data, held, sites, batches, opts, progress, report) -> None:
     """mode="fit": after the closed-form fit, train only the replacements' scale and shift toward the
     original's outputs (:data:`FIT_OPTIONS`, ``opts.fit_epochs`` epochs), kept only when better on the
     held-back calibration samples; its time counts as calibration time."""
     from .repair import repair as run_repair
 
-    n = len(data)
-    train = data.subset(range(n - held)) if held else data
-    heldset = data.subset(range(n - held, n)) if held else None
-    replaced = [s.wrapper.new for s in sites if s.wrapper is not None and s.wrapper.new is not None]
+    train, heldset, replaced = _training_parts(data, held, sites)
     steps = max(1, math.ceil(max(1, opts.fit_epochs) * len(train) / FIT_OPTIONS.batch_size))
     t0 = time.perf_counter()
     with eval_mode(module):
@@ -243,13 +251,10 @@ def _fit_affine(work, module, data, held, sites, batches, opts, progress, report
 def _repair(work, module, data, held, sites, batches, budget, opts, progress, report) -> None:
     from .repair import repair as run_repair
 
-    n = len(data)
-    train = data.subset(range(n - held)) if held else data
-    heldset = data.subset(range(n - held, n)) if held else None
+    train, heldset, replaced = _training_parts(data, held, sites)
     if not held:
         report.warnings.append("repair: too few calibration samples to hold some back, so nothing guards "
                                "against a worse model (give at least 14 samples)")
-    replaced = [s.wrapper.new for s in sites if s.wrapper is not None and s.wrapper.new is not None]
     budget = DEFAULT_REPAIR_BUDGET_S if budget is None else float(budget)
     with eval_mode(module):
         res = run_repair(work, module, train, heldset, replaced=replaced, to_dev=batches.to_dev,

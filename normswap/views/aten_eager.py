@@ -23,15 +23,13 @@ import torch
 from torch import fx, nn
 
 from normswap import arith
+from normswap.graph import short_error
 from normswap.norm_ops import bind, op_signature
 from normswap.norms import NORMS, weight_reparam
 from normswap.reasons import Reason, reason
 
 from .aten import AtenView, ProgLayer
-from normswap.graph import short_error
-
-from .aten_graph import VIEWS, bn_output, get_arg, is_assert, is_dead, is_identity, module_of, rms_call, schema, \
-    val
+from .aten_graph import VIEWS, bn_output, get_arg, is_assert, is_dead, is_identity, module_of, rms_call, schema, val
 from .base import Layer, NormSite
 from .modules import layer_family, layer_of
 
