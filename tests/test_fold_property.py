@@ -1,7 +1,11 @@
 """Differential property tests: random layer + norm configurations, original vs folded.
 
-max|y_fold - y| <= 1e-5 * (1 + max|y|) in float32, with random statistics including tiny
-variances (~1e-10) and large means.
+Both float32 models are compared with the original computed in float64 (the exact answer, up to
+1e-16): max|y_fold - y64| <= 1e-5 * (1 + max|y|) + max|y - y64|, with random statistics including
+tiny variances (~1e-10) and large means.  The last term is the float32 original's own rounding
+error: with a mean of ~1000 and a scale of ~900, ``(x - mean) * scale`` in float32 is already
+0.03 off the exact value, while the folded layer (fitted in float64) is 5e-5 off; comparing the
+fold with the float32 original would blame the fold for the original's rounding.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def _check(model: nn.Module, x: torch.Tensor, expect_folded: int | None = None):
     model.eval()
     with torch.no_grad():
         y = model(x)
+        y64 = copy.deepcopy(model).double()(x.double())
     before = copy.deepcopy(model.state_dict())
     folded, rep = fold(model, (x,))
     # the input model is untouched
@@ -68,8 +73,9 @@ def _check(model: nn.Module, x: torch.Tensor, expect_folded: int | None = None):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with torch.no_grad():
         yf = folded(x)
-    err = float((yf - y).abs().max())
-    assert err <= 1e-5 * (1 + float(y.abs().max())), (err, float(y.abs().max()), rep.to_dict())
+    err = float((yf.double() - y64).abs().max())
+    own = float((y.double() - y64).abs().max())  # the float32 original's own rounding error
+    assert err <= 1e-5 * (1 + float(y.abs().max())) + own, (err, own, float(y.abs().max()), rep.to_dict())
     if expect_folded is not None:
         assert len(rep.folded) == expect_folded, rep.to_dict()
     for item in rep.folded:
@@ -291,6 +297,7 @@ def test_norm_affine_property(case):
 @given(st.one_of(conv_cases().map(lambda c: ("conv", c)), convt_cases().map(lambda c: ("convt", c)),
                  linear_cases().map(lambda c: ("linear", c)), next_cases().map(lambda c: ("next", c)),
                  affine_cases().map(lambda c: ("affine", c))))
+@example(tagged=("next", ("conv", 2, 1, 2, 1, 2, "zeros", 0, False, (1000.0, (-10.0, -9.0), 1e-05), 229)))
 def test_fold_property_slow(tagged):
     kind, case = tagged
     {"conv": run_conv, "convt": run_convt, "linear": run_linear, "next": run_next, "affine": run_affine}[kind](case)
