@@ -54,7 +54,7 @@ def _load(variant: int):
     return efficientnet_lite(variant)
 
 
-def _split(data_dir: str, model, calib: int, batch: int):
+def _split(data_dir: str, model, calib: int, split: str = "a"):
     from normswap.images import open_image_folder
 
     data = open_image_folder(data_dir, None, model=model)  # the model's pretrained_cfg
@@ -62,7 +62,8 @@ def _split(data_dir: str, model, calib: int, batch: int):
         raise SystemExit(f"{data_dir}: no labels (class folders or a leading class index in the file names)")
     if not 0 < calib < len(data):
         raise SystemExit(f"--calib {calib}: the folder has {len(data)} images")
-    return data.subset(range(calib)), data.subset(range(calib, len(data)))
+    first, rest = data.subset(range(calib)), data.subset(range(calib, len(data)))
+    return (first, rest) if split == "a" else (rest, first)  # "b": the two parts swap roles
 
 
 def _forward_seconds(model, data, batch: int) -> float:
@@ -99,8 +100,9 @@ def worker(args) -> dict:
     from normswap.convert.fidelity import fidelity
 
     model = _load(args.model)
-    calib, held = _split(args.data, model, args.calib, args.batch)
-    row = {"model": f"lite{args.model}", "method": args.method, "calib": len(calib), "held_out": len(held),
+    calib, held = _split(args.data, model, args.calib, args.split)
+    row = {"model": f"lite{args.model}", "method": args.method, "split": args.split, "calib": len(calib),
+           "held_out": len(held),
            "size": list(calib.sample_shape), "threads": args.threads, "batch": args.batch}
     if args.method == "forward":
         row["forward_s"] = _forward_seconds(model, calib, args.batch)
@@ -139,10 +141,10 @@ def worker(args) -> dict:
     return row
 
 
-def _run(args, variant: int, method: str) -> dict:
+def _run(args, variant: int, method: str, split: str = "a") -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", str(variant), "--method", method, "--data", str(args.data),
            "--calib", str(args.calib), "--batch", str(args.batch), "--threads", str(args.threads),
-           "--time-budget", str(args.time_budget)]
+           "--time-budget", str(args.time_budget), "--split", split]
     if args.repair_steps:
         cmd += ["--repair-steps", str(args.repair_steps)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore",
@@ -151,7 +153,7 @@ def _run(args, variant: int, method: str) -> dict:
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr.strip().splitlines() or ["?"])[-1]
-        return {"model": f"lite{variant}", "method": method, "error": tail}
+        return {"model": f"lite{variant}", "method": method, "split": split, "error": tail}
     return json.loads(lines[-1])
 
 
@@ -159,26 +161,55 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _mb(v) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def _x(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
 def table(rows: list[dict]) -> str:
-    head = "model  method      acc  drop  agree  top5     KL  cal x  all x  peak MB"
+    head = "model  split method      acc  drop  agree  top5     KL  cal x  all x  peak MB"
     out = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            out.append(f"{r['model']:<6} {r['method']:<10} error: {r['error']}")
+            out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10} error: {r['error']}")
             continue
         if r["method"] == "forward":
-            out.append(f"{r['model']:<6} {'forward':<10} {'':>5} {'':>5} {'':>6} {'':>5} {'':>6} {'':>6} {1.0:>6.1f} "
+            out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {'forward':<10} {'':>5} {'':>5} {'':>6} {'':>5} {'':>6} {'':>6} {1.0:>6.1f} "
                        f"{r['peak_mb']:>8.0f}")
             continue
-        out.append(f"{r['model']:<6} {r['method']:<10} {_pct(r['acc_converted']):>5} {_pct(r['drop']):>5} "
-                   f"{_pct(r['agreement']):>6} {_pct(r['top5']):>5} {r['kl']:>6.3f} {_x(r.get('calib_x_forward')):>6} "
-                   f"{r['x_forward']:>6.1f} "
-                   f"{r['peak_mb']:>8.0f}")
+        out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10} {_pct(r['acc_converted']):>5} "
+                   f"{_pct(r['drop']):>5} {_pct(r['agreement']):>6} {_pct(r['top5']):>5} {r['kl']:>6.3f} "
+                   f"{_x(r.get('calib_x_forward')):>6} {_x(r.get('x_forward')):>6} {_mb(r.get('peak_mb')):>8}")
     return "\n".join(out)
+
+
+def pool(rows: list[dict]) -> dict | None:
+    """One row for the same (model, method) over several splits: the held-out figures averaged by
+    held-out photos (every photo of the folder held out once over splits a and b); times and memory
+    are the mean and the largest."""
+    rows = [r for r in rows if "error" not in r and r.get("split") in ("a", "b")]
+    if len(rows) < 2:
+        return None
+    n = sum(r["held_out"] for r in rows)
+
+    def avg(key):
+        vals = [(r[key], r["held_out"]) for r in rows]
+        return None if any(v is None for v, _ in vals) else sum(v * k for v, k in vals) / n
+
+    out = {"model": rows[0]["model"], "method": rows[0]["method"], "split": "a+b", "held_out": n}
+    for key in ("agreement", "top5", "kl", "acc_original", "acc_converted"):
+        out[key] = avg(key)
+    out["drop"] = None if out["acc_converted"] is None else out["acc_original"] - out["acc_converted"]
+    for key in ("calib_x_forward", "x_forward"):
+        vals = [r.get(key) for r in rows]
+        out[key] = None if None in vals else sum(vals) / len(vals)
+    out["peak_mb"] = max(r["peak_mb"] for r in rows)
+    p = out["agreement"]
+    out["agreement_se"] = math.sqrt(p * (1 - p) / n) if p is not None else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -189,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--time-budget", type=float, default=600.0, help="repair's budget in seconds")
     ap.add_argument("--repair-steps", type=int, default=None, help="cap repair's steps (quick runs)")
+    ap.add_argument("--splits", default="a", help="a: the first --calib photos calibrate, the rest are held "
+                    "out; b: the roles swap; a,b: both, plus a pooled row per method (every photo held out once)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also run a plain forward pass (peak memory baseline)")
@@ -196,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--method", default="fast", help=argparse.SUPPRESS)
+    ap.add_argument("--split", default="a", choices=("a", "b"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
@@ -203,15 +237,28 @@ def main(argv=None) -> int:
     if not Path(args.data).is_dir():
         print(f"skipped: {args.data} is not a folder (pass --data DIR)")
         return 0
+    splits = [x.strip() for x in args.splits.split(",") if x.strip()]
+    if not splits or set(splits) - {"a", "b"}:
+        raise SystemExit(f"--splits {args.splits!r}: a, b or a,b")
     rows = []
-    print(f"data {args.data}: first {args.calib} photos calibrate, the rest are held out; "
-          f"{args.threads} threads, batch {args.batch}", flush=True)
+    print(f"data {args.data}: split a: the first {args.calib} photos calibrate, the rest are held out; "
+          f"split b: the other way round; {args.threads} threads, batch {args.batch}", flush=True)
     for v in [int(x) for x in args.models.split(",") if x.strip()]:
         for m in (["forward"] if args.memory else []) + [x.strip() for x in args.methods.split(",") if x.strip()]:
-            rows.append(_run(args, v, m))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            for sp in splits if m != "forward" else ["a"]:
+                rows.append(_run(args, v, m, sp))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+            if len(splits) > 1:
+                pooled = pool([r for r in rows if r["model"] == f"lite{v}" and r["method"] == m])
+                if pooled:
+                    rows.append(pooled)
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
+    se = [r for r in rows if r.get("split") == "a+b"]
+    if se:
+        print("\npooled rows: every photo held out once; binomial standard error of the agreement: "
+              + ", ".join(f"{r['model']} {r['method']} ±{100 * r['agreement_se']:.1f}" for r in se))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any("error" in r for r in rows) else 0

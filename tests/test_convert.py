@@ -661,3 +661,33 @@ def test_fit_mode_without_held_back_samples_says_so():
     _, rep = convert(model, "gn", x, mode="fit", options=ConvertOptions(holdback=False, fit_epochs=1))
     assert rep.fit.steps == 2 and rep.fit.kept and rep.fit.held_samples == 0
     assert any("kept unguarded" in w for w in rep.warnings)
+
+
+def test_fit_on_a_channels_last_model_does_not_crash(tmp_path):
+    """torch 2.13's CPU GroupNorm backward on a small channels-last activation that needs no gradient
+    (the frozen layers below the first new norm, as in mode="fit") kills the process with SIGSEGV;
+    repair's loop makes its input need a gradient.  In a subprocess, so a crash fails this test
+    instead of the whole run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "cl_fit.py"
+    script.write_text(
+        "import sys, torch, torch.nn as nn\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from normswap import convert\n"
+        "torch.manual_seed(0)\n"
+        "m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                  nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()\n"
+        "for b in (m[1], m[4]):\n"
+        "    b.running_mean.normal_(); b.running_var.uniform_(0.5, 2)\n"
+        "x = torch.randn(64, 3, 8, 8)\n"
+        "for mm, xx in ((m.to(memory_format=torch.channels_last), x),\n"
+        "               (m.to(memory_format=torch.contiguous_format), x.contiguous(memory_format=torch.channels_last))):\n"
+        "    _, rep = convert(mm, 'gn', xx, mode='fit')\n"
+        "    assert rep.fit.steps > 0, rep.fit\n"
+        "print('ok')\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), (p.returncode, p.stderr[-500:])

@@ -452,6 +452,12 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             t_feats = t_taps.take()
 
             def train_step(xm, t_out=t_out, t_feats=t_feats):  # the forward with gradients, and its backward
+                if xm.is_floating_point():
+                    # the input needs a gradient, so every activation does: torch 2.13's CPU GroupNorm
+                    # backward on a channels-last activation that needs none (the layers below it
+                    # frozen, as in mode="fit") kills the process (SIGSEGV); the cost is the first
+                    # layer's input gradient
+                    xm = xm.detach().requires_grad_(True)
                 s_out = model(xm)
                 loss = _distill_loss(s_out, t_out, s_taps.take(), t_feats, opts) * (xm.shape[0] / x.shape[0])
                 loss.backward()

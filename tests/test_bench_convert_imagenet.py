@@ -1,0 +1,52 @@
+"""The ImageNet conversion benchmark's two-split pooling (benchmarks/convert_imagenet.py): every photo
+held out once, figures weighted by held-out photos, an error row never pooled."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_imagenet.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("_convert_imagenet", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(split, held, agree, acc_o, acc_c, kl=0.5, top5=0.7, cal=5.0, allx=4.0, mb=600.0):
+    return {"model": "lite1", "method": "sequential", "split": split, "held_out": held, "agreement": agree,
+            "top5": top5, "kl": kl, "acc_original": acc_o, "acc_converted": acc_c,
+            "drop": None if acc_c is None else acc_o - acc_c,
+            "calib_x_forward": cal, "x_forward": allx, "peak_mb": mb}
+
+
+def test_pool_weights_by_held_out_photos(bench):
+    a = _row("a", 244, 0.80, 0.90, 0.75, kl=0.6, cal=6.0, mb=700.0)
+    b = _row("b", 256, 0.90, 0.88, 0.85, kl=0.4, cal=4.0, mb=650.0)
+    p = bench.pool([a, b])
+    assert p["split"] == "a+b" and p["held_out"] == 500
+    assert math.isclose(p["agreement"], (0.80 * 244 + 0.90 * 256) / 500)
+    assert math.isclose(p["kl"], (0.6 * 244 + 0.4 * 256) / 500)
+    assert math.isclose(p["drop"], p["acc_original"] - p["acc_converted"])
+    assert math.isclose(p["calib_x_forward"], 5.0) and p["peak_mb"] == 700.0
+    assert math.isclose(p["agreement_se"], math.sqrt(p["agreement"] * (1 - p["agreement"]) / 500))
+    line = bench.table([p]).splitlines()[-1]
+    assert line.split()[:3] == ["lite1", "a+b", "sequential"] and f"{100 * p['agreement']:.1f}" in line
+
+
+def test_pool_needs_two_good_splits(bench):
+    a = _row("a", 244, 0.8, 0.9, 0.75)
+    err = {"model": "lite1", "method": "sequential", "split": "b", "error": "boom"}
+    assert bench.pool([a, err]) is None and bench.pool([a]) is None
+    assert "error: boom" in bench.table([err])
+
+
+def test_unlabelled_accuracy_stays_empty(bench):
+    a, b = _row("a", 10, 0.5, None, None), _row("b", 10, 0.7, None, None)
+    p = bench.pool([a, b])
+    assert p["acc_converted"] is None and p["drop"] is None and math.isclose(p["agreement"], 0.6)
