@@ -177,7 +177,8 @@ def table(rows: list[dict]) -> str:
             out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10} error: {r['error']}")
             continue
         if r["method"] == "forward":
-            out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {'forward':<10} {'':>5} {'':>5} {'':>6} {'':>5} {'':>6} {'':>6} {1.0:>6.1f} "
+            out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {'forward':<10} {'':>5} {'':>5} {'':>6} {'':>5} "
+                       f"{'':>6} {'':>6} {1.0:>6.1f} "
                        f"{r['peak_mb']:>8.0f}")
             continue
         out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10} {_pct(r['acc_converted']):>5} "

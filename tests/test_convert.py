@@ -684,8 +684,8 @@ def test_fit_on_a_channels_last_model_does_not_crash(tmp_path):
         "for b in (m[1], m[4]):\n"
         "    b.running_mean.normal_(); b.running_var.uniform_(0.5, 2)\n"
         "x = torch.randn(64, 3, 8, 8)\n"
-        "for mm, xx in ((m.to(memory_format=torch.channels_last), x),\n"
-        "               (m.to(memory_format=torch.contiguous_format), x.contiguous(memory_format=torch.channels_last))):\n"
+        "cl, cf = torch.channels_last, torch.contiguous_format\n"
+        "for mm, xx in ((m.to(memory_format=cl), x), (m.to(memory_format=cf), x.contiguous(memory_format=cl))):\n"
         "    _, rep = convert(mm, 'gn', xx, mode='fit')\n"
         "    assert rep.fit.steps > 0, rep.fit\n"
         "print('ok')\n")
