@@ -691,3 +691,22 @@ def test_fit_on_a_channels_last_model_does_not_crash(tmp_path):
         "print('ok')\n")
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), (p.returncode, p.stderr[-500:])
+
+
+def test_fit_and_repair_accept_a_forward_that_changes_its_input_in_place():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x.mul_(0.5)  # in place, on the caller's tensor
+            return self.head(self.body(x).mean((2, 3)))
+
+    model = _randomize(InPlace())
+    x = _deep_x(64, 4)
+    for kw in ({"mode": "fit"}, {"repair": True, "time_budget_s": 2}):
+        _, rep = convert(model, "gn", x.clone(), **kw)
+        r = rep.fit if "mode" in kw else rep.repair
+        assert r is not None and r.steps > 0, kw

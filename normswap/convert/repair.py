@@ -456,8 +456,9 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
                     # the input needs a gradient, so every activation does: torch 2.13's CPU GroupNorm
                     # backward on a channels-last activation that needs none (the layers below it
                     # frozen, as in mode="fit") kills the process (SIGSEGV); the cost is the first
-                    # layer's input gradient
-                    xm = xm.detach().requires_grad_(True)
+                    # layer's input gradient (a copy of the leaf: a forward may still change its input
+                    # in place)
+                    xm = xm.detach().requires_grad_(True).clone()
                 s_out = model(xm)
                 loss = _distill_loss(s_out, t_out, s_taps.take(), t_feats, opts) * (xm.shape[0] / x.shape[0])
                 loss.backward()
