@@ -12,6 +12,7 @@ are held out; every figure is on the held-out part.
     python benchmarks/convert_imagenet.py                         # all models, all methods
     python benchmarks/convert_imagenet.py --models 1 --methods fast,sequential
     python benchmarks/convert_imagenet.py --models 0 --memory     # peak memory at 224x224, batch 64
+    python benchmarks/convert_imagenet.py --methods fast,sequential,fit --splits a,b  # both ways round
 
 Columns: original / converted top-1 accuracy and the drop (points), top-1 agreement with the
 original, top-5 overlap (|top5 ∩ top5| / 5), KL(original ‖ converted); *cal x*: calibration time
