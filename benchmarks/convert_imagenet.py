@@ -174,15 +174,14 @@ def table(rows: list[dict]) -> str:
     head = "model  split method      acc  drop  agree  top5     KL  cal x  all x  peak MB"
     out = [head, "-" * len(head)]
     for r in rows:
+        lead = f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10}"
         if "error" in r:
-            out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10} error: {r['error']}")
+            out.append(f"{lead} error: {r['error']}")
             continue
         if r["method"] == "forward":
-            out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {'forward':<10} {'':>5} {'':>5} {'':>6} {'':>5} "
-                       f"{'':>6} {'':>6} {1.0:>6.1f} "
-                       f"{r['peak_mb']:>8.0f}")
+            out.append(f"{lead} {'':>5} {'':>5} {'':>6} {'':>5} {'':>6} {'':>6} {1.0:>6.1f} {_mb(r['peak_mb']):>8}")
             continue
-        out.append(f"{r['model']:<6} {r.get('split', 'a'):<5} {r['method']:<10} {_pct(r['acc_converted']):>5} "
+        out.append(f"{lead} {_pct(r['acc_converted']):>5} "
                    f"{_pct(r['drop']):>5} {_pct(r['agreement']):>6} {_pct(r['top5']):>5} {r['kl']:>6.3f} "
                    f"{_x(r.get('calib_x_forward')):>6} {_x(r.get('x_forward')):>6} {_mb(r.get('peak_mb')):>8}")
     return "\n".join(out)
@@ -247,14 +246,15 @@ def main(argv=None) -> int:
           f"split b: the other way round; {args.threads} threads, batch {args.batch}", flush=True)
     for v in [int(x) for x in args.models.split(",") if x.strip()]:
         for m in (["forward"] if args.memory else []) + [x.strip() for x in args.methods.split(",") if x.strip()]:
+            runs = []
             for sp in splits if m != "forward" else ["a"]:
-                rows.append(_run(args, v, m, sp))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-            if len(splits) > 1:
-                pooled = pool([r for r in rows if r["model"] == f"lite{v}" and r["method"] == m])
-                if pooled:
-                    rows.append(pooled)
-                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+                runs.append(_run(args, v, m, sp))
+                print(table(runs[-1:]).splitlines()[-1], flush=True)
+            pooled = pool(runs)
+            if pooled:
+                runs.append(pooled)
+                print(table(runs[-1:]).splitlines()[-1], flush=True)
+            rows += runs
     print()
     print(table(rows))
     se = [r for r in rows if r.get("split") == "a+b"]
