@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import warnings
 from typing import Any, Callable
@@ -111,6 +112,16 @@ def image_options(f: Callable) -> Callable:
                                            skip_bad_images, mean, std)
         except NormswapError as e:
             fail(str(e))
+        given = {"--preprocess": preprocess_name, "--image-size": image_size, "--resize": resize,
+                 "--crop-pct": crop_pct, "--interpolation": interpolation, "--mean": mean, "--std": std,
+                 "--skip-bad-images": skip_bad_images or None}
+        data = {o: kwargs.get(k) for o, k in (("--calib", "calib"), ("--eval", "eval_data"), ("--data", "data"))
+                if kwargs.get(k) not in (None, "")}
+        used = [o for o, v in given.items() if v is not None]
+        if used and not any(os.path.isdir(v) for v in data.values()):
+            # an option that would change nothing: say so rather than ignore it (as --time-budget without --repair)
+            where = " / ".join(f"{o} {v}" for o, v in data.items()) or "no data option"
+            fail(f"{used[0]} reads image folders, and this run has none ({where}); drop it or pass a folder")
         return f(*args, preprocess=spec, **kwargs)
 
     opts = [
@@ -185,7 +196,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 #: how a command's file parameters are used: (inputs, outputs) by parameter name; a command may
 #: also pass ``inputs=`` / ``outputs=`` to :func:`run_job` (e.g. outputs with computed defaults)
 _INPUT_PARAMS = {"model_path": "the input model", "model": "the input model", "calib": "the --calib data",
-                 "data": "the --data file"}
+                 "data": "the --data input"}
 _OUTPUT_PARAMS = {"output": "-o", "onnx_path": "--onnx", "report_path": "--report"}
 #: commands whose ``onnx_path`` is an input (the file being checked), not an output
 _ONNX_IS_INPUT = frozenset({"check"})

@@ -21,6 +21,8 @@ in-memory :class:`Dataset` has ``inputs``.
 
 from __future__ import annotations
 
+import pickle
+
 import os
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,7 @@ def _finish(x, y, source: str, limit: int | None, input_shape=None) -> Dataset:
     x = x.float() if x.is_floating_point() or x.dtype == torch.uint8 else x
     notes = []
     if y is not None:
-        y = _as_tensor(y, source).reshape(-1)
+        y = label_vector(_as_tensor(y, source), source)
         if y.shape[0] != x.shape[0]:
             raise NormswapError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels")
         y, note = integer_labels(y, source)
@@ -108,6 +110,15 @@ def _finish(x, y, source: str, limit: int | None, input_shape=None) -> Dataset:
                 f"(input shape (N, {', '.join(map(str, expected))}))"
             )
     return Dataset(x, y, source, details={"notes": notes} if notes else None)
+
+
+def label_vector(y, source: str):
+    """Labels as a vector of one class index per sample: (N,) or (N, 1); one-hot or score rows
+    are refused (they are not class indices)."""
+    if y.dim() > 1 and not (y.dim() == 2 and y.shape[1] == 1):
+        raise NormswapError(f"{source}: labels shaped {tuple(y.shape)}; expected one class index per sample, "
+                            f"shaped (N,) (one-hot or score rows: pass their argmax)")
+    return y.reshape(-1)
 
 
 def integer_labels(y, source: str):
@@ -183,6 +194,9 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except NormswapError:
             raise
+        except pickle.UnpicklingError:  # torch's weights-only loader met an object it will not build
+            raise NormswapError(f"{path}: holds pickled Python objects, not only tensors; data files are read "
+                                "without running their code: save tensors (an (x, y) pair or a dict) or an .npz") from None
         except Exception as e:
             raise NormswapError(f"{path}: cannot read data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if isinstance(obj, torch.Tensor):
@@ -198,8 +212,13 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
         raise NormswapError(f"{path}: expected a tensor, an (x, y) pair or a dict with 'x' (and 'y')")
     if isinstance(spec, (torch.Tensor, np.ndarray)):
         return _finish(spec, None, "tensor", limit, input_shape)
-    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in spec) and _as_tensor(spec[1], "labels").dim() == 1 and _as_tensor(spec[0], "inputs").dim() > 1:
-        return _finish(spec[0], spec[1], "tensors", limit, input_shape)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in spec):
+        a, b = _as_tensor(spec[0], "inputs"), _as_tensor(spec[1], "labels")
+        # an (inputs, labels) pair, not two batches: labels as a vector, or as rows (one-hot: they get
+        # their own error) beside image-like inputs or of another dtype; else two batches
+        if a.dim() > 1 and (b.dim() == 1 or (b.dim() == 2 and b.shape[0] == a.shape[0] and (
+                a.dim() > 2 or b.dtype != a.dtype))):
+            return _finish(a, b, "tensors", limit, input_shape)
     # an iterable of batches (DataLoader, list of tensors, generator)
     try:
         iterator = iter(spec)
@@ -225,8 +244,15 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
             break
     if not xs:
         raise NormswapError("calibration data: the iterable yielded no batches")
+    for i, b in enumerate(xs):
+        if b.dim() == 0 or tuple(b.shape[1:]) != tuple(xs[0].shape[1:]) or b.dtype != xs[0].dtype:
+            what = "a scalar" if b.dim() == 0 else f"samples shaped {tuple(b.shape[1:])} ({b.dtype})"
+            raise NormswapError(f"calibration data: batch {i} holds {what} but batch 0 samples shaped "
+                                f"{tuple(xs[0].shape[1:])} ({xs[0].dtype}); every batch needs the same sample "
+                                "shape and dtype")
     x = torch.cat(xs)
-    y = torch.cat(ys) if all(v is not None for v in ys) else None
+    y = (torch.cat([label_vector(v, f"calibration labels of batch {i}") for i, v in enumerate(ys)])
+         if all(v is not None for v in ys) else None)
     return _finish(x, y, type(spec).__name__, limit, input_shape)
 
 

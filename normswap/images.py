@@ -97,6 +97,9 @@ def scan_folder(root: Path) -> dict:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     files = [p for _, p in found]
     top = [parts for parts, _ in found if len(parts) == 1]
+    # sub-folders that hold images: a folder of images beside an empty sub-folder, a symbolic link
+    # back to itself or a folder named like an image is still a flat folder (its labels kept)
+    holding = {parts[0] for parts, _ in found if len(parts) > 1}
     info = {"files": files, "labels": None, "classes": None, "ignored": ignored}
     if classes and not top:
         index = {c: i for i, c in enumerate(classes)}
@@ -104,13 +107,17 @@ def scan_folder(root: Path) -> dict:
         info.update(layout="class folders", labels=[index[parts[0]] for parts, _ in found], classes=classes,
                     label_source=f"class folders ({len(classes)} sorted sub-folder names)",
                     empty_classes=[c for c in classes if c not in used])
-    elif classes:
-        info.update(layout="mixed", label_source="none: images both in the folder and in sub-folders")
+    elif holding:
+        info.update(layout="mixed", label_source=f"none: images both in the folder ({len(top)}) and in "
+                                                 f"{len(holding)} sub-folder(s) ({len(files) - len(top)})")
     else:
         idx = [LEADING_INDEX.match(p.name) for p in files]
         info["layout"] = "flat"
-        if files and all(idx):
+        big = next((p.name for p, m in zip(files, idx) if m and len(m.group(1)) > 18), None)
+        if files and all(idx) and big is None:
             info.update(labels=[int(m.group(1)) for m in idx], label_source="leading class index in the file names")
+        elif big is not None:  # a number (a date, a hash) rather than a class index
+            info["label_source"] = f"none: the leading number of {big!r} is too large for a class index"
         else:
             n = sum(1 for m in idx if m)
             info["label_source"] = ("none: no file name starts with a class index" if not n else
@@ -142,22 +149,26 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _open(path: Path):
+def _open(path: Path, transform=None):
     from PIL import Image
 
     if path.stat().st_size == 0:
         raise BadImage("empty file")
     im = Image.open(path)
-    if im.width * im.height > MAX_PIXELS:
+    why = (f"{im.width}x{im.height} pixels, more than the limit of {MAX_PIXELS}"
+           if im.width * im.height > MAX_PIXELS else
+           transform.check_size(im.width, im.height) if transform is not None else None)
+    if why is not None:
         im.close()
-        raise BadImage(f"{im.width}x{im.height} pixels, more than the limit of {MAX_PIXELS}")
+        raise BadImage(why)
     return im
 
 
-def probe(path: Path, full: bool) -> str | None:
-    """None if ``path`` opens as an image (``full``: and decodes), else the reason."""
+def probe(path: Path, full: bool, transform=None) -> str | None:
+    """None if ``path`` opens as an image that ``transform`` can read (``full``: and decodes),
+    else the reason."""
     try:  # (no warnings.catch_warnings here: it is not thread-safe and would leak an "ignore" filter)
-        with _open(path) as im:
+        with _open(path, transform) as im:
             if full:
                 im.load()
     except Exception as e:  # noqa: BLE001 - every failure is a reason to report or skip
@@ -168,7 +179,7 @@ def probe(path: Path, full: bool) -> str | None:
 def decode(path: Path, transform) -> "object":
     """The resized and cropped uint8 pixels (H, W, C) of one file; a BadImage on failure."""
     try:
-        with _open(path) as im:
+        with _open(path, transform) as im:
             im.load()
             return transform.pixels(im)
     except Exception as e:  # noqa: BLE001
@@ -178,11 +189,18 @@ def decode(path: Path, transform) -> "object":
 def skipped_message(root, skipped) -> str:
     """The one warning about the images ``--skip-bad-images`` left out of ``root``."""
     return (f"image folder {root}: skipped {len(skipped)} unreadable image(s) (first: "
-            f"{Path(skipped[0][0]).name}: {skipped[0][1]})")
+            f"{show_name(Path(skipped[0][0]).name)}: {skipped[0][1]})")
 
 
-def bad_image_error(path, reason: str) -> NormswapError:
-    return NormswapError(f"{path}: cannot read image ({reason}); {SKIP_HINT}")
+def bad_image_error(path, reason: str, hint: bool = True) -> NormswapError:
+    """The one-line error about one image (``hint``: suggest --skip-bad-images, when not given)."""
+    return NormswapError(f"{show_name(path)}: cannot read image ({reason})" + (f"; {SKIP_HINT}" if hint else ""))
+
+
+def show_name(path) -> str:
+    """A file name for a one-line message: quoted, with escapes, when it holds a control character."""
+    s = str(path)
+    return repr(s) if any(ord(ch) < 32 or ord(ch) == 127 for ch in s) else s
 
 
 class DecodeStats:
@@ -317,7 +335,7 @@ class ImageFolder:
         try:
             a = decode(path, self.transform)
         except BadImage as e:
-            raise bad_image_error(path, str(e)) from None
+            raise bad_image_error(path, str(e), hint=not self.info.get("skip_bad_images")) from None
         self.stats.take()
         return a
 
@@ -333,7 +351,7 @@ class ImageFolder:
                 "labelled": self._labels is not None, "synthetic": False, **self._details()}
 
 
-def _check(files, labels, full: bool, skip: bool, limit: int | None, workers: int):
+def _check(files, labels, full: bool, skip: bool, limit: int | None, workers: int, transform=None):
     """Probe ``files`` in order (in parallel chunks) until ``limit`` good ones are found."""
     good, good_labels, skipped = [], [] if labels is not None else None, []
     want = len(files) if limit is None else min(limit, len(files))
@@ -344,7 +362,7 @@ def _check(files, labels, full: bool, skip: bool, limit: int | None, workers: in
         while len(good) < want and pos < len(files):
             part = list(range(pos, min(len(files), pos + max(chunk, want - len(good)))))
             pos = part[-1] + 1
-            run = (lambda i: probe(files[i], full))
+            run = (lambda i: probe(files[i], full, transform))
             for i, reason in zip(part, pool.map(run, part) if pool is not None else map(run, part)):
                 if len(good) >= want:
                     break
@@ -383,13 +401,19 @@ def open_image_folder(root, preprocess=None, *, model=None, input_shape=None, li
             raise NormswapError(f"{root}: no images found ({len(info['classes'])} class folders, all empty)")
         raise NormswapError(f"{root}: no image files found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     workers = default_workers() if workers is None else max(1, int(workers))
-    good, labels, skipped = _check(files, info["labels"], spec.skip_bad_images, spec.skip_bad_images, limit, workers)
+    info["skip_bad_images"] = bool(spec.skip_bad_images)
+    good, labels, skipped = _check(files, info["labels"], spec.skip_bad_images, spec.skip_bad_images, limit, workers,
+                                   transform)
     if not good:
         raise NormswapError(f"{root}: none of the {len(skipped)} images could be read "
-                            f"(first: {skipped[0][0].name}: {skipped[0][1]})")
+                            f"(first: {show_name(skipped[0][0].name)}: {skipped[0][1]})")
     if transform.source.startswith("default"):
         warnings.warn(DEFAULT_WARNING.format(src=root, h=transform.size[0], w=transform.size[1]), stacklevel=3)
     if skipped:
         warnings.warn(skipped_message(root, skipped), stacklevel=3)
+    if info["labels"] is None and not info["label_source"].startswith("none: no file name"):
+        # labels were meant but cannot be used: say so, or the accuracy just vanishes from the report
+        warnings.warn(f"image folder {root} is read without labels ({info['label_source'].removeprefix('none: ')}); "
+                      "accuracy needs class sub-folders or a class index leading every file name", stacklevel=3)
     return ImageFolder(root, good, labels if info["labels"] is not None else None, transform, info,
                        skipped=skipped, workers=workers, on_decode=on_decode)

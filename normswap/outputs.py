@@ -66,6 +66,7 @@ from normswap.claims import (  # noqa: F401 (re-exported)
     check_path_length,
     show_path,
 )
+from normswap.dataset import IMAGE_SUFFIXES
 from normswap.errors import NormswapError
 from normswap.journal import _remove_stale_claim, clean_leftovers
 
@@ -154,8 +155,11 @@ class OutputSet:
     def _validate(self) -> None:
         seen: dict[Path, str] = {}
         ins: dict[Path, tuple[str, Path]] = {}
+        folders: list[tuple[Path, str, Path]] = []  # input image folders: every image inside is an input
         for label, p in self.inputs:
             ins.setdefault(_resolve(p), (label, p))
+            if p.is_dir():
+                folders.append((_resolve(p), label, p))
         for opt, p in self.final.items():
             r = _resolve(p)
             shown = show_path(p)
@@ -163,6 +167,11 @@ class OutputSet:
                 label, src = ins[r]
                 raise _err(opt, f"{opt} {shown} is {label} of this run ({show_path(src)}), not a place to write: "
                                 f"choose another name (inputs are never overwritten, even with --force)")
+            for real, label, src in folders:
+                if r.suffix.lower() in IMAGE_SUFFIXES and r.is_relative_to(real):
+                    raise _err(opt, f"{opt} {shown} would be an image inside {show_path(src)}, the image folder "
+                                    f"this run reads as {label.removeprefix('the ')}: choose a name outside that "
+                                    f"folder (inputs are never overwritten, even with --force)")
             if r in seen:
                 raise _err(opt, f"{seen[r]} and {opt} would both be {shown}; give each output its own file")
             seen[r] = opt

@@ -37,6 +37,8 @@ DEFAULT_CROP_PCT = 0.875
 #: the default image size of each preset (``none`` has none: it needs --image-size / --input-shape)
 DEFAULT_SIZE = {"imagenet": 224, "inception": 299, "tf-lite": 224}
 MAX_SIDE = 8192  # larger image sides are refused (a batch of them would not fit in memory)
+#: an image whose resize step would make more pixels is not read (a thin strip resized by its shorter side)
+MAX_WORK_PIXELS = 1 << 24
 TF_CROP_PADDING = 32
 DEFAULT_WARNING = ("image folder {src}: no --preprocess given, read with 'none' (plain resize to {h}x{w}, "
                    "pixels in [0, 1], no mean/std); a model trained on normalised images needs "
@@ -204,6 +206,14 @@ def _channels(model, input_shape, cfg, source: str) -> int:
     return c
 
 
+def _check_resize(resize, what: str, pct: float) -> None:
+    """The resize a crop fraction implies stays within the limit on ``--resize``."""
+    side = max(resize) if isinstance(resize, tuple) else resize
+    if side > 2 * MAX_SIDE:
+        raise NormswapError(f"{what} {pct:g}: the resize before the crop would be {side} pixels, more than "
+                            f"{2 * MAX_SIDE}; use a larger crop fraction")
+
+
 def _from_preset(p: Preprocess, preset: str, size: tuple[int, int], channels: int) -> "ImageTransform":
     short = min(size)
     interp = p.interpolation or ("bicubic" if preset == "tf-lite" else "bilinear")
@@ -219,6 +229,7 @@ def _from_preset(p: Preprocess, preset: str, size: tuple[int, int], channels: in
     pct = p.crop_pct or DEFAULT_CROP_PCT
     resize = p.resize or (round(size[0] / pct) if size[0] == size[1] else
                           (round(size[0] / pct), round(size[1] / pct)))
+    _check_resize(resize, "--crop-pct", pct)
     return ImageTransform(preset, size, channels, "resize-crop", resize, None, mean, std, interp, src)
 
 
@@ -232,6 +243,7 @@ def _from_cfg(p: Preprocess, cfg: dict, size, channels: int) -> "ImageTransform"
     mode = cfg.get("crop_mode") or "center"
     notes = [] if mode in ("center", "squash") else [f"crop_mode {mode!r} read as 'center'"]
     resize = p.resize or (scale[0] if scale[0] == scale[1] and mode != "squash" else scale)
+    _check_resize(resize, "--crop-pct" if p.crop_pct else "the model's pretrained_cfg crop_pct", pct)
     geometry = "squash-crop" if mode == "squash" and p.resize is None else "resize-crop"
     return ImageTransform("pretrained_cfg", size, channels, geometry, resize, None, tuple(cfg["mean"]),
                           tuple(cfg["std"]), interp, "the model's pretrained_cfg", notes)
@@ -292,6 +304,25 @@ class ImageTransform:
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         x = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         return x.sub_(mean).div_(std).contiguous()
+
+    def work_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) of the largest image the resize / crop steps make from a w x h image."""
+        th, tw = self.size
+        if self.geometry == "resize-crop":
+            rw, rh = resized_size(w, h, self.resize, self.geometry)
+            return max(rw, tw), max(rh, th)
+        if self.geometry == "squash-crop":
+            return max(self.resize[1], tw), max(self.resize[0], th)
+        return tw, th  # resize: the target; crop-resize: a crop of the image, then the target
+
+    def check_size(self, w: int, h: int) -> str | None:
+        """Why a w x h image is not read (None: it is): an image so elongated that resizing its
+        shorter side would make more than MAX_WORK_PIXELS (a 1 x 8000 strip to 256 x 2048000)."""
+        ww, wh = self.work_size(w, h)
+        if ww * wh > MAX_WORK_PIXELS:
+            return (f"{w}x{h} pixels: the resize before the crop would make it {ww}x{wh}, more than "
+                    f"{MAX_WORK_PIXELS} pixels")
+        return None
 
     def geometry_of(self, im):
         """The resize / crop steps on a PIL image (already in the right mode)."""

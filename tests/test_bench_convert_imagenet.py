@@ -50,3 +50,33 @@ def test_unlabelled_accuracy_stays_empty(bench):
     a, b = _row("a", 10, 0.5, None, None), _row("b", 10, 0.7, None, None)
     p = bench.pool([a, b])
     assert p["acc_converted"] is None and p["drop"] is None and math.isclose(p["agreement"], 0.6)
+
+
+def test_mcnemar_exact_p_values(bench):
+    assert bench.mcnemar_p(0, 0) == 1.0 and bench.mcnemar_p(3, 3) == 1.0
+    assert math.isclose(bench.mcnemar_p(0, 5), 2 / 32)  # all five discordant photos one way
+    assert math.isclose(bench.mcnemar_p(2, 8), 2 * (1 + 10 + 45) / 1024)
+    assert bench.mcnemar_p(1, 30) < 1e-6 and bench.mcnemar_p(30, 1) == bench.mcnemar_p(1, 30)
+
+
+def _photos(split, files, labels, orig, conv, method):
+    return {"model": "lite1", "method": method, "split": split, "held_out": len(files),
+            "photos": {"file": files, "label": labels, "original": orig, "converted": conv}}
+
+
+def test_paired_counts_discordant_photos_per_split(bench):
+    # split a: photos p1..p3; split b: the same file names held out from another calibration
+    rows = [
+        _photos("a", ["p1", "p2", "p3"], [1, 2, 3], [1, 2, 9], [1, 5, 9], "fast"),
+        _photos("a", ["p3", "p1", "p2"], [3, 1, 2], [9, 1, 2], [3, 1, 2], "fit"),  # another order
+        _photos("b", ["p1"], [1], [1], [7], "fast"),
+        _photos("b", ["p1"], [1], [1], [1], "fit"),
+    ]
+    (pr,) = bench.paired(rows)
+    assert (pr["first"], pr["second"], pr["photos"]) == ("fast", "fit", 4)
+    # agreement: fast keeps a/p1, a/p3; fit keeps a/p1, a/p2, b/p1 -> only fit: a/p2, b/p1; only fast: a/p3
+    assert (pr["agree"]["only_first"], pr["agree"]["only_second"]) == (1, 2)
+    # correct: fast right on a/p1; fit right on a/p1, a/p2, a/p3, b/p1
+    assert (pr["correct"]["only_first"], pr["correct"]["only_second"]) == (0, 3)
+    assert math.isclose(pr["correct"]["p"], 2 / 8)
+    assert "fast vs fit" in bench.paired_table([pr])

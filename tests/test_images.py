@@ -66,7 +66,8 @@ def test_flat_folder_labels_from_leading_index(tmp_path):
 def test_flat_folder_without_indices_on_every_file_is_unlabelled(tmp_path):
     for i, name in enumerate(["0001_a.png", "b.png", "2.png"]):  # "2.png": no separator, not an index
         _write(tmp_path / name, seed=i)
-    ds = _open(tmp_path)
+    with pytest.warns(UserWarning, match="read without labels .only 1 of 3"):
+        ds = _open(tmp_path)
     assert ds.labels is None and "only 1 of 3" in ds.to_dict()["label_source"]
     assert ds.to_dict()["labelled"] is False
     for x, y in ds.batches(2):

@@ -20,6 +20,24 @@ def test_an_output_naming_an_input_is_refused_even_with_force(tmp_path):
     assert calib.read_bytes() == b"data"
 
 
+def test_an_image_inside_an_input_folder_is_refused_even_with_force(tmp_path):
+    imgs = tmp_path / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    (imgs / "sub" / "0001_a.png").write_bytes(b"png")
+    link = tmp_path / "link"  # the folder reached through a symbolic link
+    link.symlink_to(imgs)
+    for out in (imgs / "sub" / "0001_a.png", imgs / "new.JPG", link / "sub" / "0001_a.png"):
+        with pytest.raises(NormswapError, match="would be an image inside .*the image folder this run reads as "
+                                                "--calib data"):
+            OutputSet({"-o": out}, inputs=[("the --calib data", imgs)], force=True).claim()
+    assert (imgs / "sub" / "0001_a.png").read_bytes() == b"png" and sorted(os.listdir(imgs)) == ["sub"]
+    # a file the folder scan never reads may go there (an ONNX file, a report)
+    with OutputSet({"--onnx": imgs / "m.onnx"}, inputs=[("the --calib data", imgs)]) as outs:
+        outs.staged("--onnx").write_text("onnx")
+        outs.commit()
+    assert (imgs / "m.onnx").read_text() == "onnx"
+
+
 def test_two_outputs_on_one_file_are_refused(tmp_path):
     with pytest.raises(NormswapError, match="would both be"):
         OutputSet({"-o": tmp_path / "a.pt", "--json": tmp_path / "a.pt"}).claim()

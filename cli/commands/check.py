@@ -61,7 +61,7 @@ def command(model_path, onnx_path, providers, atol, rtol, data, input_shape, rep
 
     run_job(job, render, opts, outputs={"--report": report_path} if report_path else {},
             inputs=[("the input model", model_path), ("the ONNX file this run checks", onnx_path),
-                    ("the --data file", data)], force=force)
+                    ("the --data input", data)], force=force)
 
 
 def _fmt(x, spec=".2e") -> str:

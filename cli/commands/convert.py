@@ -175,9 +175,13 @@ class _Progress:
 
         from normswap_cli.common import console
 
+        out = console(stderr=True)
+        if not out.is_terminal:  # a pipe or a CI log: rich draws nothing there but leaves a bare newline
+            self.quiet = True
+            return
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                            console=console(stderr=True), transient=True)
+                            console=out, transient=True)
         self.bar.__enter__()
 
     def __call__(self, stage: str, step: int, total, loss=None, eta=None) -> None:
@@ -185,6 +189,8 @@ class _Progress:
             return
         if self.bar is None:
             self._start()
+            if self.bar is None:
+                return
         if stage not in self.tasks:
             label = {"calibrate": "calibrating", "fit": "fitting", "repair": "repairing"}.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total, info="")

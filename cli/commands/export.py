@@ -48,7 +48,7 @@ def command(model_path, output, opset, input_shape, data, static_batch, keep_nor
                            preprocess=preprocess)
 
     run_job(job, render, opts, outputs={"-o": output},
-            inputs=[("the input model", model_path), ("the --data file", data)], force=force)
+            inputs=[("the input model", model_path), ("the --data input", data)], force=force)
 
 
 def _shape(shape) -> str:

@@ -66,7 +66,7 @@ def command(model_path, output, eval_, bake_spectral_norm, bake_weight_std, inpu
                          preprocess=preprocess)
 
     run_job(job, render, opts, outputs={"-o": out_path, "--onnx": onnx_path},
-            inputs=[("the input model", model_path), ("the --data file", data)], force=force)
+            inputs=[("the input model", model_path), ("the --data input", data)], force=force)
 
 
 #: the name the lead may wire under
