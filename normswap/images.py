@@ -34,7 +34,7 @@ from normswap.errors import NormswapError
 
 __all__ = ["ImageFolder", "open_image_folder", "scan_folder", "default_workers", "IMAGE_SUFFIXES"]
 
-LEADING_INDEX = re.compile(r"^(\d+)[_-]")
+LEADING_INDEX = re.compile(r"^([0-9]+)[_-]")  # ASCII digits only: a regex digit class also takes other scripts'
 #: images with more pixels are refused (PIL's decompression-bomb threshold)
 MAX_PIXELS = 89_478_485
 SKIP_HINT = "pass --skip-bad-images to leave unreadable images out"

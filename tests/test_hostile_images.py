@@ -106,6 +106,13 @@ def test_sub_folders_without_images_keep_a_flat_folders_labels(tmp_path):
     assert any("without labels (images both in the folder (3) and in 1 sub-folder(s) (1))" in w for w in said), said
 
 
+def test_only_ascii_digits_make_a_class_index(tmp_path):
+    _png(tmp_path / "\u0663_x.png")  # ARABIC-INDIC DIGIT THREE: not a class index
+    _png(tmp_path / "0003_y.png", seed=1)
+    ds, said = _open(tmp_path)
+    assert ds.labels is None and any("only 1 of 2" in w for w in said), said
+
+
 def test_labels_on_only_some_file_names_warn(tmp_path):
     _png(tmp_path / "0001_a.png")
     _png(tmp_path / "holiday.png", seed=1)
