@@ -263,16 +263,28 @@ def paired(rows: list[dict]) -> list[dict]:
                     only_b = sum(methods[b][k][j] and not methods[a][k][j] for k in keys)
                     row[what] = {"only_first": only_a, "only_second": only_b, "p": mcnemar_p(only_a, only_b)}
                 out.append(row)
+    # over the networks: every (network, photo) pair once
+    for a, b in dict.fromkeys((r["first"], r["second"]) for r in out):
+        same = [r for r in out if (r["first"], r["second"]) == (a, b)]
+        if len(same) > 1:
+            row = {"model": "all", "first": a, "second": b, "photos": sum(r["photos"] for r in same)}
+            for what in ("agree", "correct"):
+                x, y = (sum(r[what][k] for r in same) for k in ("only_first", "only_second"))
+                row[what] = {"only_first": x, "only_second": y, "p": mcnemar_p(x, y)}
+            out.append(row)
     return out
 
 
 def paired_table(prs: list[dict]) -> str:
-    out = ["model  first vs second        photos  agree: only 1st/2nd      p  correct: only 1st/2nd      p"]
+    """The paired comparisons at 80 columns: photos only the first / only the second method keeps
+    the original's top-1 on (is right on), with the exact McNemar p-value."""
+    out = [f"{'':<36}{'keeps top-1':>13}{'':>8}{'is right':>12}",
+           f"{'model  first vs second':<29}{'photos':>7}{'1st/2nd':>13}{'p':>7}{'1st/2nd':>13}{'p':>7}"]
     for r in prs:
         a, c = r["agree"], r["correct"]
-        out.append(f"{r['model']:<6} {r['first'] + ' vs ' + r['second']:<22} {r['photos']:>6}  "
-                   f"{a['only_first']:>12} / {a['only_second']:<4} {a['p']:>6.3f}  "
-                   f"{c['only_first']:>14} / {c['only_second']:<4} {c['p']:>6.3f}")
+        out.append(f"{r['model']:<6} {r['first'] + ' vs ' + r['second']:<22}{r['photos']:>7}"
+                   f"{str(a['only_first']) + '/' + str(a['only_second']):>13}{a['p']:>7.3f}"
+                   f"{str(c['only_first']) + '/' + str(c['only_second']):>13}{c['p']:>7.3f}")
     return "\n".join(out)
 
 

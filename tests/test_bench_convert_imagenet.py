@@ -80,3 +80,16 @@ def test_paired_counts_discordant_photos_per_split(bench):
     assert (pr["correct"]["only_first"], pr["correct"]["only_second"]) == (0, 3)
     assert math.isclose(pr["correct"]["p"], 2 / 8)
     assert "fast vs fit" in bench.paired_table([pr])
+
+
+def test_paired_adds_a_row_over_the_networks(bench):
+    rows = []
+    for model, conv in (("lite0", [1, 9]), ("lite1", [9, 9])):
+        for method, c in (("fast", conv), ("fit", [1, 2])):
+            r = _photos("a", ["p1", "p2"], [1, 2], [1, 2], c if method == "fast" else [1, 2], method)
+            r["model"] = model
+            rows.append(r)
+    prs = bench.paired(rows)
+    assert [r["model"] for r in prs] == ["lite0", "lite1", "all"]
+    assert prs[-1]["photos"] == 4 and (prs[-1]["agree"]["only_first"], prs[-1]["agree"]["only_second"]) == (0, 3)
+    assert max(len(ln) for ln in bench.paired_table(prs).splitlines()) <= 80
