@@ -87,7 +87,8 @@ def _per_photo(conv, model, held, batch: int) -> dict:
         for x, _ in held.batches(batch):
             orig += model(x).argmax(1).tolist()
             new += conv(x).argmax(1).tolist()
-    return {"file": [Path(f).name for f in held.files], "label": [int(v) for v in held.labels],
+    # the path below the data folder: class folders may hold files of the same name
+    return {"file": [str(Path(f).relative_to(held.root)) for f in held.files], "label": [int(v) for v in held.labels],
             "original": orig, "converted": new}
 
 
@@ -233,7 +234,7 @@ def mcnemar_p(b: int, c: int) -> float:
     k, n = min(b, c), b + c
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # exact integers: no overflow at any n
     return min(1.0, 2.0 * tail)
 
 
@@ -337,12 +338,12 @@ def main(argv=None) -> int:
         print("\npooled rows: every photo held out once; binomial standard error of the agreement: "
               + ", ".join(f"{r['model']} {r['method']} ±{100 * r['agreement_se']:.1f}" for r in se))
     prs = paired(rows)
+    if args.json:  # written before anything else can fail
+        Path(args.json).write_text(json.dumps({"rows": rows, "paired": prs}, indent=1))
     if prs:
         print("\npaired, photo by photo (only 1st/2nd: photos on which only that method keeps the "
               "original's top-1 / is right; p: exact McNemar):")
         print(paired_table(prs))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "paired": prs}, indent=1))
     return 1 if any("error" in r for r in rows) else 0
 
 

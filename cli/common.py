@@ -118,7 +118,9 @@ def image_options(f: Callable) -> Callable:
         data = {o: kwargs.get(k) for o, k in (("--calib", "calib"), ("--eval", "eval_data"), ("--data", "data"))
                 if kwargs.get(k) not in (None, "")}
         used = [o for o, v in given.items() if v is not None]
-        if used and not any(os.path.isdir(v) for v in data.values()):
+        # (a path that does not exist is left to the job: its "no such file or folder" is the better error)
+        if used and all(v == "random" or os.path.exists(v) for v in data.values()) \
+                and not any(os.path.isdir(v) for v in data.values()):
             # an option that would change nothing: say so rather than ignore it (as --time-budget without --repair)
             where = " / ".join(f"{o} {v}" for o, v in data.items()) or "no data option"
             fail(f"{used[0]} reads image folders, and this run has none ({where}); drop it or pass a folder")

@@ -194,7 +194,13 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except NormswapError:
             raise
-        except pickle.UnpicklingError:  # torch's weights-only loader met an object it will not build
+        except pickle.UnpicklingError as e:
+            text = str(e)
+            if "Unsupported global" not in text and "Unsupported class" not in text:
+                why = " ".join(text[text.find("WeightsUnpickler"):].split()[:5]) if "WeightsUnpickler" in text else ""
+                raise NormswapError(f"{path}: cannot read data (corrupt, or not a file torch.save wrote"
+                                    + (f": {why}" if why else "") + ")") from None
+            # torch's weights-only loader met an object it will not build
             raise NormswapError(f"{path}: holds pickled Python objects, not only tensors; data files are read "
                                 "without running their code: save tensors (an (x, y) pair or a dict) or an .npz") from None
         except Exception as e:
@@ -217,7 +223,7 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
         # an (inputs, labels) pair, not two batches: labels as a vector, or as rows (one-hot: they get
         # their own error) beside image-like inputs or of another dtype; else two batches
         if a.dim() > 1 and (b.dim() == 1 or (b.dim() == 2 and b.shape[0] == a.shape[0] and (
-                a.dim() > 2 or b.dtype != a.dtype))):
+                a.dim() > 2 or b.is_floating_point() != a.is_floating_point()))):
             return _finish(a, b, "tensors", limit, input_shape)
     # an iterable of batches (DataLoader, list of tensors, generator)
     try:
@@ -237,6 +243,8 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
             y = _as_tensor(y, "calibration labels") if y is not None else None
         else:
             x, y = _as_tensor(batch, "calibration batch"), None
+        if x.dim() == 0:
+            raise NormswapError(f"calibration data: batch {len(xs)} is a scalar; expected batches shaped (N, ...)")
         xs.append(x)
         ys.append(y)
         count += x.shape[0]
@@ -244,12 +252,11 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
             break
     if not xs:
         raise NormswapError("calibration data: the iterable yielded no batches")
-    for i, b in enumerate(xs):
-        if b.dim() == 0 or tuple(b.shape[1:]) != tuple(xs[0].shape[1:]) or b.dtype != xs[0].dtype:
-            what = "a scalar" if b.dim() == 0 else f"samples shaped {tuple(b.shape[1:])} ({b.dtype})"
-            raise NormswapError(f"calibration data: batch {i} holds {what} but batch 0 samples shaped "
-                                f"{tuple(xs[0].shape[1:])} ({xs[0].dtype}); every batch needs the same sample "
-                                "shape and dtype")
+    for i, b in enumerate(xs):  # (float batches of different precisions are fine: they become float32)
+        if tuple(b.shape[1:]) != tuple(xs[0].shape[1:]) or b.is_floating_point() != xs[0].is_floating_point():
+            raise NormswapError(f"calibration data: batch {i} holds samples shaped {tuple(b.shape[1:])} ({b.dtype}) "
+                                f"but batch 0 samples shaped {tuple(xs[0].shape[1:])} ({xs[0].dtype}); every batch "
+                                "needs the same sample shape, and floats or integers throughout")
     x = torch.cat(xs)
     y = (torch.cat([label_vector(v, f"calibration labels of batch {i}") for i, v in enumerate(ys)])
          if all(v is not None for v in ys) else None)

@@ -37,6 +37,7 @@ __all__ = ["ImageFolder", "open_image_folder", "scan_folder", "default_workers",
 LEADING_INDEX = re.compile(r"^([0-9]+)[_-]")  # ASCII digits only: a regex digit class also takes other scripts'
 #: images with more pixels are refused (PIL's decompression-bomb threshold)
 MAX_PIXELS = 89_478_485
+_INT64_MAX = (1 << 63) - 1
 SKIP_HINT = "pass --skip-bad-images to leave unreadable images out"
 
 
@@ -110,18 +111,22 @@ def scan_folder(root: Path) -> dict:
     elif holding:
         info.update(layout="mixed", label_source=f"none: images both in the folder ({len(top)}) and in "
                                                  f"{len(holding)} sub-folder(s) ({len(files) - len(top)})")
+        # labels were meant when the images beside the sub-folders carry class indices
+        info["labels_lost"] = all(LEADING_INDEX.match(parts[0]) for parts in top)
     else:
         idx = [LEADING_INDEX.match(p.name) for p in files]
         info["layout"] = "flat"
-        big = next((p.name for p, m in zip(files, idx) if m and len(m.group(1)) > 18), None)
+        big = next((p.name for p, m in zip(files, idx) if m and int(m.group(1)) > _INT64_MAX), None)
         if files and all(idx) and big is None:
             info.update(labels=[int(m.group(1)) for m in idx], label_source="leading class index in the file names")
         elif big is not None:  # a number (a date, a hash) rather than a class index
-            info["label_source"] = f"none: the leading number of {big!r} is too large for a class index"
+            info.update(label_source=f"none: the leading number of {big!r} is too large for a class index",
+                        labels_lost=True)
         else:
             n = sum(1 for m in idx if m)
             info["label_source"] = ("none: no file name starts with a class index" if not n else
                                     f"none: only {n} of {len(files)} file names start with a class index")
+            info["labels_lost"] = n > 0
     return info
 
 
@@ -200,7 +205,7 @@ def bad_image_error(path, reason: str, hint: bool = True) -> NormswapError:
 def show_name(path) -> str:
     """A file name for a one-line message: quoted, with escapes, when it holds a control character."""
     s = str(path)
-    return repr(s) if any(ord(ch) < 32 or ord(ch) == 127 for ch in s) else s
+    return s if s.isprintable() else repr(s)
 
 
 class DecodeStats:
@@ -411,7 +416,7 @@ def open_image_folder(root, preprocess=None, *, model=None, input_shape=None, li
         warnings.warn(DEFAULT_WARNING.format(src=root, h=transform.size[0], w=transform.size[1]), stacklevel=3)
     if skipped:
         warnings.warn(skipped_message(root, skipped), stacklevel=3)
-    if info["labels"] is None and not info["label_source"].startswith("none: no file name"):
+    if info["labels"] is None and info.get("labels_lost"):
         # labels were meant but cannot be used: say so, or the accuracy just vanishes from the report
         warnings.warn(f"image folder {root} is read without labels ({info['label_source'].removeprefix('none: ')}); "
                       "accuracy needs class sub-folders or a class index leading every file name", stacklevel=3)

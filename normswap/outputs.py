@@ -168,7 +168,7 @@ class OutputSet:
                 raise _err(opt, f"{opt} {shown} is {label} of this run ({show_path(src)}), not a place to write: "
                                 f"choose another name (inputs are never overwritten, even with --force)")
             for real, label, src in folders:
-                if r.suffix.lower() in IMAGE_SUFFIXES and r.is_relative_to(real):
+                if r.suffix.lower() in IMAGE_SUFFIXES and _inside_image_folder(p, r, src, real):
                     raise _err(opt, f"{opt} {shown} would be an image inside {show_path(src)}, the image folder "
                                     f"this run reads as {label.removeprefix('the ')}: choose a name outside that "
                                     f"folder (inputs are never overwritten, even with --force)")
@@ -399,6 +399,20 @@ class OutputSet:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _inside_image_folder(p: Path, r: Path, src: Path, real: Path) -> bool:
+    """Whether output ``p`` (resolved: ``r``) would be an image of input folder ``src`` (resolved:
+    ``real``): under it as written or resolved, or one of the files its scan reads (through a
+    symbolic link to elsewhere)."""
+    if r.is_relative_to(real) or Path(os.path.abspath(p)).is_relative_to(Path(os.path.abspath(src))):
+        return True
+    from normswap.images import scan_folder
+
+    try:
+        return any(_resolve(f) == r for f in scan_folder(src)["files"])
+    except (NormswapError, OSError):
+        return False  # an unreadable folder: the job reports it
 
 
 def _err(opt: str | None, message: str) -> NormswapError:

@@ -317,11 +317,14 @@ class ImageTransform:
 
     def check_size(self, w: int, h: int) -> str | None:
         """Why a w x h image is not read (None: it is): an image so elongated that resizing its
-        shorter side would make more than MAX_WORK_PIXELS (a 1 x 8000 strip to 256 x 2048000)."""
+        shorter side would make more than MAX_WORK_PIXELS, or 4x what a square image makes when the
+        options ask for more (a 1 x 8000 strip resized by its shorter side to 256 x 2048000)."""
         ww, wh = self.work_size(w, h)
-        if ww * wh > MAX_WORK_PIXELS:
+        sw, sh = self.work_size(1, 1)  # a square image: what the options themselves ask for
+        limit = max(MAX_WORK_PIXELS, 4 * sw * sh)
+        if ww * wh > limit:
             return (f"{w}x{h} pixels: the resize before the crop would make it {ww}x{wh}, more than "
-                    f"{MAX_WORK_PIXELS} pixels")
+                    f"{limit} pixels")
         return None
 
     def geometry_of(self, im):

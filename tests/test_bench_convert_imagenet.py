@@ -93,3 +93,27 @@ def test_paired_adds_a_row_over_the_networks(bench):
     assert [r["model"] for r in prs] == ["lite0", "lite1", "all"]
     assert prs[-1]["photos"] == 4 and (prs[-1]["agree"]["only_first"], prs[-1]["agree"]["only_second"]) == (0, 3)
     assert max(len(ln) for ln in bench.paired_table(prs).splitlines()) <= 80
+
+
+def test_mcnemar_does_not_overflow_on_a_large_folder(bench):
+    assert bench.mcnemar_p(600, 600) == 1.0 and 0.09 < bench.mcnemar_p(400, 450) < 0.095
+    assert 0 < bench.mcnemar_p(2000, 2300) < 1e-5
+
+
+def test_per_photo_names_are_paths_below_the_data_folder(bench, tmp_path):
+    """Class folders may hold files of the same name: each photo keeps its own key."""
+    import torch
+    from PIL import Image
+
+    from normswap.images import open_image_folder
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / cls / "001.png")
+    held = open_image_folder(tmp_path, "none", input_shape=(1, 3, 8, 8))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
+    ph = bench._per_photo(model, model, held, 4)
+    assert ph["file"] == ["cat/001.png", "dog/001.png"] and ph["label"] == [0, 1]
+    row = {"model": "m", "split": "a", "photos": ph}
+    (pr,) = bench.paired([dict(row, method="fast"), dict(row, method="fit")])
+    assert pr["photos"] == 2

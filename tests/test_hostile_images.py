@@ -206,3 +206,49 @@ def test_image_options_without_an_image_folder_are_refused(tmp_path):
                          "--no-onnx", "-o", tmp_path / "m.pt", cwd=tmp_path),
                     "--preprocess reads image folders, and this run has none (--calib")
     _one_line_error(_cli("audit", *DIGITS, "--image-size", "32", cwd=tmp_path), "(no data option)")
+
+
+# ------------------------------------------------------------------------------ review follow-ups
+
+
+def test_large_sizes_the_options_ask_for_still_read_every_photo(tmp_path):
+    for kw in (dict(preprocess="none", image_size=4100), dict(preprocess="imagenet", image_size=224, crop_pct=0.05),
+               dict(preprocess="imagenet", image_size=224, resize=5000), dict(preprocess="imagenet", image_size="224,448")):
+        t = Preprocess.from_options(**kw).resolve(None, None, source="x")
+        assert t.check_size(32, 32) is None and t.check_size(4000, 3000) is None, kw
+    t = Preprocess.from_options("imagenet", image_size=224, resize=5000).resolve(None, None, source="x")
+    assert "more than 100000000 pixels" in t.check_size(1, 8000)  # 4x what the options ask for
+
+
+def test_float_batches_of_two_precisions_and_two_feature_batches_still_load():
+    from normswap.data import load_data
+
+    d = load_data([np.random.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8)])
+    assert tuple(d.inputs.shape) == (8, 3, 8, 8) and d.inputs.dtype == torch.float32 and d.labels is None
+    d = load_data([torch.randn(8, 5), np.random.rand(8, 5)])  # two batches of features, not (x, y)
+    assert tuple(d.inputs.shape) == (16, 5) and d.labels is None
+    d = load_data((torch.randn(8, 5), torch.arange(8)[:, None]))  # (features, integer label column)
+    assert d.labels.tolist() == list(range(8))
+    with pytest.raises(NormswapError, match="batch 0 is a scalar"):
+        load_data([torch.tensor(1.0)])
+
+
+def test_a_corrupt_pt_file_is_not_called_pickled_objects(tmp_path):
+    from normswap.data import load_data
+
+    (tmp_path / "rand.pt").write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(NormswapError, match=r"rand.pt: cannot read data \(corrupt, or not a file torch.save wrote"):
+        load_data(tmp_path / "rand.pt")
+
+
+def test_a_mistyped_folder_is_reported_as_missing_not_as_no_image_folder(tmp_path):
+    _one_line_error(_cli("convert", *DIGITS, "--to", "gn", "--calib", tmp_path / "imgz", "--preprocess", "none",
+                         "--image-size", "32", "--no-onnx", "-o", tmp_path / "m.pt", cwd=tmp_path),
+                    "imgz: no such file or folder")
+
+
+def test_a_photo_collection_with_sub_folders_reads_unlabelled_without_a_warning(tmp_path):
+    _png(tmp_path / "IMG_1.png")
+    _png(tmp_path / "2023" / "IMG_2.png", seed=1)
+    ds, said = _open(tmp_path)
+    assert ds.labels is None and ds.to_dict()["layout"] == "mixed" and not said

@@ -31,6 +31,15 @@ def test_an_image_inside_an_input_folder_is_refused_even_with_force(tmp_path):
                                                 "--calib data"):
             OutputSet({"-o": out}, inputs=[("the --calib data", imgs)], force=True).claim()
     assert (imgs / "sub" / "0001_a.png").read_bytes() == b"png" and sorted(os.listdir(imgs)) == ["sub"]
+    # an image the folder reads through a symbolic link to elsewhere, named either way
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "0002_b.png").write_bytes(b"png2")
+    (imgs / "ext").symlink_to(tmp_path / "elsewhere")
+    for out in (imgs / "ext" / "0002_b.png", tmp_path / "elsewhere" / "0002_b.png"):
+        with pytest.raises(NormswapError, match="would be an image inside"):
+            OutputSet({"-o": out}, inputs=[("the --calib data", imgs)], force=True).claim()
+    assert (tmp_path / "elsewhere" / "0002_b.png").read_bytes() == b"png2"
+    (imgs / "ext").unlink()
     # a file the folder scan never reads may go there (an ONNX file, a report)
     with OutputSet({"--onnx": imgs / "m.onnx"}, inputs=[("the --calib data", imgs)]) as outs:
         outs.staged("--onnx").write_text("onnx")
