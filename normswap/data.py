@@ -202,7 +202,8 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
                                     + (f": {why}" if why else "") + ")") from None
             # torch's weights-only loader met an object it will not build
             raise NormswapError(f"{path}: holds pickled Python objects, not only tensors; data files are read "
-                                "without running their code: save tensors (an (x, y) pair or a dict) or an .npz") from None
+                                "without running their code: save tensors (an (x, y) pair or a dict) "
+                                "or an .npz") from None
         except Exception as e:
             raise NormswapError(f"{path}: cannot read data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         if isinstance(obj, torch.Tensor):
@@ -218,7 +219,8 @@ def load_data(spec, *, limit: int | None = None, input_shape=None, seed: int = 0
         raise NormswapError(f"{path}: expected a tensor, an (x, y) pair or a dict with 'x' (and 'y')")
     if isinstance(spec, (torch.Tensor, np.ndarray)):
         return _finish(spec, None, "tensor", limit, input_shape)
-    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in spec):
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(t, (torch.Tensor, np.ndarray))
+                                                                  for t in spec):
         a, b = _as_tensor(spec[0], "inputs"), _as_tensor(spec[1], "labels")
         # an (inputs, labels) pair, not two batches: labels as a vector, or as rows (one-hot: they get
         # their own error) beside image-like inputs or of another dtype; else two batches

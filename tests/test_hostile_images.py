@@ -213,7 +213,8 @@ def test_image_options_without_an_image_folder_are_refused(tmp_path):
 
 def test_large_sizes_the_options_ask_for_still_read_every_photo(tmp_path):
     for kw in (dict(preprocess="none", image_size=4100), dict(preprocess="imagenet", image_size=224, crop_pct=0.05),
-               dict(preprocess="imagenet", image_size=224, resize=5000), dict(preprocess="imagenet", image_size="224,448")):
+               dict(preprocess="imagenet", image_size=224, resize=5000),
+               dict(preprocess="imagenet", image_size="224,448")):
         t = Preprocess.from_options(**kw).resolve(None, None, source="x")
         assert t.check_size(32, 32) is None and t.check_size(4000, 3000) is None, kw
     t = Preprocess.from_options("imagenet", image_size=224, resize=5000).resolve(None, None, source="x")
