@@ -77,19 +77,26 @@ def _forward_seconds(model, data, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def _per_photo(conv, model, held, batch: int) -> dict:
-    """Each held-out photo's file name, label and the two models' top-1 classes (for paired
-    comparisons between methods: the same photos, held out from the same calibration)."""
-    import torch
+def _held_out(conv, model, held, batch: int):
+    """The held-out fidelity of ``conv`` against ``model`` and, from the same forward passes (a
+    hook on each model), each photo's path below the data folder (class folders may hold files of
+    the same name), label and the two models' top-1 classes: for paired comparisons between
+    methods (the same photos, held out from the same calibration)."""
+    from normswap.convert.fidelity import fidelity, first_tensor
 
-    orig, new = [], []
-    with torch.no_grad():
-        for x, _ in held.batches(batch):
-            orig += model(x).argmax(1).tolist()
-            new += conv(x).argmax(1).tolist()
-    # the path below the data folder: class folders may hold files of the same name
-    return {"file": [str(Path(f).relative_to(held.root)) for f in held.files], "label": [int(v) for v in held.labels],
-            "original": orig, "converted": new}
+    top1 = {id(model): [], id(conv): []}
+    hooks = [m.register_forward_hook(lambda mod, i, o: top1[id(mod)].extend(first_tensor(o).argmax(1).tolist()))
+             for m in (model, conv)]
+    try:
+        fid, _ = fidelity(conv, model, held, batch, lambda x: x, None, where="held-out")
+    finally:
+        for h in hooks:
+            h.remove()
+    orig, new = top1[id(model)], top1[id(conv)]
+    if not len(orig) == len(new) == len(held):  # (a model run twice per batch would count twice)
+        raise RuntimeError(f"per-photo predictions: {len(orig)} / {len(new)} for {len(held)} photos")
+    return fid, {"file": [str(Path(f).relative_to(held.root)) for f in held.files],
+                 "label": [int(v) for v in held.labels], "original": orig, "converted": new}
 
 
 def _naive(model):
@@ -113,7 +120,6 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from normswap.convert import convert
     from normswap.convert.core import ConvertOptions
-    from normswap.convert.fidelity import fidelity
 
     model = _load(args.model)
     calib, held = _split(args.data, model, args.calib, args.split)
@@ -128,7 +134,7 @@ def worker(args) -> dict:
     if args.method == "naive":
         conv = _naive(model)
         row["peak_mb"] = _peak_mb()
-        fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
+        fid, row["photos"] = _held_out(conv, model, held, args.batch)
         row["seconds"] = time.perf_counter() - t0
     else:
         mode = {"fast": "fast", "fit": "fit", "fit+repair": "fit"}.get(args.method, "sequential")
@@ -140,7 +146,7 @@ def worker(args) -> dict:
         # the conversion's own peak, in a fresh process (the forward pass timed below comes after it:
         # memory the allocator kept from an earlier forward would otherwise count as the conversion's)
         row["peak_mb"] = _peak_mb()
-        fid, _ = fidelity(conv, model, held, args.batch, lambda x: x, None, where="held-out")
+        fid, row["photos"] = _held_out(conv, model, held, args.batch)
         row["calib_choice"] = rep.calibration_choice
         # the issue's measure: calibration time / one forward pass of the original over the same
         # (already decoded) calibration tensors, both timed inside convert
@@ -150,7 +156,6 @@ def worker(args) -> dict:
             if r is not None:
                 row[key] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,
                             "after": r.after, "micro_batch": r.micro_batch, "stopped": r.stopped, "curve": r.curve}
-    row["photos"] = _per_photo(conv, model, held, args.batch)
     fwd = row["forward_s"] = _forward_seconds(model, calib, args.batch)
     row.update(x_forward=row["seconds"] / fwd, agreement=fid.top1_agreement,
                top5=fid.top5_overlap, kl=fid.kl, acc_original=fid.accuracy_original,

@@ -111,9 +111,16 @@ def test_per_photo_names_are_paths_below_the_data_folder(bench, tmp_path):
         (tmp_path / cls).mkdir()
         Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / cls / "001.png")
     held = open_image_folder(tmp_path, "none", input_shape=(1, 3, 8, 8))
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
-    ph = bench._per_photo(model, model, held, 4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)).eval()
+    conv = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)).eval()
+    fid, ph = bench._held_out(conv, model, held, 1)  # the predictions come from fidelity's own passes
     assert ph["file"] == ["cat/001.png", "dog/001.png"] and ph["label"] == [0, 1]
+    with torch.no_grad():
+        x = next(held.batches(2))[0]
+        assert ph["original"] == model(x).argmax(1).tolist() and ph["converted"] == conv(x).argmax(1).tolist()
+    assert fid.top1_agreement == sum(o == c for o, c in zip(ph["original"], ph["converted"])) / 2
+    assert not model._forward_hooks and not conv._forward_hooks  # removed again
     row = {"model": "m", "split": "a", "photos": ph}
     (pr,) = bench.paired([dict(row, method="fast"), dict(row, method="fit")])
     assert pr["photos"] == 2
