@@ -21,9 +21,8 @@ in-memory :class:`Dataset` has ``inputs``.
 
 from __future__ import annotations
 
-import pickle
-
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 

@@ -160,9 +160,10 @@ def _open(path: Path, transform=None):
     if path.stat().st_size == 0:
         raise BadImage("empty file")
     im = Image.open(path)
-    why = (f"{im.width}x{im.height} pixels, more than the limit of {MAX_PIXELS}"
-           if im.width * im.height > MAX_PIXELS else
-           transform.check_size(im.width, im.height) if transform is not None else None)
+    if im.width * im.height > MAX_PIXELS:
+        why = f"{im.width}x{im.height} pixels, more than the limit of {MAX_PIXELS}"
+    else:
+        why = transform.check_size(im.width, im.height) if transform is not None else None
     if why is not None:
         im.close()
         raise BadImage(why)
