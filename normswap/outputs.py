@@ -304,6 +304,7 @@ class OutputSet:
         """
         if self.aborted:  # a signal removed the staged files: nothing may be placed now
             raise KeyboardInterrupt
+        _pause_before_commit()
         moves = []
         for opt, s in list(self._staged.items()):
             if opts and opt not in opts:
@@ -420,6 +421,21 @@ def _err(opt: str | None, message: str) -> NormswapError:
     e = NormswapError(message)
     e.option = opt
     return e
+
+
+def _pause_before_commit() -> None:
+    """Fail point for the kill tests: ``NORMSWAP_PAUSE_BEFORE_COMMIT=SECONDS`` holds the run with
+    every output staged and none placed, so a test can signal it there every time (a real run
+    passes that point in milliseconds; a poller on a busy 2-core machine can miss it)."""
+    raw = os.environ.get("NORMSWAP_PAUSE_BEFORE_COMMIT")
+    if not raw:
+        return
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return
+    if 0 < seconds <= 60:
+        time.sleep(seconds)
 
 
 def _umask() -> int:

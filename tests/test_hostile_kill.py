@@ -42,8 +42,10 @@ def _cmd(work: Path, *more):
             "--input-shape", "2,1,32,32", "-o", str(work / "out.pt"), "--onnx", str(work / "out.onnx"), *more]
 
 
-def _start(work: Path, *more):
+def _start(work: Path, *more, pause: float = 0.0):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if pause:  # hold the run with every output staged (normswap.outputs._pause_before_commit)
+        env["NORMSWAP_PAUSE_BEFORE_COMMIT"] = str(pause)
     return subprocess.Popen(_cmd(work, *more), cwd=str(work), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -80,7 +82,7 @@ CASES = [pytest.param(sig, point, id=f"{name}-{point.replace(' ', '_')}",
 def test_a_killed_fold_leaves_no_final_file_and_the_next_run_cleans_up(work, sig, point):
     before = _digest(work / "m.pt")
     for _attempt in range(5):  # a fast run can pass the point between two polls: try again
-        proc = _start(work)
+        proc = _start(work, pause=30.0 if point == "onnx staged" else 0.0)
         reached = _wait_for(work, POINTS[point], proc)
         if reached:
             break
