@@ -301,7 +301,10 @@ def test_sigkill_during_repair_leaves_only_hidden_files_and_the_next_run_succeed
             "--json", str(out / "r.json"), "--report", str(out / "r.html")]
     before = md5(CALIB), md5(MODEL)
     proc = subprocess.Popen(args, cwd=str(tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(10)  # loaded, calibrated, repairing
+    t0 = time.time()
+    while not any(n.endswith(".normswap-claim") for n in os.listdir(out)) and time.time() - t0 < 120:
+        time.sleep(0.05)  # claimed: the run has started its work
+    time.sleep(8)  # loaded, calibrated, repairing
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     left = os.listdir(out)
