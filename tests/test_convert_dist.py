@@ -73,6 +73,10 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         conv, rep = _repair(part)  # DistributedDataParallel: every rank ends with the same model
         out["repair"] = ({k: v.clone() for k, v in conv.state_dict().items()}, rep.repair)
         torch.save(out, f"{outdir}/rank{rank}.pt")
+        # both ranks finish before either tears down: rank 0 hosts the TCP store, and a rank that
+        # destroys its gloo group while the other still talks to it aborts ("terminate called
+        # without an active exception", seen once on a loaded 2-core machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
