@@ -111,12 +111,14 @@ def main(argv=None):
 def _forget_handled_interrupt() -> None:
     """Keep the exit status of a run whose KeyboardInterrupt was handled (130 / 143).
 
-    CPython (3.11 here, 3.12 likewise) marks a KeyboardInterrupt as *unhandled* when it ends any string
-    ``exec``/``eval`` -- which ``namedtuple`` and ``dataclass`` run while a module is imported --
-    even if a caller then catches it; under ``python -m`` the interpreter then kills itself with
-    SIGINT at exit instead of returning the exit status we chose. A Ctrl-C that lands in such an
-    import (about one in 50 interrupts of a run that is starting) turned exit 130 into a death by
-    SIGINT. The mark is cleared at the start of every string evaluation: evaluate one."""
+    CPython (since 3.8; seen on 3.11) marks a KeyboardInterrupt as *unhandled* when it ends any
+    string ``exec``/``eval`` -- which ``namedtuple`` and ``dataclass`` run while a module is
+    imported -- even if a caller then catches it; under ``python -m`` the interpreter then kills
+    itself with SIGINT at exit instead of returning the exit status we chose. A Ctrl-C that landed
+    in such an import (seen once in about 50 interrupted runs) turned exit 130 into a death by
+    SIGINT. The mark is cleared at the start of every string evaluation: evaluate one. (A
+    KeyboardInterrupt that escapes ``main`` is marked after this, by runpy's caller: it still
+    ends the process by SIGINT, as it should.)"""
     exec("None", {})  # noqa: S102 (a constant: clears CPython's unhandled-interrupt mark)
 
 

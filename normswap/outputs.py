@@ -304,7 +304,6 @@ class OutputSet:
         """
         if self.aborted:  # a signal removed the staged files: nothing may be placed now
             raise KeyboardInterrupt
-        _pause_before_commit()
         moves = []
         for opt, s in list(self._staged.items()):
             if opts and opt not in opts:
@@ -325,6 +324,7 @@ class OutputSet:
                 if final.exists():
                     raise NormswapError(f"{show_path(final)} exists (created while this run worked); pass --force "
                                         f"to overwrite it")
+        _pause_before_commit()
         journals = []
         placed: list[Path] = []
         with _signals_deferred():
@@ -424,9 +424,10 @@ def _err(opt: str | None, message: str) -> NormswapError:
 
 
 def _pause_before_commit() -> None:
-    """Fail point for the kill tests: ``NORMSWAP_PAUSE_BEFORE_COMMIT=SECONDS`` holds the run with
-    every output staged and none placed, so a test can signal it there every time (a real run
-    passes that point in milliseconds; a poller on a busy 2-core machine can miss it)."""
+    """Fail point for the kill tests: ``NORMSWAP_PAUSE_BEFORE_COMMIT=SECONDS`` (at most 60) holds
+    a commit that has staged files to move with none of them placed yet, so a test can signal the
+    run there every time (a real run passes that point in milliseconds; a poller on a busy 2-core
+    machine can miss it). A value that is not a positive number is ignored."""
     raw = os.environ.get("NORMSWAP_PAUSE_BEFORE_COMMIT")
     if not raw:
         return
@@ -434,8 +435,8 @@ def _pause_before_commit() -> None:
         seconds = float(raw)
     except ValueError:
         return
-    if 0 < seconds <= 60:
-        time.sleep(seconds)
+    if seconds > 0:  # (NaN is not)
+        time.sleep(min(seconds, 60.0))
 
 
 def _umask() -> int:

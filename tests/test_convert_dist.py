@@ -74,8 +74,8 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         out["repair"] = ({k: v.clone() for k, v in conv.state_dict().items()}, rep.repair)
         torch.save(out, f"{outdir}/rank{rank}.pt")
         # both ranks finish before either tears down: rank 0 hosts the TCP store, and a rank that
-        # destroys its gloo group while the other still talks to it aborts ("terminate called
-        # without an active exception", seen once on a loaded 2-core machine)
+        # destroys its gloo group while the other still talks to it likely aborts (rank 0 died once
+        # with "terminate called without an active exception" in a full-suite run on 2 cores)
         dist.barrier()
     finally:
         dist.destroy_process_group()

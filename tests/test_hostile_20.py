@@ -366,14 +366,17 @@ _HANDLED_BEFORE = textwrap.dedent("""
             exec("raise KeyboardInterrupt", {})
         except KeyboardInterrupt:
             sys.exit(130)
-    if sys.argv[1] == "interrupted":
-        cli.main = interrupted
+    def unhandled(*args, **kwargs):    # a Ctrl-C nobody handles
+        exec("raise KeyboardInterrupt", {})
+    if sys.argv[1] != "-":
+        cli.main = {"interrupted": interrupted, "unhandled": unhandled}[sys.argv[1]]
     main(sys.argv[2:])
 """)
 
 
 @pytest.mark.parametrize("args, code", [(["interrupted"], 130), (["-", "--version"], 0),
-                                        (["-", "audit", "no-such-file.pt"], 2)])
+                                        (["-", "audit", "no-such-file.pt"], 2),
+                                        (["unhandled"], -signal.SIGINT)])  # still a death by SIGINT
 def test_a_handled_interrupt_never_turns_the_exit_status_into_a_death_by_sigint(tmp_path, args, code):
     """CPython marks a KeyboardInterrupt that ended a string exec as unhandled even when it was
     caught, and under ``python -m`` then kills itself with SIGINT at exit (exit -2 instead of 130:
