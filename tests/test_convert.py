@@ -646,9 +646,14 @@ def test_fit_mode_trains_only_the_new_norms_and_is_never_worse_on_held_back():
 
 
 def test_fit_mode_improves_the_trained_digits_network():
+    from normswap.convert.core import ConvertOptions
+
+    # without channel reweighting: with it the sequential fit is already within KL 4e-4 of the
+    # original on the held-out digits, and the affine fit has nothing left to find there
+    plain = ConvertOptions(reweight=False)
     model, (xc, yc), (xt, yt) = _digits()
-    seq, _ = convert(model, "gn", (xc, yc), mode="sequential")
-    fit, rep = convert(model, "gn", (xc, yc), mode="fit")
+    seq, _ = convert(model, "gn", (xc, yc), mode="sequential", options=plain)
+    fit, rep = convert(model, "gn", (xc, yc), mode="fit", options=plain)
     assert rep.fit.kept and rep.fit.after["kl"] < rep.fit.before["kl"]
     assert _kl(model, fit, xt) < _kl(model, seq, xt)  # held-out: closer to the original
     assert _acc(fit, xt, yt) >= _acc(seq, xt, yt) - 0.005

@@ -56,6 +56,7 @@ from .calibrate import (Batches, calib_count, calibrate, expected_input_text, ho
 from .checks import check_data
 from .fidelity import OutputCache, chance_warning, dist_info, eval_mode, fidelity, heldout_fidelity
 from .repair import RepairOptions
+from .reweight import REWEIGHT_TARGETS, ReweightOptions
 from .report import ConvertReport, LayerFit
 from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents, subclass_reasons
 
@@ -91,6 +92,10 @@ class ConvertOptions:
     repair_steps: int | None = None
     #: mode="fit": epochs of the affine fit over the (not held-back) calibration samples
     fit_epochs: int = 6
+    #: GroupNorm / channel LayerNorm targets: choose each producer's output scale and shift for the
+    #: new norm before calibrating (:mod:`normswap.convert.reweight`)
+    reweight: bool = True
+    reweight_options: ReweightOptions = field(default_factory=ReweightOptions)
 
 
 def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mode: str = "sequential",
@@ -203,6 +208,8 @@ def _calibrate(work, sites, batches, to, groups, mode, held, opts, progress, rep
     report.calib_labels, report.passes = data.labels is not None, passes
     report.calib_data = data.to_dict() if hasattr(data, "to_dict") else None
     t0 = time.perf_counter()
+    if opts.reweight and to in REWEIGHT_TARGETS:
+        report.reweight = _reweight(work, sites, batches, to, groups, held, opts).to_dict()
     choice: dict = {}
     cache = calibrate(work, sites, batches, to, groups, passes=passes, target=opts.target, held=held,
                       progress=progress, choice=choice)
@@ -210,6 +217,26 @@ def _calibrate(work, sites, batches, to, groups, mode, held, opts, progress, rep
     report.calibration_choice = choice or None
     report.calibrated = True
     return cache
+
+
+def _reweight(work, sites, batches, to, groups, held, opts):
+    """Channel reweighting on the calibration samples that are not held back (thinned evenly
+    to the moment budget)."""
+    from .calibrate import _sub_batches
+    from .fit import source_eps
+    from .reweight import reweight
+
+    ro = opts.reweight_options
+    n = len(batches.data) - int(held)
+    part = _sub_batches(batches, 0, n)
+    per_sample = 20 * sum(s.channels for s in sites)  # five float32 moments per channel
+    cap = max(1, int(ro.moment_budget_bytes) // max(1, per_sample))
+    if n > cap:
+        part.data = part.data.subset([int(i * n / cap) for i in range(cap)])
+    first = Batches(part.data.subset(range(min(2, n))), 2, batches.module, sites)  # the checks' samples
+    spec = K.TARGETS[to]
+    return reweight(work, sites, part, to, groups,
+                    lambda s: spec.eps if spec.eps is not None else source_eps(s), ro, first)
 
 
 def _training_parts(data, held: int, sites: list[Site]):

@@ -101,6 +101,8 @@ class ConvertReport(Report):
     calib_data: dict | None = None
     #: sequential mode: the held-back scores of the fast and the sequential fit and the pick
     calibration_choice: dict | None = None
+    #: channel reweighting before calibration (normswap.convert.reweight.ReweightResult.to_dict())
+    reweight: dict | None = None
     #: fidelity after calibration (before repair), on the calibration data: in-sample
     fidelity_calibrated: Fidelity | None = None
     #: final fidelity on the calibration data (after repair when it was kept): in-sample
@@ -163,6 +165,7 @@ class ConvertReport(Report):
             "passes": self.passes,
             "calib_data": jsonable(self.calib_data),
             "calibration_choice": jsonable(self.calibration_choice),
+            "reweight": jsonable(self.reweight),
             "layers": [jsonable(x) for x in self.layers],
             "fidelity_calibrated": jsonable(self.fidelity_calibrated),
             "fidelity": jsonable(self.fidelity),

@@ -60,6 +60,22 @@ class CalibSite(nn.Module):
         self.stats = None  # the site's sufficient statistics while fitting
         self.shape_seen: tuple[int, ...] | None = None
         self.recorded: deque[Tensor] = deque()
+        #: per-channel (scale, shift) folded into the producer by channel reweighting
+        #: (:mod:`normswap.convert.reweight`): undone in front of the original norm
+        self.undo: tuple[Tensor, Tensor] | None = None
+
+    def set_undo(self, a: Tensor | None, b: Tensor | None) -> None:
+        self.undo = None if a is None else (a.detach().clone(), b.detach().clone())
+
+    def undone(self, x: Tensor) -> Tensor:
+        """The input the original norm saw before reweighting: ``(x - b) / a`` per channel (dim 1)."""
+        if self.undo is None:
+            return x
+        a, b = self.undo
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        a = a.to(device=x.device, dtype=x.dtype).reshape(shape)
+        b = b.to(device=x.device, dtype=x.dtype).reshape(shape)
+        return (x - b) / a
 
     def replacement(self) -> nn.Module:
         """What takes the wrapper's place: the fitted module, followed by the post ops if any
@@ -82,19 +98,20 @@ class CalibSite(nn.Module):
         if self.shape_seen is None:
             self.shape_seen = tuple(x.shape)
         mode = self.mode
+        xo = self.undone(x)  # what the original norm saw (x itself unless reweighted)
         if mode is Mode.RECORD:
-            y = self.orig(x)
+            y = self.orig(xo)
             self.recorded.append(y)
             # an in-place activation (ReLU(inplace=True)) must not change the recorded tensor
             return self._after(y.clone() if self.post is not None else y)
         if mode is Mode.FIT or mode is Mode.FIT_REPLACED:
             rec = self.recorded.popleft() if self.recorded else None
-            y = rec if rec is not None and rec.shape == x.shape else self.orig(x)
+            y = rec if rec is not None and rec.shape == x.shape else self.orig(xo)
             self.stats.update(x, y)
             if mode is Mode.FIT_REPLACED and self.new is not None:
                 return self._after(self.new(x))
             return self._after(y)
-        return self._after(self.orig(x))
+        return self._after(self.orig(xo))
 
 
 @contextmanager
@@ -131,6 +148,9 @@ class Site:
         self.method = "fitted"
         self.note: str | None = None
         self.calibrated = False
+        #: channel reweighting folded into the producer (normswap.convert.reweight), or None
+        self.reweight = None
+        self.reweight_name: str | None = None
 
 
 def find_sites(work: nn.Module, to: str, sources: tuple[str, ...]) -> tuple[list[Site], dict[str, int]]:
