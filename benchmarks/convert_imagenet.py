@@ -41,7 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "imagenet-sample"
-METHODS = ("naive", "fast", "sequential", "fit", "repair", "fit+repair")
+#: "plain": the default (sequential) without channel reweighting, as released before it existed
+METHODS = ("naive", "plain", "fast", "sequential", "fit", "repair", "fit+repair")
 
 
 def _peak_mb() -> float:
@@ -138,7 +139,7 @@ def worker(args) -> dict:
         row["seconds"] = time.perf_counter() - t0
     else:
         mode = {"fast": "fast", "fit": "fit", "fit+repair": "fit"}.get(args.method, "sequential")
-        opts = ConvertOptions(repair_steps=args.repair_steps)
+        opts = ConvertOptions(repair_steps=args.repair_steps, reweight=args.method != "plain")
         conv, rep = convert(model, "gn", calib, mode=mode, batch_size=args.batch,
                             repair=args.method.endswith("repair"),
                             time_budget_s=args.time_budget, options=opts)
@@ -152,6 +153,8 @@ def worker(args) -> dict:
         # (already decoded) calibration tensors, both timed inside convert
         row["calib_s"], row["calib_forward_s"] = rep.calib_seconds, rep.forward_seconds
         row["calib_x_forward"] = rep.calib_ratio
+        if rep.reweight is not None:
+            row["reweight"] = {k: rep.reweight[k] for k in ("sites", "seconds", "error_before", "error_after")}
         for key, r in (("fit", rep.fit), ("repair", rep.repair)):  # both are RepairResults
             if r is not None:
                 row[key] = {"steps": r.steps, "seconds": r.seconds, "kept": r.kept, "before": r.before,

@@ -402,6 +402,8 @@ def _repair_section(rep: dict) -> str:
 
 def convert_report_html(convert_report_dict: dict) -> str:
     """HTML for a convert report (``ConvertReport.to_dict()``)."""
+    from normswap.convert.report import reweight_text
+
     r = convert_report_dict or {}
     layers = r.get("layers") or []
     srcs = "/".join(r.get("sources") or []) or "?"
@@ -425,6 +427,7 @@ def convert_report_html(convert_report_dict: dict) -> str:
         ("calibrated", calib),
         ("passes over the data", r.get("passes") if calibrated else None),
         ("calibration time", timing),
+        ("channel reweighting", reweight_text(r.get("reweight"))),
         ("affine fit", _fit_text(r.get("fit"))),
         ("distributed world size", r.get("distributed_world_size") if (r.get("distributed_world_size") or 1) > 1 else None),
     ]))

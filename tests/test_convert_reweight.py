@@ -213,6 +213,21 @@ def test_reason_weight_norm_producer():
     assert _reasons(res) == {"bn": "'conv' has no plain floating-point weight (a weight / spectral norm?)"}
 
 
+def test_reason_tied_weights():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), _bn(4)
+            self.twin = nn.Conv2d(4, 4, 1)
+            self.twin.weight = self.conv.weight  # tied: rescaling one would rescale the other
+
+        def forward(self, x):
+            return self.bn(self.conv(x[:, :1].repeat(1, 4, 1, 1))) + self.twin(x[:, :1].repeat(1, 4, 1, 1))
+
+    _, _, res = _step(M())
+    assert _reasons(res) == {"bn": "'conv' shares its parameters with 'twin'"}
+
+
 def test_reason_channel_count_differs():
     class Twice(nn.Conv2d):  # a subclass that outputs its channels twice
         def forward(self, x):

@@ -315,6 +315,11 @@ def render(report, console) -> None:
         if report.calib_ratio is not None:
             s.add_row("calibration time", f"{report.calib_seconds:.2f} s = {report.calib_ratio:.1f}x one forward "
                                           f"pass ({report.passes} pass{'es' if report.passes != 1 else ''})")
+        from normswap.convert.report import reweight_text
+
+        rw = reweight_text(report.reweight)
+        if rw is not None:
+            s.add_row("channel reweighting", rw)
         fit = report.fit
         if fit is not None:
             b, a = fit.before or {}, fit.after or {}

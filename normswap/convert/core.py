@@ -428,7 +428,12 @@ def _measure(work: nn.Module, module: nn.Module, batches: Batches, cache: Output
 
 
 def _report_layers(sites: list[Site], report: ConvertReport) -> None:
+    why = {d["site"]: d["reason"] for d in (report.reweight or {}).get("skipped", [])}
     for s in sites:
+        if s.reweight is not None:
+            s.method += ", reweighted"
+        elif s.name in why:
+            s.note = "; ".join(filter(None, [s.note, f"not reweighted: {why[s.name]}"]))
         report.layers.append(LayerFit(
             name=s.name, source_kind=s.kind, source_type=type(s.orig).__name__,
             target_type=type(s.wrapper.new).__name__, channels=s.channels, groups=s.groups,

@@ -218,6 +218,20 @@ class ConvertReport(Report):
         return " | ".join(parts)
 
 
+def reweight_text(rw: dict | None) -> str | None:
+    """One line on channel reweighting (``report.reweight`` as a dict), or None when it did not run."""
+    if not rw:
+        return None
+    n, skipped = int(rw.get("sites") or 0), rw.get("skipped") or []
+    txt = f"{n} producer{'' if n == 1 else 's'} rescaled"
+    if n:
+        b, a = float(rw.get("error_before") or 0.0), float(rw.get("error_after") or 0.0)
+        txt += f" (summed calibration error {b:.3g} -> {a:.3g})"
+    if skipped:
+        txt += f"; {len(skipped)} norm{'' if len(skipped) == 1 else 's'} left as they were (reasons per layer)"
+    return txt + f"; {float(rw.get('seconds') or 0.0):.1f} s"
+
+
 def _fid_text(f: Fidelity) -> str:
     txt = ""
     if f.classifier and f.top1_agreement is not None:

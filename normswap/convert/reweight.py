@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import arith
 from .sites import CalibSite, Mode, Site, calibration_mode
 from .stats import _row_moments, fit_affine, sse_affine
 
@@ -232,6 +231,11 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
     reasons: dict[str, str] = {}
     found: dict[str, tuple[str, nn.Module]] = {}
     feeds: dict[int, list[str]] = {}
+    owners: dict[int, list[str]] = {}  # parameter id -> the modules holding it (tied weights)
+    for name, m in work.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(name)
     for s in sites:
         calls_here = seen[s.name]
         if len(calls_here) != 1:
@@ -243,6 +247,11 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
             continue
         pname, pmod, _ = src
         why = _producer_problem(pmod, pname, s, xin, calls.get(id(pmod), 0))
+        if why is None:
+            tied = sorted({o for p in pmod._parameters.values() if p is not None for o in owners.get(id(p), [])
+                           if o != pname})
+            if tied:
+                why = f"'{pname}' shares its parameters with {', '.join(repr(t) for t in tied)}"
         if why is not None:
             reasons[s.name] = why
             continue
