@@ -358,3 +358,16 @@ def test_only_targets_that_pool_channels_are_reweighted():
         assert rep.reweight is None, to
     _, rep = convert(model, "ln", _data())
     assert rep.reweight["sites"] == 2
+
+
+def test_the_moments_stay_within_their_budget_and_progress_is_reported():
+    # 2 sites of 8 channels: 20 bytes per channel and sample -> 320 bytes a sample; 3200 = 10 samples
+    _, _, res = _step(Plain(), moment_budget_bytes=3200)
+    assert res.samples == 10 and res.sites == 2
+    _, _, res = _step(Plain())
+    assert res.samples == 48
+    calls = []
+    _, rep = convert(Plain().eval(), "gn", _data(),
+                     progress=lambda stage, step, total, loss, eta=None: calls.append((stage, step, total)))
+    assert [c for c in calls if c[0] == "reweight"] == [("reweight", 1, 2), ("reweight", 2, 2)]
+    assert calls[-1][0] == "calibrate"

@@ -192,7 +192,8 @@ class _Progress:
             if self.bar is None:
                 return
         if stage not in self.tasks:
-            label = {"calibrate": "calibrating", "fit": "fitting", "repair": "repairing"}.get(stage, stage)
+            label = {"calibrate": "calibrating", "reweight": "reweighting", "fit": "fitting",
+                     "repair": "repairing"}.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total, info="")
         if stage == "repair" and eta is not None:  # total: the time budget (s); eta: what is left of it
             info = f"step {step}" + (f" loss {max(0.0, loss):.3g}" if loss is not None else "") + f" ~{eta:.0f} s left"

@@ -209,7 +209,7 @@ def _calibrate(work, sites, batches, to, groups, mode, held, opts, progress, rep
     report.calib_data = data.to_dict() if hasattr(data, "to_dict") else None
     t0 = time.perf_counter()
     if opts.reweight and to in REWEIGHT_TARGETS:
-        report.reweight = _reweight(work, sites, batches, to, groups, held, opts).to_dict()
+        report.reweight = _reweight(work, sites, batches, to, groups, held, opts, progress).to_dict()
     choice: dict = {}
     cache = calibrate(work, sites, batches, to, groups, passes=passes, target=opts.target, held=held,
                       progress=progress, choice=choice)
@@ -219,7 +219,7 @@ def _calibrate(work, sites, batches, to, groups, mode, held, opts, progress, rep
     return cache
 
 
-def _reweight(work, sites, batches, to, groups, held, opts):
+def _reweight(work, sites, batches, to, groups, held, opts, progress=None):
     """Channel reweighting on the calibration samples that are not held back (thinned evenly
     to the moment budget)."""
     from .calibrate import _sub_batches
@@ -236,7 +236,7 @@ def _reweight(work, sites, batches, to, groups, held, opts):
     first = Batches(part.data.subset(range(min(2, n))), 2, batches.module, sites)  # the checks' samples
     spec = K.TARGETS[to]
     return reweight(work, sites, part, to, groups,
-                    lambda s: spec.eps if spec.eps is not None else source_eps(s), ro, first)
+                    lambda s: spec.eps if spec.eps is not None else source_eps(s), ro, first, progress)
 
 
 def _training_parts(data, held: int, sites: list[Site]):
