@@ -207,3 +207,35 @@ def test_cli_convert_mode_fit_reports_the_affine_fit(tmp_path):
     assert d["mode"] == "fit" and d["fit"]["steps"] == 42 and d["fit"]["held_samples"] == 36
     assert d["fit"]["after"]["kl"] <= d["fit"]["before"]["kl"]
     assert d["fidelity"]["accuracy_converted"] >= 0.95
+
+
+def test_cli_reweighting_is_on_by_default_and_no_reweight_turns_it_off(tmp_path):
+    """The real trained digits network: the state dict written with reweighting rebuilds through
+    --arch (the recipe carries the conv biases reweighting created) and computes what convert
+    returned; --no-reweight leaves every producer as it was."""
+    from normswap.io import load_model
+    from samples.digits import load_trained
+
+    model = load_trained("bn")
+    p = tmp_path / "digits.pt"
+    torch.save(model.state_dict(), p)
+    calib = DIGITS / "calib.npz"
+    outs = {}
+    for flag in ([], ["--no-reweight"]):
+        out, js = tmp_path / f"out{len(flag)}.pt", tmp_path / f"r{len(flag)}.json"
+        r = CliRunner().invoke(cli, ["convert", str(p), "--arch", ARCH, "--to", "gn", "--calib", str(calib), "-o",
+                                     str(out), "--no-onnx", "--json", str(js), "--calib-samples", "64"] + flag)
+        assert r.exit_code == 0, r.output
+        outs[bool(flag)] = (out, json.loads(js.read_text()))
+    on, off = outs[False][1], outs[True][1]
+    assert on["reweight"]["sites"] == 11 and off["reweight"] is None
+    assert all(", reweighted" in layer["method"] for layer in on["layers"])
+    assert not any("reweighted" in layer["method"] for layer in off["layers"])
+    x = torch.as_tensor(np.load(DIGITS / "test.npz")["x"][:64])
+    rebuilt = {k: load_model(v[0], arch=ARCH).module.eval() for k, v in outs.items()}
+    with torch.no_grad():
+        assert rebuilt[False].stem.conv.bias is not None and model.stem.conv.bias is None
+        assert rebuilt[True].stem.conv.bias is None
+        assert torch.equal(rebuilt[True].stem.conv.weight, model.stem.conv.weight)
+        ref = model(x).argmax(1)
+        assert (rebuilt[False](x).argmax(1) == ref).float().mean() >= 0.98

@@ -94,6 +94,10 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
                    "held-back calibration samples) or fit (sequential, then only the new norms' scale and "
                    "shift fitted to the original's outputs by gradient descent, about 20 more forward "
                    "passes; kept only when better on held-back samples).")
+@click.option("--no-reweight", "no_reweight", is_flag=True, default=False,
+              help="Leave the producers of the norms alone (--to gn/ln): by default each one's output "
+                   "channels get the scale and shift that make the new norm's statistics follow the "
+                   "old one's (an exact rewrite of the original model; the converted model keeps it).")
 @click.option("--repair", is_flag=True, default=False,
               help="After calibration, distil the converted model toward the original on augmented "
                    "views of the calibration data, early-stopped on held-back samples (never returned "
@@ -113,8 +117,8 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
 @write_options
 @output_options
 @pass_settings
-def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, repair, time_budget,
-            repair_steps, output, report_path, onnx_path,
+def command(model_path, to, source, groups, calib, eval_data, calib_samples, batch_size, mode, no_reweight, repair,
+            time_budget, repair_steps, output, report_path, onnx_path,
             no_onnx, no_check, input_shape, trust, imports, arch, arch_kwargs, force, opts, preprocess):
     """Replace the norm layers of MODEL by another kind, calibrated to keep its behaviour."""
 
@@ -138,7 +142,7 @@ def command(model_path, to, source, groups, calib, eval_data, calib_samples, bat
         with _Progress(opts.quiet) as progress:
             _, report = convert_file(
                 model_path, to, calib=calib, source=source, groups=groups, mode=mode, repair=repair,
-                time_budget_s=time_budget, options=ConvertOptions(repair_steps=repair_steps),
+                time_budget_s=time_budget, options=ConvertOptions(repair_steps=repair_steps, reweight=not no_reweight),
                 batch_size=batch_size, calib_samples=calib_samples, output=output, onnx=onnx_path,
                 export_onnx=not no_onnx, check=not (no_check or no_onnx), input_shape=input_shape, force=force,
                 progress=progress, arch=arch, arch_kwargs=arch_kwargs, trust=trust, imports=imports,
