@@ -142,6 +142,43 @@ def test_convert_with_reweighting_is_a_plain_groupnorm_model_closer_to_the_origi
     assert rep_on.fidelity_eval.kl < rep_off.fidelity_eval.kl
 
 
+@pytest.mark.parametrize("kind", ["conv1d", "conv3d", "grouped", "depthwise", "convt", "convt_grouped", "linear"])
+def test_every_producer_type_is_rescaled_exactly(kind):
+    """Each producer layout (1-D / 3-D, grouped, depthwise, transposed with groups, Linear ->
+    BatchNorm1d) is rescaled, and the working model still computes the original."""
+    nd = {"conv1d": 1, "conv3d": 3, "linear": 0}.get(kind, 2)
+    C = 8
+    prod = {"conv1d": nn.Conv1d(3, C, 3), "conv3d": nn.Conv3d(3, C, 2), "grouped": nn.Conv2d(4, C, 3, groups=2),
+            "depthwise": nn.Conv2d(C, C, 3, groups=C), "convt": nn.ConvTranspose2d(3, C, 2, stride=2),
+            "convt_grouped": nn.ConvTranspose2d(4, C, 2, groups=2), "linear": nn.Linear(12, C)}[kind]
+    cin = {"grouped": 4, "depthwise": C, "convt_grouped": 4, "linear": 12}.get(kind, 3)
+    bn = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd](C)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lift = nn.Conv2d(3, cin, 1)
+            self.prod, self.bn = prod, bn
+
+        def forward(self, x):
+            h = self.lift(x)
+            h = {0: lambda t: t.mean((2, 3)), 1: lambda t: t.mean(3), 2: lambda t: t,
+                 3: lambda t: t.unsqueeze(2).repeat(1, 1, 3, 1, 1)}[nd](h)
+            return self.bn(self.prod(h)).flatten(1)
+
+    model = M().eval()
+    work, sites, res = _step(model)
+    assert res.sites == 1 and not res.skipped
+    x = _data(6, seed=3)
+    with torch.no_grad():
+        ref, out = model(x), work(x)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(work.prod.weight, model.prod.weight)
+
+
 # ----------------------------------------------------------------------------- one test per reason
 
 
@@ -211,6 +248,19 @@ def test_reason_weight_norm_producer():
 
     _, _, res = _step(M())
     assert _reasons(res) == {"bn": "'conv' has no plain floating-point weight (a weight / spectral norm?)"}
+
+
+def test_reason_output_changed_in_place():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act, self.bn = nn.Conv2d(3, 4, 1), nn.ReLU(inplace=True), _bn(4)
+
+        def forward(self, x):
+            return self.bn(self.act(self.conv(x)))  # the ReLU returns the conv's own tensor, changed
+
+    _, _, res = _step(M())
+    assert _reasons(res) == {"bn": "the output of 'conv' is changed in place before the norm reads it"}
 
 
 def test_reason_tied_weights():

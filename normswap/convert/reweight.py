@@ -209,7 +209,7 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
         def hook(mod, args, out):
             calls[id(mod)] = calls.get(id(mod), 0) + 1
             if isinstance(out, Tensor):
-                outs[id(out)] = (name, mod, out)  # the tensor is kept: its id is not reused
+                outs[id(out)] = (name, mod, out, out._version)  # the tensor is kept: its id is not reused
         return hook
 
     def site_hook(site):
@@ -247,8 +247,10 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
         if src is None:
             reasons[s.name] = "its input is not the output of a Conv/ConvTranspose/Linear"
             continue
-        pname, pmod, _ = src
+        pname, pmod, _, version = src
         why = _producer_problem(pmod, pname, s, xin, calls.get(id(pmod), 0))
+        if why is None and xin._version != version:
+            why = f"the output of '{pname}' is changed in place before the norm reads it"
         if why is None:
             tied = sorted({o for p in pmod._parameters.values() if p is not None for o in owners.get(id(p), [])
                            if o != pname})
