@@ -263,6 +263,22 @@ def test_reason_output_changed_in_place():
     assert _reasons(res) == {"bn": "the output of 'conv' is changed in place before the norm reads it"}
 
 
+def test_reason_a_random_forward_cannot_be_checked():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), _bn(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + torch.randn(x.shape[0], 4, 1, 1)
+
+    _, _, res = _step(M())
+    assert res.eligible == 0 and res.sites == 0
+    why = _reasons(res)["bn"]
+    assert why.startswith("the model's output differs between two runs on the same input (relative error ")
+    assert why.endswith("; random in eval mode?), so no rescaling can be checked")
+
+
 def test_reason_tied_weights():
     class M(nn.Module):
         def __init__(self):
@@ -421,3 +437,10 @@ def test_the_moments_stay_within_their_budget_and_progress_is_reported():
                      progress=lambda stage, step, total, loss, eta=None: calls.append((stage, step, total)))
     assert [c for c in calls if c[0] == "reweight"] == [("reweight", 1, 2), ("reweight", 2, 2)]
     assert calls[-1][0] == "calibrate"
+
+
+def test_turning_reweighting_off_where_it_never_runs_says_so():
+    _, rep = convert(Plain().eval(), "in", _data(), options=ConvertOptions(reweight=False))
+    assert any(w.startswith("reweight=False (--no-reweight) applies only to the gn and ln targets") for w in rep.warnings)
+    _, rep = convert(Plain().eval(), "gn", _data(), options=ConvertOptions(reweight=False))
+    assert not any("reweight" in w for w in rep.warnings)

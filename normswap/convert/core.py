@@ -146,6 +146,9 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
         report.warnings.append(f"groups={groups} (--groups) applies only to the "
                                f"{' and '.join(t for t, s in K.TARGETS.items() if s.grouped)} targets; "
                                f"ignored for {to}")
+    if not opts.reweight and to not in REWEIGHT_TARGETS:
+        report.warnings.append(f"reweight=False (--no-reweight) applies only to the {' and '.join(REWEIGHT_TARGETS)} "
+                               f"targets, whose statistics pool channels; nothing to turn off for {to}")
     was_training = module.training
     work = _working_copy(module)
     sites = _sites(work, to, sources, report)  # a calibration wrapper in each norm's place

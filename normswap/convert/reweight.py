@@ -345,6 +345,12 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
             if f and s.name in producers:
                 del producers[s.name]
                 reasons[s.name] = "its producer differs between the torch.distributed processes"
+    again = _same_max(_rel(_first_tensor(_run_original(work, sites, first)), _first_tensor(out0)))
+    if not again <= opts.check_rtol:  # nothing could be checked: no producer is touched
+        for s in sites:
+            reasons.setdefault(s.name, f"the model's output differs between two runs on the same input (relative "
+                                       f"error {again:.2g}; random in eval mode?), so no rescaling can be checked")
+        producers = {}
     res.eligible = len(producers)
     for s in sites:
         if s.name in reasons:
