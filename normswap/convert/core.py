@@ -6,7 +6,13 @@ How it works
    parent* (``parent._modules[name]``) by a calibration wrapper holding the original norm and its
    replacement, so user module classes and names are kept and no FX tracing is needed.  At the
    end the wrappers are swapped for the replacements.
-2. Calibration passes stream the calibration inputs (in batches: an image folder is never
+2. Channel reweighting (targets that pool channels: gn, ln; :mod:`normswap.convert.reweight`):
+   one pass on the original activations gives, per norm whose input is the output of its own
+   Conv / ConvTranspose / Linear, the output scale and shift of that producer under which the
+   new norm's closed-form calibration error is least; they are folded into the producer (an exact
+   rewrite of the original model: the wrapper undoes them in front of the original norm, and each
+   site is checked on the first calibration samples) and stay in the converted model.
+3. Calibration passes stream the calibration inputs (in batches: an image folder is never
    decoded whole) through the working model.  At each site the wrapper computes
    ``y = original_norm(x)`` on the input ``x`` that arrives there and adds the sufficient
    statistics of the regression of ``y`` on the replacement's normalised output (see
@@ -24,10 +30,10 @@ How it works
    * ``mode="fit"``: the sequential fit, then only the replacements' scale and shift are trained
      toward the original's outputs (gradient descent on the calibration inputs and their mirror
      images, :data:`FIT_OPTIONS`), kept only when better on the held-back 1/7.
-3. Fidelity of the converted model against the original on the calibration inputs (in-sample)
+4. Fidelity of the converted model against the original on the calibration inputs (in-sample)
    and, with ``eval_data``, on held-out inputs: top-1 agreement, top-5 overlap, KL, accuracy
    with labels, and the error of every output.
-4. ``repair=True``: distillation toward the original within ``time_budget_s`` on augmented
+5. ``repair=True``: distillation toward the original within ``time_budget_s`` on augmented
    views of the calibration inputs, early-stopped and reverted on the held-back samples
    (:mod:`normswap.convert.repair`).
 

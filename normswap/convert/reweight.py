@@ -62,6 +62,10 @@ class ReweightOptions:
     #: bounds: ``|log a| <= log_scale_bound``, ``|b| <= shift_bound * std(x_c)``
     log_scale_bound: float = 5.0
     shift_bound: float = 20.0
+    #: every scale at least 1 (each group scaled by one factor, which the new norm does not see):
+    #: a producer weight scaled by ``a`` learns ``1 / a**2`` times as fast per step under SGD,
+    #: so a scale below 1 would make fine-tuning the converted model with SGD unstable
+    at_least_one: bool = True
     #: the per-(sample, channel) moments kept for the search: at most this many bytes (float32);
     #: more calibration samples are thinned evenly
     moment_budget_bytes: int = 512 * 2**20
@@ -174,6 +178,11 @@ def search(mom: tuple[Tensor, ...], P: int, eps: float, groups: int, opts: Rewei
                 u.clamp_(-opts.log_scale_bound, opts.log_scale_bound)
                 w.clamp_(-opts.shift_bound, opts.shift_bound)
     a, b = best_ab
+    if opts.at_least_one:
+        # the new norm cannot tell a group's channels all scaled by one factor (but for its eps):
+        # scale each group so that its smallest scale is 1 (see ReweightOptions.at_least_one)
+        k = a.view(groups, -1).amin(1, keepdim=True).clamp_max(1.0)
+        a, b = (a.view(groups, -1) / k).reshape(-1), (b.view(groups, -1) / k).reshape(-1)
     with torch.no_grad():
         final = float(site_loss(M, Q, R, SY, SYY, P, a, b, eps, groups))
     if not final <= base:
