@@ -444,3 +444,43 @@ def test_turning_reweighting_off_where_it_never_runs_says_so():
     assert any(w.startswith("reweight=False (--no-reweight) applies only to the gn and ln targets") for w in rep.warnings)
     _, rep = convert(Plain().eval(), "gn", _data(), options=ConvertOptions(reweight=False))
     assert not any("reweight" in w for w in rep.warnings)
+
+
+def test_scales_are_at_least_one_per_group_and_the_loss_is_kept():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8, 5, 5, dtype=torch.float64) * torch.linspace(0.2, 3, 8).view(1, -1, 1, 1).double()
+    x = x + torch.randn(32, 1, 1, 1, dtype=torch.float64) * torch.linspace(-1, 2, 8).view(1, -1, 1, 1).double()
+    y = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    mom = _moments(x, y)
+    for g in (1, 2):
+        a, b, before, after = search(mom, 25, 1e-5, g, ReweightOptions())
+        assert bool((a.view(g, -1).amin(1) == 1).all()) and after < before
+        a_raw, b_raw, _, after_raw = search(mom, 25, 1e-5, g, ReweightOptions(at_least_one=False))
+        assert float(a_raw.min()) < 1  # the search itself goes below 1 here
+        assert after == pytest.approx(after_raw, rel=1e-3)  # the norm barely sees the common factor
+
+
+def test_the_reweighted_digits_network_fine_tunes_with_sgd():
+    """The usual reason to convert is to fine-tune: one epoch of SGD at batch 4 (momentum 0.9,
+    lr 0.002) on the digits training split keeps the reweighted GroupNorm network accurate.
+    Scales below 1 would make it collapse to chance (10 %): such a weight learns 1/a^2 as fast."""
+    import copy
+
+    from samples.digits import load_split, load_trained
+
+    torch.manual_seed(0)
+    model = load_trained("bn").eval()
+    (xc, _), (xt, yt), (xtr, ytr) = (load_split(s) for s in ("calib", "test", "train"))
+    gn, rep = convert(model, "gn", xc)
+    assert rep.reweight["sites"] == 11
+    tuned = copy.deepcopy(gn).train()
+    opt = torch.optim.SGD(tuned.parameters(), lr=0.002, momentum=0.9)
+    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))
+    for i in range(0, len(xtr), 4):
+        idx = perm[i:i + 4]
+        opt.zero_grad()
+        nn.functional.cross_entropy(tuned(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = (tuned.eval()(xt).argmax(1) == yt).float().mean().item()
+    assert acc >= 0.95
