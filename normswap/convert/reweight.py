@@ -19,9 +19,13 @@ and at the output, and a site that does not reproduce its original input is put 
 replacement is then calibrated as usual on the reweighted activations, and the converted model
 keeps the rescaled producers in front of a plain GroupNorm.
 
-Measured on EfficientNet-Lite0/1/2 and 256 ImageNet photographs (held-out photographs, see the
-README): the per-layer calibration error falls 10-100x and held-out top-1 agreement with the
-original rises by several points.
+Every scale is at least 1 (each group divided by its smallest scale, which the new norm does not
+see): a weight scaled by ``a`` learns ``1 / a**2`` as fast under SGD, and the converted digits network
+fine-tuned with SGD fell to chance when scales below 1 were allowed.
+
+Measured on EfficientNet-Lite0/1/2 and 256 ImageNet photographs (README): the summed calibration
+error of Lite1's 64 norms falls from 0.56 to 0.025, and held-out top-1 agreement with the original
+rises from 83-86 % to 91-95 % (every photo held out once), for 41-82 s of search on 2 cores.
 """
 
 from __future__ import annotations
