@@ -484,3 +484,16 @@ def test_the_reweighted_digits_network_fine_tunes_with_sgd():
     with torch.no_grad():
         acc = (tuned.eval()(xt).argmax(1) == yt).float().mean().item()
     assert acc >= 0.95
+
+
+def test_err_naive_is_the_naive_swap_of_the_original_network():
+    """Calibration sees the rescaled activations; the report's naive error stays that of the naive
+    swap of the original network (the same figure as without reweighting)."""
+    model, x = Plain().eval(), _data(64)
+    for to in ("gn", "ln"):
+        _, on = convert(model, to, x, mode="fast")
+        _, off = convert(model, to, x, mode="fast", options=ConvertOptions(reweight=False))
+        assert on.reweight["sites"] == 2
+        for a, b in zip(on.layers, off.layers):
+            assert a.err_naive == pytest.approx(b.err_naive, rel=1e-4), (to, a.name)
+            assert a.err_fitted < b.err_fitted

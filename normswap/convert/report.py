@@ -226,7 +226,7 @@ def reweight_text(rw: dict | None) -> str | None:
     txt = f"{n} producer{'' if n == 1 else 's'} rescaled"
     if n:
         b, a = float(rw.get("error_before") or 0.0), float(rw.get("error_after") or 0.0)
-        txt += f" (summed calibration error {b:.3g} -> {a:.3g})"
+        txt += f" (mean layer error on the original activations {b:.3g} -> {a:.3g})"
     if skipped:
         txt += f"; {len(skipped)} norm{'' if len(skipped) == 1 else 's'} left as they were (reasons per layer)"
     return txt + f"; {float(rw.get('seconds') or 0.0):.1f} s"

@@ -31,12 +31,14 @@ rises from 83-86 % to 91-95 % (every photo held out once), for 41-82 s of search
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .kinds import naive_groups
 from .sites import CalibSite, Mode, Site, calibration_mode
 from .stats import _row_moments, fit_affine, sse_affine
 
@@ -83,7 +85,8 @@ class ReweightResult:
     sites: int = 0
     eligible: int = 0
     seconds: float = 0.0
-    #: the sum over reweighted sites of the relative calibration error, before and after
+    #: the mean over reweighted sites of the relative calibration error (``err fitted`` of the fast
+    #: fit on the original activations: ||fit - y|| / ||y||), before and after
     error_before: float = 0.0
     error_after: float = 0.0
     samples: int = 0
@@ -125,11 +128,11 @@ class _NoStats:
 
 
 def site_loss(M: Tensor, Q: Tensor, R: Tensor, SY: Tensor, SYY: Tensor, P: int, a: Tensor, b: Tensor,
-              eps: float, groups: int) -> Tensor:
+              eps: float, groups: int, naive: bool = False) -> Tensor:
     """Relative least-squares error of the best per-channel affine of the ``groups``-group
     normaliser of ``a * x + b`` against the original norm's output (the error the closed-form
     calibration reaches), from the per-(sample, channel) moments of x and y (differentiable in
-    ``a`` and ``b``)."""
+    ``a`` and ``b``).  ``naive``: the error of the fresh affine (gamma 1, beta 0) instead."""
     N, C = M.shape
     m = a * M + b
     q = a * a * Q
@@ -145,7 +148,7 @@ def site_loss(M: Tensor, Q: Tensor, R: Tensor, SY: Tensor, SYY: Tensor, P: int, 
     szz = (rs * rs * (q + P * d * d)).sum(0)
     szy = (rs * (r + d * SY)).sum(0)
     sy, syy = SY.sum(0), SYY.sum(0)
-    g, bb = fit_affine(n, sz, szz, sy, szy)
+    g, bb = (torch.ones_like(sy), torch.zeros_like(sy)) if naive else fit_affine(n, sz, szz, sy, szy)
     return sse_affine(g, bb, n, sz, szz, sy, szy, syy).sum() / syy.sum().clamp_min(1e-300)
 
 
@@ -395,6 +398,12 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
         g = 1 if to == "ln" or groups == "auto" else int(groups)
         if s.channels % g:  # calibration says so, with the divisors
             continue
+        # the naive swap's error on the original activations (what the report's "err naive" means:
+        # calibration later sees the rescaled ones)
+        with torch.no_grad():
+            one, zero = torch.ones(s.channels, dtype=torch.float64), torch.zeros(s.channels, dtype=torch.float64)
+            ng = naive_groups(s.channels) if to == "gn" else 1
+            s.naive_original = math.sqrt(site_loss(*tensors, P, one, zero, eps_of(s), ng, naive=True).clamp_min(0))
         a, b, before, after = _same_on_every_rank(*search(tensors, P, eps_of(s), g, opts))
         del mom.rows
         if progress is not None:
@@ -412,8 +421,11 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
             continue
         s.reweight = (pname, a, b, before, after)
         res.sites += 1
-        res.error_before += before
-        res.error_after += after
+        res.error_before += math.sqrt(max(before, 0.0))
+        res.error_after += math.sqrt(max(after, 0.0))
+    if res.sites:
+        res.error_before /= res.sites
+        res.error_after /= res.sites
     res.seconds = time.perf_counter() - t0
     if dist_info()[0]:
         from .fidelity import allreduce_max

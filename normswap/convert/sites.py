@@ -151,6 +151,9 @@ class Site:
         #: channel reweighting folded into the producer (normswap.convert.reweight), or None
         self.reweight = None
         self.reweight_name: str | None = None
+        #: the naive replacement's error on the original activations (set by reweighting, which
+        #: changes the activations calibration sees)
+        self.naive_original: float | None = None
 
 
 def find_sites(work: nn.Module, to: str, sources: tuple[str, ...]) -> tuple[list[Site], dict[str, int]]:
