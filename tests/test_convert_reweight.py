@@ -441,7 +441,8 @@ def test_the_moments_stay_within_their_budget_and_progress_is_reported():
 
 def test_turning_reweighting_off_where_it_never_runs_says_so():
     _, rep = convert(Plain().eval(), "in", _data(), options=ConvertOptions(reweight=False))
-    assert any(w.startswith("reweight=False (--no-reweight) applies only to the gn and ln targets") for w in rep.warnings)
+    want = "reweight=False (--no-reweight) applies only to the gn and ln targets"
+    assert any(w.startswith(want) for w in rep.warnings)
     _, rep = convert(Plain().eval(), "gn", _data(), options=ConvertOptions(reweight=False))
     assert not any("reweight" in w for w in rep.warnings)
 
