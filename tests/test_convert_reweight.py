@@ -498,3 +498,35 @@ def test_err_naive_is_the_naive_swap_of_the_original_network():
         for a, b in zip(on.layers, off.layers):
             assert a.err_naive == pytest.approx(b.err_naive, rel=1e-4), (to, a.name)
             assert a.err_fitted < b.err_fitted
+
+
+def test_reason_a_second_output_reads_the_producer():
+    """The model returns the conv's output as a second output: rescaling the conv would change it,
+    though the first output (the logits) stays the same. Every output is compared."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), _bn(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return {"logits": self.bn(y).mean((2, 3)), "features": y}
+
+    _, _, res = _step(M())
+    why = _reasons(res)["bn"]
+    assert why.startswith("rescaling 'conv' changed the model's output (relative error ") and res.sites == 0
+
+
+def test_reason_half_precision_producer():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 1), _bn(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    model = M().to(torch.bfloat16)
+    _, _, res = _step(model)
+    assert _reasons(res) == {"bn": "'conv' holds bfloat16 weights (scales up to e^10 could overflow)"}

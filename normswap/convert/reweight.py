@@ -30,9 +30,9 @@ rises from 83-86 % to 91-95 % (every photo held out once), for 41-82 s of search
 
 from __future__ import annotations
 
-import copy
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +65,9 @@ class ReweightOptions:
     #: 300 at 0.05 0.017 in 92 s
     steps: int = 100
     lr: float = 0.1
-    #: bounds: ``|log a| <= log_scale_bound``, ``|b| <= shift_bound * std(x_c)``
+    #: bounds of the search: ``|log a| <= log_scale_bound``, ``|b| <= shift_bound * std(x_c)``; after
+    #: each group is divided by its smallest scale (``at_least_one``) the scales reach
+    #: ``exp(2 * log_scale_bound)`` and the shifts that many times ``shift_bound`` std
     log_scale_bound: float = 5.0
     shift_bound: float = 20.0
     #: every scale at least 1 (each group scaled by one factor, which the new norm does not see):
@@ -216,7 +218,7 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
     find, per site, the producer: the Conv / ConvTranspose / Linear module whose output *is* the
     tensor the norm receives.  Returns ``(producers {site name: (name, module)}, reasons
     {site name: why not}, the output)``."""
-    outs: dict[int, tuple[str, nn.Module, Tensor]] = {}
+    outs: dict[int, tuple] = {}
     calls: dict[int, int] = {}
     seen: dict[str, list] = {s.name: [] for s in sites}
     hooks = []
@@ -224,15 +226,18 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
     def prod_hook(name):
         def hook(mod, args, out):
             calls[id(mod)] = calls.get(id(mod), 0) + 1
-            if isinstance(out, Tensor):
-                outs[id(out)] = (name, mod, out, out._version)  # the tensor is kept: its id is not reused
+            if isinstance(out, Tensor):  # a weak reference: the outputs are not all kept alive
+                outs[id(out)] = (name, mod, weakref.ref(out), out._version)
         return hook
 
     def site_hook(site):
         def hook(mod, args):
             if args and isinstance(args[0], Tensor):
-                src = outs.get(id(args[0]))
-                seen[site.name].append((src, args[0]))
+                x = args[0]
+                src = outs.get(id(x))
+                if src is not None and src[2]() is not x:  # another tensor now has that id
+                    src = None
+                seen[site.name].append((src, _Seen(x.dim(), tuple(x.shape), x._version)))
         return hook
 
     try:
@@ -265,7 +270,7 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
             continue
         pname, pmod, _, version = src
         why = _producer_problem(pmod, pname, s, xin, calls.get(id(pmod), 0))
-        if why is None and xin._version != version:
+        if why is None and xin.version != version:
             why = f"the output of '{pname}' is changed in place before the norm reads it"
         if why is None:
             tied = sorted({o for p in pmod._parameters.values() if p is not None for o in owners.get(id(p), [])
@@ -286,7 +291,16 @@ def find_producers(work: nn.Module, sites: list[Site], first) -> tuple[dict, dic
     return producers, reasons, out
 
 
-def _producer_problem(mod: nn.Module, name: str, site: Site, x: Tensor, ncalls: int) -> str | None:
+@dataclass
+class _Seen:
+    """What the hooks keep of a norm's input (not the tensor itself)."""
+
+    dim: int
+    shape: tuple
+    version: int
+
+
+def _producer_problem(mod: nn.Module, name: str, site: Site, x: _Seen, ncalls: int) -> str | None:
     from torch.nn.utils import parametrize
 
     if ncalls != 1:
@@ -295,14 +309,16 @@ def _producer_problem(mod: nn.Module, name: str, site: Site, x: Tensor, ncalls: 
     if parametrize.is_parametrized(mod) or hasattr(mod, "weight_g") or not isinstance(w, nn.Parameter) \
             or not w.is_floating_point():
         return f"'{name}' has no plain floating-point weight (a weight / spectral norm?)"
+    if w.dtype not in (torch.float32, torch.float64):
+        return f"'{name}' holds {str(w.dtype).replace('torch.', '')} weights (scales up to e^10 could overflow)"
     bias = mod._parameters.get("bias")
     if bias is not None and not bias.is_floating_point():
         return f"'{name}' has a bias that is not floating-point"
     out = mod.out_features if isinstance(mod, nn.Linear) else getattr(mod, "out_channels", None)
-    if out != site.channels or x.dim() < 2 or x.shape[1] != site.channels:
+    if out != site.channels or x.dim < 2 or x.shape[1] != site.channels:
         return f"'{name}' has {out} outputs, the norm {site.channels} channels"
-    if isinstance(mod, nn.Linear) and x.dim() != 2:
-        return f"'{name}' is a Linear whose {x.dim()}-D output does not keep its features on dim 1"
+    if isinstance(mod, nn.Linear) and x.dim != 2:
+        return f"'{name}' is a Linear whose {x.dim}-D output does not keep its features on dim 1"
     return None
 
 
@@ -311,7 +327,8 @@ def _producer_problem(mod: nn.Module, name: str, site: Site, x: Tensor, ncalls: 
 def _fold_into(mod: nn.Module, a: Tensor, b: Tensor) -> None:
     from ..fold.apply_eager import fold_after
 
-    fold_after(mod, a, b)
+    dev = mod.weight.device
+    fold_after(mod, a.to(dev), b.to(dev))
 
 
 def _saved(mod: nn.Module):
@@ -329,16 +346,33 @@ def _put_back(mod: nn.Module, saved) -> None:
 
 
 def _rel(x: Tensor, ref: Tensor) -> float:
-    x, ref = x.double(), ref.double()
+    """Relative L2 distance; infinite when it cannot be told (shapes differ, values not finite)."""
+    if x.shape != ref.shape:
+        return float("inf")
+    x, ref = x.detach().double(), ref.detach().double()
     den = float(ref.norm())
     num = float((x - ref).norm())
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+    v = num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+    return v if math.isfinite(v) else float("inf")
 
 
-def _first_tensor(out):
-    from .fidelity import first_tensor
+def _tensors(out) -> list[Tensor]:
+    """Every floating tensor of a model output (tensor, or nested tuple / list / dict)."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in _tensors(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
 
-    return first_tensor(out)
+
+def _out_rel(out, ref) -> float:
+    """The largest relative distance over every tensor of two model outputs."""
+    a, b = _tensors(out), _tensors(ref)
+    if len(a) != len(b):
+        return float("inf")
+    return max((_rel(x, y) for x, y in zip(a, b)), default=0.0)
 
 
 def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_of, opts: ReweightOptions,
@@ -361,7 +395,7 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
             if f and s.name in producers:
                 del producers[s.name]
                 reasons[s.name] = "its producer differs between the torch.distributed processes"
-    again = _same_max(_rel(_first_tensor(_run_original(work, sites, first)), _first_tensor(out0)))
+    again = _same_max(_out_rel(_run_original(work, sites, first), out0))
     if not again <= opts.check_rtol:  # nothing could be checked: no producer is touched
         for s in sites:
             reasons.setdefault(s.name, f"the model's output differs between two runs on the same input (relative "
@@ -397,6 +431,7 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
         res.samples = max(res.samples, int(tensors[0].shape[0]))
         g = 1 if to == "ln" or groups == "auto" else int(groups)
         if s.channels % g:  # calibration says so, with the divisors
+            del mom.rows
             continue
         # the naive swap's error on the original activations (what the report's "err naive" means:
         # calibration later sees the rescaled ones)
@@ -452,7 +487,6 @@ def _apply_checked(work, sites, s: Site, pname: str, pmod: nn.Module, a: Tensor,
     run the first calibration samples: the producer's output must be ``a * before + b`` (its
     forward uses its weight rows as they are) and the model's output the original's (nothing
     else reads the producer's output).  Otherwise put back; returns why, or None."""
-    before_mod = copy.deepcopy(pmod)
     saved = _saved(pmod)
     _fold_into(pmod, a, b)
     s.wrapper.set_undo(a, b)
@@ -468,13 +502,15 @@ def _apply_checked(work, sites, s: Site, pname: str, pmod: nn.Module, a: Tensor,
         with torch.no_grad():
             local = float("inf")
             if "out" in seen:
-                ref = before_mod(*seen["args"])
+                w0, b0 = saved
+                params = {"weight": w0, "bias": torch.zeros_like(pmod.bias) if b0 is None else b0}
+                ref = torch.func.functional_call(pmod, params, seen["args"])
                 shape = (1, -1) + (1,) * (ref.dim() - 2)
                 want = ref * a.to(ref).reshape(shape) + b.to(ref).reshape(shape)
                 local = _rel(seen["out"], want)
     finally:
         h.remove()
-    err = _rel(_first_tensor(out1), _first_tensor(out0))
+    err = _out_rel(out1, out0)
     local, err = _same_max(local), _same_max(err)  # every rank decides alike
     if not local <= opts.check_rtol:
         why = (f"rescaling '{pname}' did not rescale its output (relative error {local:.2g}; "
