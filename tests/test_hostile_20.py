@@ -413,6 +413,11 @@ def test_a_convert_interrupted_while_it_writes_leaves_nothing(work, sig, point):
     t0 = time.time()
     while not POINTS[point](os.listdir(work)) and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.005)
+    if point == "onnx staged":
+        # the exporter writes the staged file before the parity check: signal inside the 30 s hold
+        # (once in CI a SIGINT that landed during the export exited 130 with an empty stderr; not
+        # reproduced in 30 runs here: see the closing note)
+        time.sleep(8)
     assert p.poll() is None, p.communicate()
     p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)
