@@ -439,10 +439,10 @@ def _measure(work: nn.Module, module: nn.Module, batches: Batches, cache: Output
 def _report_layers(sites: list[Site], report: ConvertReport) -> None:
     why = {d["site"]: d["reason"] for d in (report.reweight or {}).get("skipped", [])}
     for s in sites:
-        if s.naive_original is not None and s.reweight is not None:
-            s.err_naive = s.naive_original  # the naive swap of the original network, not of the rescaled one
         if s.reweight is not None:
             s.method += ", reweighted"
+            if s.naive_original is not None:  # the naive swap of the original network, not of the rescaled one
+                s.err_naive = s.naive_original
         elif s.name in why:
             s.note = "; ".join(filter(None, [s.note, f"not reweighted: {why[s.name]}"]))
         report.layers.append(LayerFit(

@@ -173,8 +173,9 @@ def _allreduce(values: list[float], op_name: str) -> list[float]:
     if not on:
         return values
     import torch.distributed as dist
-    dev = torch.device("cuda", torch.cuda.current_device()) if str(dist.get_backend()) == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    from .stats import comm_device
+
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=getattr(dist.ReduceOp, op_name))
     return t.tolist()
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -95,9 +95,7 @@ class ReweightResult:
     skipped: list = field(default_factory=list)  # [{"site": name, "reason": text}]
 
     def to_dict(self) -> dict:
-        return {"sites": self.sites, "eligible": self.eligible, "seconds": self.seconds,
-                "error_before": self.error_before, "error_after": self.error_after, "samples": self.samples,
-                "skipped": list(self.skipped)}
+        return asdict(self)
 
 
 class _Moments:
@@ -356,23 +354,16 @@ def _rel(x: Tensor, ref: Tensor) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
-def _tensors(out) -> list[Tensor]:
-    """Every floating tensor of a model output (tensor, or nested tuple / list / dict)."""
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in _tensors(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
-
-
 def _out_rel(out, ref) -> float:
-    """The largest relative distance over every tensor of two model outputs."""
-    a, b = _tensors(out), _tensors(ref)
-    if len(a) != len(b):
+    """The largest relative distance over every floating tensor of two model outputs
+    (:func:`normswap.convert.fidelity.named_outputs`); infinite when their structures differ."""
+    from .fidelity import named_outputs
+
+    a = [(k, t) for k, t in named_outputs(out) if t.is_floating_point()]
+    b = [(k, t) for k, t in named_outputs(ref) if t.is_floating_point()]
+    if [k for k, _ in a] != [k for k, _ in b]:
         return float("inf")
-    return max((_rel(x, y) for x, y in zip(a, b)), default=0.0)
+    return max((_rel(x, y) for (_, x), (_, y) in zip(a, b)), default=0.0)
 
 
 def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_of, opts: ReweightOptions,
@@ -382,19 +373,17 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
     ``batches``: the calibration batches to take the moments on (the held-back ones excluded);
     ``eps_of(site)``: the replacement's eps; ``first``: batches of a few calibration inputs (one
     batch) for the checks; ``progress(stage, step, total, loss)`` is called after each site's search."""
-    from .fidelity import dist_info
+    from .fidelity import allreduce_max
 
     t0 = time.perf_counter()
     res = ReweightResult()
     producers, reasons, out0 = find_producers(work, sites, first)
-    if dist_info()[0]:  # a site is reweighted on every rank or on none
-        from .fidelity import allreduce_max
-
-        flags = allreduce_max([0.0 if s.name in producers else 1.0 for s in sites])
-        for s, f in zip(sites, flags):
-            if f and s.name in producers:
-                del producers[s.name]
-                reasons[s.name] = "its producer differs between the torch.distributed processes"
+    # a site is reweighted on every torch.distributed rank or on none (one process: unchanged)
+    flags = allreduce_max([0.0 if s.name in producers else 1.0 for s in sites])
+    for s, f in zip(sites, flags):
+        if f and s.name in producers:
+            del producers[s.name]
+            reasons[s.name] = "its producer differs between the torch.distributed processes"
     again = _same_max(_out_rel(_run_original(work, sites, first), out0))
     if not again <= opts.check_rtol:  # nothing could be checked: no producer is touched
         for s in sites:
@@ -461,11 +450,7 @@ def reweight(work: nn.Module, sites: list[Site], batches, to: str, groups, eps_o
     if res.sites:
         res.error_before /= res.sites
         res.error_after /= res.sites
-    res.seconds = time.perf_counter() - t0
-    if dist_info()[0]:
-        from .fidelity import allreduce_max
-
-        res.seconds = allreduce_max([res.seconds])[0]
+    res.seconds = _same_max(time.perf_counter() - t0)
     return res
 
 
@@ -527,9 +512,9 @@ def _apply_checked(work, sites, s: Site, pname: str, pmod: nn.Module, a: Tensor,
 
 def _same_max(v: float) -> float:
     """The largest value over the torch.distributed processes (``v`` itself in one process)."""
-    from .fidelity import allreduce_max, dist_info
+    from .fidelity import allreduce_max
 
-    return allreduce_max([float(v)])[0] if dist_info()[0] else float(v)
+    return float(allreduce_max([float(v)])[0])
 
 
 def _gathered(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -541,8 +526,9 @@ def _gathered(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return tensors
     import torch.distributed as dist
 
-    backend = str(dist.get_backend()).lower()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    from .stats import comm_device
+
+    dev = comm_device()
     n = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=dev)
     counts = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(counts, n)
@@ -565,8 +551,9 @@ def _same_on_every_rank(a: Tensor, b: Tensor, before: float, after: float) -> tu
         return a, b, before, after
     import torch.distributed as dist
 
-    backend = str(dist.get_backend()).lower()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    from .stats import comm_device
+
+    dev = comm_device()
     ab = torch.cat([a, b, torch.tensor([before, after], dtype=a.dtype)]).to(dev)
     dist.broadcast(ab, src=0)
     ab = ab.cpu()

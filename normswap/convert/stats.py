@@ -272,6 +272,15 @@ class TokenSiteStats:
         return sse_affine(one, zero, self.n, self.sz, self.szz, self.sy, self.szy, self.syy)
 
 
+def comm_device() -> torch.device:
+    """Where tensors go for a torch.distributed collective: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend()).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def allreduce_stats(stats: list) -> bool:
     """Sum (and min) every site's statistics across ``torch.distributed`` ranks, in place.
 
@@ -281,8 +290,7 @@ def allreduce_stats(stats: list) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return False
-    backend = str(dist.get_backend()).lower()
-    comm_dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    comm_dev = comm_device()
     for getter, op in (("sum_tensors", dist.ReduceOp.SUM), ("min_tensors", dist.ReduceOp.MIN)):
         tensors = [t for s in stats for t in getattr(s, getter)()]
         if not tensors:
