@@ -593,6 +593,9 @@ def test_digits_sequential_not_worse_than_fast():
     assert _acc(seq, xt, yt) >= _acc(fast, xt, yt) - 0.003
 
 
+# slow: a 10 s repair budget; repair's held-back guard and budget are also covered by the real-model
+# and hostile tests of the default suite
+@pytest.mark.slow
 def test_repair_on_a_deep_model_within_budget_and_not_worse():
     model = _randomize(_Deep(depth=4))
     x = _deep_x(96, 1)
