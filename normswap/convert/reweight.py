@@ -72,7 +72,8 @@ class ReweightOptions:
     #: Measured on EfficientNet-Lite0 (256 photos, split a): the summed calibration error of its 49
     #: norms on the 244 held-out photos is 0.547 unweighted, 0.070 after a fixed 100 steps (0.094
     #: after 400: the last norm, 1280 channels, gets worse than unweighted), 0.055 with the number of
-    #: steps chosen per site (16 for the last norm, 300 for most early ones)
+    #: steps chosen per site (16 for the last norm; for most early ones the cap, 300 in that
+    #: measurement; with the cap at 200, held-out top-1 agreement 94.3 % against 89.8 % with 100 fixed)
     steps: int = 200
     lr: float = 0.1
     #: every ``validation_every``-th sample is held back while a first search runs on the others;
