@@ -170,27 +170,32 @@ def site_loss(M: Tensor, Q: Tensor, R: Tensor, SY: Tensor, SYY: Tensor, P: int, 
     normaliser of ``a * x + b`` against the original norm's output (the error the closed-form
     calibration reaches), from the per-(sample, channel) moments of x and y (differentiable in
     ``a`` and ``b``).  ``naive``: the error of the fresh affine (gamma 1, beta 0) instead."""
-    n, sz, szz, sy, szy, syy = _sums(M, Q, R, SY, SYY, P, a, b, eps, groups)
-    g, bb = (torch.ones_like(sy), torch.zeros_like(sy)) if naive else fit_affine(n, sz, szz, sy, szy)
-    return sse_affine(g, bb, n, sz, szz, sy, szy, syy).sum() / syy.sum().clamp_min(1e-300)
+    sums = _sums(M, Q, R, SY, SYY, P, a, b, eps, groups)
+    sy = sums[3]
+    g, bb = (torch.ones_like(sy), torch.zeros_like(sy)) if naive else fit_affine(*sums[:5])
+    return _rel_sse(sums, g, bb)
+
+
+def _rel_sse(sums: tuple[Tensor, ...], g: Tensor, bb: Tensor) -> Tensor:
+    """The residual of ``g * z + bb`` over the regression ``sums`` (:func:`_sums`), relative to
+    the sum of squares of the original norm's output."""
+    return sse_affine(g, bb, *sums).sum() / sums[5].sum().clamp_min(1e-300)
 
 
 def held_loss(fit: tuple[Tensor, ...], held: tuple[Tensor, ...], P: int, a: Tensor, b: Tensor, eps: float,
               groups: int) -> Tensor:
     """The relative error on the ``held`` samples' moments of the affine fitted on the ``fit``
     samples' (what calibration on ``fit`` would give samples it did not see)."""
-    fs = _sums(*fit, P, a, b, eps, groups)
-    hs = _sums(*held, P, a, b, eps, groups)
-    g, bb = fit_affine(*fs[:5])
-    return sse_affine(g, bb, *hs).sum() / hs[5].sum().clamp_min(1e-300)
+    g, bb = fit_affine(*_sums(*fit, P, a, b, eps, groups)[:5])
+    return _rel_sse(_sums(*held, P, a, b, eps, groups), g, bb)
 
 
 def _adam(mom: tuple[Tensor, ...], P: int, eps: float, groups: int, opts: ReweightOptions, sd: Tensor,
-          steps: int, held: tuple[Tensor, ...] | None = None) -> tuple[tuple[Tensor, Tensor] | None, float, int]:
+          steps: int, held: tuple[Tensor, ...] | None = None) -> tuple[tuple[Tensor, Tensor] | None, int]:
     """Adam on the log-scales and the shifts (in units of ``sd``) from a = 1, b = 0 for at most
     ``steps`` steps.  Without ``held``: returns the point of least loss on ``mom`` seen (None: the
-    start), that loss and its step.  With ``held``: the point of least :func:`held_loss` on the
-    held samples, stopping after ``opts.patience`` steps without a better one."""
+    start) and its step.  With ``held``: the point of least :func:`held_loss` on the held
+    samples, stopping after ``opts.patience`` steps without a better one."""
     C = mom[0].shape[1]
     u = torch.zeros(C, dtype=torch.float64, requires_grad=True)
     w = torch.zeros(C, dtype=torch.float64, requires_grad=True)
@@ -201,13 +206,12 @@ def _adam(mom: tuple[Tensor, ...], P: int, eps: float, groups: int, opts: Reweig
             a, b = u.exp(), w * sd
             fs = _sums(*mom, P, a, b, eps, groups)  # one forward gives the loss and the held-back fit
             g, bb = fit_affine(*fs[:5])
-            loss = sse_affine(g, bb, *fs).sum() / fs[5].sum().clamp_min(1e-300)
+            loss = _rel_sse(fs, g, bb)
             if held is None:
                 val = float(loss.detach())
-            else:
+            else:  # held_loss, with the affine already fitted on this step's sums
                 with torch.no_grad():
-                    hs = _sums(*held, P, a, b, eps, groups)
-                    val = float(sse_affine(g.detach(), bb.detach(), *hs).sum() / hs[5].sum().clamp_min(1e-300))
+                    val = float(_rel_sse(_sums(*held, P, a, b, eps, groups), g.detach(), bb.detach()))
             if val == val and val < best:
                 best, best_step, stale = val, step, 0
                 best_ab = None if step == 0 else (a.detach().clone(), b.detach().clone())
@@ -223,7 +227,7 @@ def _adam(mom: tuple[Tensor, ...], P: int, eps: float, groups: int, opts: Reweig
             with torch.no_grad():
                 u.clamp_(-opts.log_scale_bound, opts.log_scale_bound)
                 w.clamp_(-opts.shift_bound, opts.shift_bound)
-    return best_ab, best, best_step
+    return best_ab, best_step
 
 
 def search(mom: tuple[Tensor, ...], P: int, eps: float, groups: int, opts: ReweightOptions
@@ -246,7 +250,7 @@ def search(mom: tuple[Tensor, ...], P: int, eps: float, groups: int, opts: Rewei
     if k > 1 and N >= 4 * k:
         i = torch.arange(N)
         fit, held = tuple(t[i % k != k - 1] for t in mom), tuple(t[i % k == k - 1] for t in mom)
-        steps = _adam(fit, P, eps, groups, opts, sd, steps, held=held)[2]
+        steps = _adam(fit, P, eps, groups, opts, sd, steps, held=held)[1]
         if steps == 0:  # no step does better than the original producer on the held-back samples
             return one, zero, base, base
     best_ab = _adam(mom, P, eps, groups, opts, sd, steps)[0]
