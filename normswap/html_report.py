@@ -383,16 +383,20 @@ def _repair_section(rep: dict) -> str:
                        f'{rep.get("feature_points")} feature points'),
         ("held-back top-1 agreement", f'{_pct(before.get("agreement"))} → {_pct(after.get("agreement"))}'
          if before.get("agreement") is not None else None),
+        ("held-back accuracy", f'{_pct(before.get("accuracy"))} → {_pct(after.get("accuracy"))}'
+         if before.get("accuracy") is not None else None),
         ("held-back KL", f'{_fmt(before.get("kl"))} → {_fmt(after.get("kl"))}' if before else None),
         ("result", "the repaired model was returned" if rep.get("kept") else
-         "not better on the held-back samples: the calibrated model was returned unchanged"),
+         "not better on the held-back samples (a lower KL without losing top-1 agreement or accuracy): "
+         "the calibrated model was returned unchanged"),
     ])]
     curve = rep.get("curve") or []
     # the agreement while it moves; else the KL (what repair keeps the best of)
     agreements = {c.get("agreement") for c in curve}
     key = "agreement" if curve and None not in agreements and len(agreements) > 1 else "kl"
     pts = [(c.get("seconds"), c.get(key), f'{_fmt(c.get("seconds"))} s, step {c.get("step")}: '
-            f'agreement {_pct(c.get("agreement"))}, KL {_fmt(c.get("kl"))}') for c in curve]
+            f'agreement {_pct(c.get("agreement"))}, KL {_fmt(c.get("kl"))}'
+            + (f', accuracy {_pct(c.get("accuracy"))}' if c.get("accuracy") is not None else '')) for c in curve]
     if len(pts) > 1:
         body.append(f"<h3>Held-back {'top-1 agreement' if key == 'agreement' else 'KL'} against time</h3>")
         body.append(line_plot_svg(pts, percent=(key == "agreement"), xlabel="seconds of repair",

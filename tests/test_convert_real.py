@@ -119,6 +119,45 @@ def test_repair_recovers_a_trained_model_bn_to_in():
     assert rep.fidelity_eval.accuracy_converted >= 0.8 > rep.fidelity_calibrated.accuracy_converted
 
 
+def test_repair_never_returns_a_state_that_loses_held_back_accuracy():
+    """The guard is every measure the report shows, not KL alone: the held-back calibration samples
+    are labelled with the calibrated BN -> IN digits model's own predictions (its accuracy there:
+    100 %), so every repair step that moves a prediction toward the original's lowers their
+    accuracy while lowering the KL.  Repair must return the calibrated model, and say why."""
+    import numpy as np
+
+    from normswap.convert import convert
+    from normswap.convert.calibrate import HOLDBACK_MIN_SAMPLES
+    from normswap.convert.core import ConvertOptions
+    from normswap.convert.repair import RepairOptions, no_worse
+    from samples.digits import digits_resnet
+
+    torch.manual_seed(0)
+    model = digits_resnet()
+    model.load_state_dict(torch.load("samples/digits/digits_resnet.pt", weights_only=True))
+    model.eval()
+    c = np.load("samples/digits/calib.npz")
+    xc = torch.tensor(c["x"]).float()[:112]
+    assert len(xc) >= HOLDBACK_MIN_SAMPLES
+    calibrated, _ = convert(model, "in", xc)
+    with torch.no_grad():
+        own = calibrated(xc).argmax(1)  # the labels: the calibrated model's predictions
+    opts = ConvertOptions(repair_steps=24, repair=RepairOptions(lr=1e-3, crop_scale=None, flip=False,
+                                                                eval_every_s=0.0))
+    conv, rep = convert(model, "in", (xc, own), repair=True, time_budget_s=300, options=opts)
+    r = rep.repair
+    assert r.held_samples == 16 and r.steps == 24 and r.before["accuracy"] == 1.0
+    # repair did lower the held-back KL; the guard refused those states for their accuracy
+    lower = [p for p in r.curve[1:] if p["kl"] < r.before["kl"]]
+    assert lower and all(p["accuracy"] < 1.0 and not no_worse(p, r.before) for p in lower)
+    assert not r.kept and r.after == r.before
+    assert any("lost top-1 accuracy" in w for w in rep.warnings), rep.warnings
+    with torch.no_grad():
+        assert torch.equal(conv(xc).argmax(1), own)
+        for a, b in zip(conv.state_dict().values(), calibrated.state_dict().values()):
+            assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- EfficientNet-Lite1 (weights)
 
 def _lite1():

@@ -281,7 +281,7 @@ def _fit_affine(work, module, data, held, sites, batches, opts, progress, report
                                "the affine fit was kept unguarded")
     elif not res.kept:
         report.warnings.append("fit: the affine fit did not improve the held-back calibration samples "
-                               "(KL to the original): the closed-form calibration is returned")
+                               f"({_not_better(res)}): the closed-form calibration is returned")
 
 
 def _repair(work, module, data, held, sites, batches, budget, opts, progress, report) -> None:
@@ -305,7 +305,21 @@ def _repair(work, module, data, held, sites, batches, budget, opts, progress, re
                                "model is returned unchanged")
     elif res.stopped != "nothing to train":
         report.warnings.append("repair did not improve the held-back calibration samples "
-                               "(KL to the original): the calibrated model is returned unchanged")
+                               f"({_not_better(res)}): the calibrated model is returned unchanged")
+
+
+def _not_better(res) -> str:
+    """Why no trained state was kept (the held-back curve of a RepairResult)."""
+    from .repair import no_worse
+
+    before = res.before or {}
+    lower = [c for c in res.curve[1:] if c["kl"] < before.get("kl", 0.0)]
+    if lower and not any(no_worse(c, before) for c in lower):
+        lost = " or ".join(k for k in ("agreement", "accuracy")
+                           if any(c.get(k) is not None and before.get(k) is not None and c[k] < before[k]
+                                  for c in lower))
+        return f"every state with a lower KL to the original lost top-1 {lost}"
+    return "no lower KL to the original"
 
 
 def _refuse_nonfinite(report: ConvertReport) -> None:
