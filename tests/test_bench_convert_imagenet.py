@@ -124,3 +124,29 @@ def test_per_photo_names_are_paths_below_the_data_folder(bench, tmp_path):
     row = {"model": "m", "split": "a", "photos": ph}
     (pr,) = bench.paired([dict(row, method="fast"), dict(row, method="fit")])
     assert pr["photos"] == 2
+
+
+def _variants():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "repair_variants.py"
+    spec = importlib.util.spec_from_file_location("_repair_variants", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_repair_variants_pair_photos_and_every_variant_is_a_repair_option():
+    from normswap.convert.repair import RepairOptions
+
+    rv = _variants()
+    base = {"original": [1, 2, 3, 4], "label": [1, 2, 0, 4], "converted": [1, 2, 3, 0]}
+    row = {"original": [1, 2, 3, 4], "label": [1, 2, 0, 4], "converted": [1, 0, 0, 4]}
+    p = rv._paired(base, row)
+    # keeps the original's top-1: calibration alone on photo 3 (index 2), repair on photo 4
+    assert p["keeps_top1"] == {"calibrated_only": 2, "repaired_only": 1, "p": 1.0}
+    # right: calibration alone on photo 2 only; repair on photos 3 and 4
+    assert p["right"]["calibrated_only"] == 1 and p["right"]["repaired_only"] == 2
+    assert rv.mcnemar(0, 6) == pytest.approx(2 / 64) and rv.mcnemar(0, 0) == 1.0
+    assert rv.mcnemar(12, 20) == pytest.approx(0.215, abs=1e-3)  # the README's Lite0 figure
+    for name, kw in rv.VARIANTS.items():
+        RepairOptions(**{k: v for k, v in kw.items() if k != "temperature"})
+    assert rv.main(["--list"]) == 0

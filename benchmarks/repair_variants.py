@@ -1,0 +1,162 @@
+"""Repair variants from one calibrated model, measured on held-out ImageNet photographs.
+
+The README's *Repair on top* table.  One EfficientNet-Lite network is converted BN -> GN with the
+default calibration (as ``benchmarks/convert_imagenet.py`` does, same data and split), then each
+variant runs :func:`normswap.convert.repair.repair` on a copy of that calibrated model, with the
+calibration samples and the held-back 1/7 that ``convert(..., repair=True)`` would use, and the
+repaired copy is measured on the held-out photos.  Each variant takes the time budget plus about
+a minute (2 cores); the calibration about four minutes.
+
+    pip install -e '.[bench]'
+    python benchmarks/repair_variants.py --model 1 --split a --variants default,flip-only --json out.json
+    python benchmarks/repair_variants.py --list
+
+Printed per variant: accuracy, drop (points), top-1 agreement, KL on the held-out photos, repair
+steps, whether repair kept its result, and, against calibration alone photo by photo, how many
+held-out photos only the one or the other keeps the original's top-1 on / gets right (exact McNemar
+p).  ``temperature-0.5`` is an experiment, not an option of normswap: KL between the two models'
+logits divided by 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+#: name -> RepairOptions fields (``temperature`` is handled here)
+VARIANTS = {
+    "default": {},
+    "norms-only": {"params": "norms"},
+    "flip-only": {"crop_scale": None},
+    "low-lr": {"lr": 1e-5, "norm_lr": 3e-4},
+    "logits-only": {"feature_weight": 0.0},
+    "temperature-0.5": {"temperature": 0.5},
+}
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p for ``b`` / ``c`` discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+
+
+def _with_temperature(t: float):
+    import normswap.convert.repair as R
+
+    plain = R._distill_loss
+
+    def loss(s_out, t_out, s_feats, t_feats, opts):
+        return plain(R.first_tensor(s_out) / t, R.first_tensor(t_out) / t, s_feats, t_feats, opts)
+
+    return R, plain, loss
+
+
+def _run(conv, model, calib, held_out, name: str, budget: float, batch: int) -> dict:
+    import torch.nn as nn
+
+    import convert_imagenet as ci
+    from normswap.convert.calibrate import holdback_split
+    from normswap.convert.repair import RepairOptions, repair
+
+    kw = dict(VARIANTS[name])
+    temperature = kw.pop("temperature", None)
+    data, nh = holdback_split(calib)  # the order convert(..., repair=True) trains and holds back in
+    n = len(data)
+    train, held = data.subset(range(n - nh)), data.subset(range(n - nh, n))
+    replaced = [m for m in conv.modules() if isinstance(m, nn.GroupNorm)]
+    patched = None
+    if temperature is not None:
+        R, plain, loss = _with_temperature(float(temperature))
+        R._distill_loss, patched = loss, (R, plain)
+    try:
+        t0 = time.perf_counter()
+        r = repair(conv, model, train, held, replaced=replaced, to_dev=lambda x: x, time_budget_s=budget,
+                   opts=RepairOptions(**kw), plain_batch=batch)
+        seconds = time.perf_counter() - t0
+    finally:
+        if patched is not None:
+            patched[0]._distill_loss = patched[1]
+    fid, photos = ci._held_out(conv, model, held_out, batch)
+    return {"variant": name, "options": VARIANTS[name], "seconds": seconds, "steps": r.steps, "kept": r.kept,
+            "held_back_before": r.before, "held_back_after": r.after, "accuracy": fid.accuracy_converted,
+            "drop": fid.accuracy_drop, "agreement": fid.top1_agreement, "kl": fid.kl, "photos": photos}
+
+
+def _paired(base: dict, row: dict) -> dict:
+    out = {}
+    for what, ref in (("keeps_top1", "original"), ("right", "label")):
+        a = [o == c for o, c in zip(base[ref], base["converted"])]
+        b = [o == c for o, c in zip(row[ref], row["converted"])]
+        only_base = sum(x and not y for x, y in zip(a, b))
+        only_row = sum(y and not x for x, y in zip(a, b))
+        out[what] = {"calibrated_only": only_base, "repaired_only": only_row, "p": mcnemar(only_base, only_row)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=int, default=1, choices=(0, 1, 2), help="EfficientNet-Lite variant")
+    ap.add_argument("--split", default="a", choices=("a", "b"))
+    ap.add_argument("--variants", default="default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--budget", type=float, default=600.0, help="seconds of repair per variant")
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--data", default=None, help="ImageNet-style folder (default ../shared/imagenet-sample)")
+    ap.add_argument("--json", default=None, help="write the rows (with per-photo predictions) here")
+    ap.add_argument("--list", action="store_true", help="list the variants and exit")
+    a = ap.parse_args(argv)
+    if a.list:
+        for k, v in VARIANTS.items():
+            print(f"{k:16} {v or '(RepairOptions defaults)'}")
+        return 0
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        ap.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
+
+    import torch
+
+    import convert_imagenet as ci
+    from normswap.convert import convert
+
+    torch.set_num_threads(2)
+    model = ci._load(a.model).eval()
+    calib, held_out = ci._split(a.data or str(ci.DEFAULT_DATA), model, a.calib, a.split)
+    t0 = time.perf_counter()
+    calibrated, _ = convert(model, "gn", calib, batch_size=a.batch)
+    fid, photos = ci._held_out(calibrated, model, held_out, a.batch)
+    base = {"variant": "calibration alone", "seconds": time.perf_counter() - t0, "accuracy": fid.accuracy_converted,
+            "drop": fid.accuracy_drop, "agreement": fid.top1_agreement, "kl": fid.kl, "photos": photos}
+    rows = [base]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    print(f"lite{a.model} split {a.split}: {len(held_out)} held-out photos, original accuracy "
+          f"{pct(fid.accuracy_original)} %")
+    print(f"{'variant':18} {'acc':>5} {'drop':>5} {'agree':>6} {'KL':>6} {'steps':>5}  keeps top-1 / right (p)")
+    print(f"{base['variant']:18} {pct(base['accuracy']):>5} {pct(base['drop']):>5} {pct(base['agreement']):>6} "
+          f"{base['kl']:6.3f}", flush=True)
+    for name in names:
+        row = _run(copy.deepcopy(calibrated), model, calib, held_out, name, a.budget, a.batch)
+        row["paired"] = _paired(photos, row["photos"])
+        rows.append(row)
+        k, r = row["paired"]["keeps_top1"], row["paired"]["right"]
+        print(f"{name:18} {pct(row['accuracy']):>5} {pct(row['drop']):>5} {pct(row['agreement']):>6} "
+              f"{row['kl']:6.3f} {row['steps']:5d}  {k['calibrated_only']}/{k['repaired_only']} ({k['p']:.2f}) / "
+              f"{r['calibrated_only']}/{r['repaired_only']} ({r['p']:.2f})", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": a.model, "split": a.split, "budget": a.budget, "rows": rows},
+                                           indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
