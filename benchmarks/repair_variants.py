@@ -21,9 +21,10 @@ logits divided by 0.5.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,65 +43,50 @@ VARIANTS = {
 }
 
 
-def mcnemar(b: int, c: int) -> float:
-    """Exact two-sided McNemar p for ``b`` / ``c`` discordant pairs."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
-
-
-def _with_temperature(t: float):
-    import normswap.convert.repair as R
-
+@contextlib.contextmanager
+def _temperature(t: float | None):
+    """Within it, repair's distillation compares the two models' logits divided by ``t``."""
+    # (``import normswap.convert.repair as R`` would resolve ``normswap.convert`` to the function
+    # that the package exports under that name)
+    R = importlib.import_module("normswap.convert.repair")
     plain = R._distill_loss
+    if t is not None:
+        R._distill_loss = lambda s_out, t_out, s_feats, t_feats, opts: plain(
+            R.first_tensor(s_out) / t, R.first_tensor(t_out) / t, s_feats, t_feats, opts)
+    try:
+        yield
+    finally:
+        R._distill_loss = plain
 
-    def loss(s_out, t_out, s_feats, t_feats, opts):
-        return plain(R.first_tensor(s_out) / t, R.first_tensor(t_out) / t, s_feats, t_feats, opts)
 
-    return R, plain, loss
-
-
-def _run(conv, model, calib, held_out, name: str, budget: float, batch: int) -> dict:
+def _run(conv, model, train, held, held_out, name: str, budget: float, batch: int) -> dict:
     import torch.nn as nn
 
     import convert_imagenet as ci
-    from normswap.convert.calibrate import holdback_split
     from normswap.convert.repair import RepairOptions, repair
 
     kw = dict(VARIANTS[name])
     temperature = kw.pop("temperature", None)
-    data, nh = holdback_split(calib)  # the order convert(..., repair=True) trains and holds back in
-    n = len(data)
-    train, held = data.subset(range(n - nh)), data.subset(range(n - nh, n))
     replaced = [m for m in conv.modules() if isinstance(m, nn.GroupNorm)]
-    patched = None
-    if temperature is not None:
-        R, plain, loss = _with_temperature(float(temperature))
-        R._distill_loss, patched = loss, (R, plain)
-    try:
+    with _temperature(temperature):
         t0 = time.perf_counter()
         r = repair(conv, model, train, held, replaced=replaced, to_dev=lambda x: x, time_budget_s=budget,
                    opts=RepairOptions(**kw), plain_batch=batch)
         seconds = time.perf_counter() - t0
-    finally:
-        if patched is not None:
-            patched[0]._distill_loss = patched[1]
     fid, photos = ci._held_out(conv, model, held_out, batch)
     return {"variant": name, "options": VARIANTS[name], "seconds": seconds, "steps": r.steps, "kept": r.kept,
             "held_back_before": r.before, "held_back_after": r.after, "accuracy": fid.accuracy_converted,
             "drop": fid.accuracy_drop, "agreement": fid.top1_agreement, "kl": fid.kl, "photos": photos}
 
 
-def _paired(base: dict, row: dict) -> dict:
-    out = {}
-    for what, ref in (("keeps_top1", "original"), ("right", "label")):
-        a = [o == c for o, c in zip(base[ref], base["converted"])]
-        b = [o == c for o, c in zip(row[ref], row["converted"])]
-        only_base = sum(x and not y for x, y in zip(a, b))
-        only_row = sum(y and not x for x, y in zip(a, b))
-        out[what] = {"calibrated_only": only_base, "repaired_only": only_row, "p": mcnemar(only_base, only_row)}
-    return out
+def paired_with_calibration(base: dict, row: dict, model: str, split: str) -> dict:
+    """The benchmark's photo-by-photo comparison (:func:`convert_imagenet.paired`) of calibration
+    alone (first) with a repair variant (second)."""
+    import convert_imagenet as ci
+
+    (pr,) = ci.paired([{"model": model, "method": "calibration", "split": split, "photos": base},
+                       {"model": model, "method": row["variant"], "split": split, "photos": row["photos"]}])
+    return pr
 
 
 def main(argv=None) -> int:
@@ -128,6 +114,7 @@ def main(argv=None) -> int:
 
     import convert_imagenet as ci
     from normswap.convert import convert
+    from normswap.convert.calibrate import holdback_split
 
     torch.set_num_threads(2)
     model = ci._load(a.model).eval()
@@ -144,14 +131,16 @@ def main(argv=None) -> int:
     print(f"{'variant':18} {'acc':>5} {'drop':>5} {'agree':>6} {'KL':>6} {'steps':>5}  keeps top-1 / right (p)")
     print(f"{base['variant']:18} {pct(base['accuracy']):>5} {pct(base['drop']):>5} {pct(base['agreement']):>6} "
           f"{base['kl']:6.3f}", flush=True)
+    data, nh = holdback_split(calib)  # the order convert(..., repair=True) trains and holds back in
+    train, held = data.subset(range(len(data) - nh)), data.subset(range(len(data) - nh, len(data)))
     for name in names:
-        row = _run(copy.deepcopy(calibrated), model, calib, held_out, name, a.budget, a.batch)
-        row["paired"] = _paired(photos, row["photos"])
+        row = _run(copy.deepcopy(calibrated), model, train, held, held_out, name, a.budget, a.batch)
+        row["paired"] = paired_with_calibration(photos, row, f"lite{a.model}", a.split)
         rows.append(row)
-        k, r = row["paired"]["keeps_top1"], row["paired"]["right"]
+        k, r = row["paired"]["agree"], row["paired"]["correct"]
         print(f"{name:18} {pct(row['accuracy']):>5} {pct(row['drop']):>5} {pct(row['agreement']):>6} "
-              f"{row['kl']:6.3f} {row['steps']:5d}  {k['calibrated_only']}/{k['repaired_only']} ({k['p']:.2f}) / "
-              f"{r['calibrated_only']}/{r['repaired_only']} ({r['p']:.2f})", flush=True)
+              f"{row['kl']:6.3f} {row['steps']:5d}  {k['only_first']}/{k['only_second']} ({k['p']:.2f}) / "
+              f"{r['only_first']}/{r['only_second']} ({r['p']:.2f})", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "split": a.split, "budget": a.budget, "rows": rows},
                                            indent=1))

@@ -134,19 +134,32 @@ def _variants():
     return mod
 
 
-def test_repair_variants_pair_photos_and_every_variant_is_a_repair_option():
+def test_repair_variants_pair_photos_and_every_variant_is_a_repair_option(bench):
     from normswap.convert.repair import RepairOptions
 
     rv = _variants()
-    base = {"original": [1, 2, 3, 4], "label": [1, 2, 0, 4], "converted": [1, 2, 3, 0]}
-    row = {"original": [1, 2, 3, 4], "label": [1, 2, 0, 4], "converted": [1, 0, 0, 4]}
-    p = rv._paired(base, row)
-    # keeps the original's top-1: calibration alone on photo 3 (index 2), repair on photo 4
-    assert p["keeps_top1"] == {"calibrated_only": 2, "repaired_only": 1, "p": 1.0}
+    files = ["p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg"]
+    base = {"file": files, "original": [1, 2, 3, 4], "label": [1, 2, 0, 4], "converted": [1, 2, 3, 0]}
+    row = {"variant": "default", "photos": {"file": files, "original": [1, 2, 3, 4], "label": [1, 2, 0, 4],
+                                            "converted": [1, 0, 0, 4]}}
+    p = rv.paired_with_calibration(base, row, "lite1", "a")
+    assert p["first"] == "calibration" and p["second"] == "default" and p["photos"] == 4
+    # keeps the original's top-1: calibration alone on photos 2 and 3, repair on photo 4
+    assert p["agree"] == {"only_first": 2, "only_second": 1, "p": 1.0}
     # right: calibration alone on photo 2 only; repair on photos 3 and 4
-    assert p["right"]["calibrated_only"] == 1 and p["right"]["repaired_only"] == 2
-    assert rv.mcnemar(0, 6) == pytest.approx(2 / 64) and rv.mcnemar(0, 0) == 1.0
-    assert rv.mcnemar(12, 20) == pytest.approx(0.215, abs=1e-3)  # the README's Lite0 figure
+    assert p["correct"]["only_first"] == 1 and p["correct"]["only_second"] == 2
+    assert bench.mcnemar_p(0, 6) == pytest.approx(2 / 64) and bench.mcnemar_p(0, 0) == 1.0
+    assert bench.mcnemar_p(12, 20) == pytest.approx(0.215, abs=1e-3)  # the README's Lite0 figure
     for name, kw in rv.VARIANTS.items():
         RepairOptions(**{k: v for k, v in kw.items() if k != "temperature"})
     assert rv.main(["--list"]) == 0
+    # the temperature variant: repair's loss on logits / t while inside, the plain loss again after
+    import torch
+
+    R = importlib.import_module("normswap.convert.repair")
+    plain = R._distill_loss
+    s_out, t_out = torch.randn(4, 10), torch.randn(4, 10)
+    o = RepairOptions(feature_weight=0.0)
+    with rv._temperature(0.5):
+        assert torch.equal(R._distill_loss(s_out, t_out, {}, {}, o), plain(s_out / 0.5, t_out / 0.5, {}, {}, o))
+    assert R._distill_loss is plain

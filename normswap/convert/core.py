@@ -61,7 +61,7 @@ from .calibrate import (Batches, calib_count, calibrate, expected_input_text, ho
                         uncalibrated)
 from .checks import check_data
 from .fidelity import OutputCache, chance_warning, dist_info, eval_mode, fidelity, heldout_fidelity
-from .repair import RepairOptions
+from .repair import RepairOptions, not_kept_reason
 from .reweight import REWEIGHT_TARGETS, ReweightOptions
 from .report import ConvertReport, LayerFit
 from .sites import Site, detach_nonleaf_attrs, find_sites, replace_in_parents, subclass_reasons
@@ -281,7 +281,7 @@ def _fit_affine(work, module, data, held, sites, batches, opts, progress, report
                                "the affine fit was kept unguarded")
     elif not res.kept:
         report.warnings.append("fit: the affine fit did not improve the held-back calibration samples "
-                               f"({_not_better(res)}): the closed-form calibration is returned")
+                               f"({not_kept_reason(res)}): the closed-form calibration is returned")
 
 
 def _repair(work, module, data, held, sites, batches, budget, opts, progress, report) -> None:
@@ -305,21 +305,8 @@ def _repair(work, module, data, held, sites, batches, budget, opts, progress, re
                                "model is returned unchanged")
     elif res.stopped != "nothing to train":
         report.warnings.append("repair did not improve the held-back calibration samples "
-                               f"({_not_better(res)}): the calibrated model is returned unchanged")
+                               f"({not_kept_reason(res)}): the calibrated model is returned unchanged")
 
-
-def _not_better(res) -> str:
-    """Why no trained state was kept (the held-back curve of a RepairResult)."""
-    from .repair import no_worse
-
-    before = res.before or {}
-    lower = [c for c in res.curve[1:] if c["kl"] < before.get("kl", 0.0)]
-    if lower and not any(no_worse(c, before) for c in lower):
-        lost = " or ".join(k for k in ("agreement", "accuracy")
-                           if any(c.get(k) is not None and before.get(k) is not None and c[k] < before[k]
-                                  for c in lower))
-        return f"every state with a lower KL to the original lost top-1 {lost}"
-    return "no lower KL to the original"
 
 
 def _refuse_nonfinite(report: ConvertReport) -> None:

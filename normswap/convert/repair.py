@@ -54,7 +54,7 @@ from .fidelity import (
     is_classifier,
 )
 
-__all__ = ["RepairOptions", "RepairResult", "repair", "feature_points", "augment"]
+__all__ = ["RepairOptions", "RepairResult", "repair", "feature_points", "augment", "no_worse", "not_kept_reason"]
 
 
 @dataclass
@@ -285,11 +285,27 @@ def _score(model: nn.Module, held_batches, refs: list) -> dict:
             "accuracy": right / n if n and labelled == n else None}
 
 
+def _lost(score: dict, before: dict) -> list[str]:
+    """The measures among top-1 agreement and accuracy on which a held-back ``score`` is below
+    ``before`` (the calibrated model's)."""
+    return [k for k in ("agreement", "accuracy")
+            if score.get(k) is not None and before.get(k) is not None and score[k] < before[k]]
+
+
 def no_worse(score: dict, before: dict) -> bool:
     """Whether a held-back ``score`` loses neither top-1 agreement nor accuracy against ``before``
     (the calibrated model's): the states repair may return (the least KL of them)."""
-    return all(score.get(k) is None or before.get(k) is None or score[k] >= before[k]
-               for k in ("agreement", "accuracy"))
+    return not _lost(score, before)
+
+
+def not_kept_reason(res: "RepairResult") -> str:
+    """Why no trained state was returned, from the held-back curve."""
+    before = res.before or {}
+    lower = [c for c in res.curve[1:] if c["kl"] < before.get("kl", 0.0)]
+    if lower and not any(no_worse(c, before) for c in lower):
+        lost = dict.fromkeys(k for c in lower for k in _lost(c, before))
+        return f"every state with a lower KL to the original lost top-1 {' or '.join(lost)}"
+    return "no lower KL to the original"
 
 
 class _Held:
