@@ -162,6 +162,68 @@ def test_repair_never_returns_a_state_that_loses_held_back_accuracy():
             assert torch.equal(a, b)
 
 
+def test_repair_temperature_divides_the_logits_of_both_models():
+    from normswap.convert.repair import RepairOptions, _distill_loss
+    from normswap.errors import NormswapError
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    plain, sharp = RepairOptions(feature_weight=0.0, temperature=1.0), RepairOptions(feature_weight=0.0, temperature=0.5)
+    assert torch.allclose(_distill_loss(s, t, {}, {}, sharp), _distill_loss(2 * s, 2 * t, {}, {}, plain))
+    assert not torch.allclose(_distill_loss(s, t, {}, {}, sharp), _distill_loss(s, t, {}, {}, plain))
+    r, q = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)  # not a classifier: no temperature
+    assert torch.equal(_distill_loss(r, q, {}, {}, sharp), _distill_loss(r, q, {}, {}, plain))
+    for bad in (0, -1.0, float("inf"), float("nan"), "cold"):
+        with pytest.raises(NormswapError, match="temperature"):
+            RepairOptions(temperature=bad)
+
+
+def test_repair_blend_returns_that_share_of_the_trained_change():
+    """``RepairOptions(blend=b)``: training is the same, the returned (and held-back scored)
+    weights are the calibrated ones plus b times the trained change; b outside (0, 1] is refused.
+    (Without a time budget the learning-rate schedule follows the steps, so two runs train alike.)"""
+    import copy
+
+    import numpy as np
+    import torch.nn as nn
+
+    from normswap.convert import convert
+    from normswap.convert.calibrate import holdback_split, load_calib
+    from normswap.convert.repair import RepairOptions, repair
+    from normswap.convert.report import ConvertReport
+    from normswap.errors import NormswapError
+    from samples.digits import digits_resnet
+
+    torch.manual_seed(0)
+    model = digits_resnet()
+    model.load_state_dict(torch.load("samples/digits/digits_resnet.pt", weights_only=True))
+    model.eval()
+    xc = torch.tensor(np.load("samples/digits/calib.npz")["x"]).float()[:112]
+    calibrated, _ = convert(model, "in", xc)
+    data, nh = holdback_split(load_calib(xc, model, None, ConvertReport()))
+    train, held = data.subset(range(len(data) - nh)), data.subset(range(len(data) - nh, len(data)))
+    out = {}
+    for b in (1.0, 0.5):
+        m = copy.deepcopy(calibrated)
+        r = repair(m, model, train, held, replaced=[x for x in m.modules() if isinstance(x, nn.InstanceNorm2d)],
+                   to_dev=lambda x: x, time_budget_s=None, max_steps=8,
+                   opts=RepairOptions(lr=1e-3, crop_scale=None, flip=False, eval_every_s=1e9, blend=b))
+        assert r.kept and [c["step"] for c in r.curve] == [0, 8] and r.options["blend"] == b
+        out[b] = (m, r)
+    (full, r1), (half, r05) = out[1.0], out[0.5]
+    moved = 0
+    for (n, c), (_, f), (_, h) in zip(calibrated.named_parameters(), full.named_parameters(),
+                                      half.named_parameters()):
+        torch.testing.assert_close(h, c + 0.5 * (f - c), rtol=0, atol=1e-6, msg=n)
+        moved += int(not torch.equal(c, f))
+    assert moved > 0
+    # what the guard scored is the returned state: here between the calibrated and the trained one
+    assert r1.after["kl"] < r05.after["kl"] < r05.before["kl"] == r1.before["kl"]
+    for bad in (0, -0.5, 1.5, float("nan"), "half"):
+        with pytest.raises(NormswapError, match="blend"):
+            RepairOptions(blend=bad)
+
+
 # ----------------------------------------------------------------------------- EfficientNet-Lite1 (weights)
 
 def _lite1():

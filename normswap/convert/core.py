@@ -75,7 +75,7 @@ MODES = ("fast", "sequential", "fit")
 #: their mirror images, for ``fit_epochs`` epochs (EfficientNet-Lite0/1/2 on 256 ImageNet photos:
 #: held-out KL -8..-12 %, calibration 25-28x one forward pass in all, the sequential fit's 6-10x included)
 FIT_OPTIONS = RepairOptions(params="norms", norm_lr=1e-3, feature_weight=0.0, crop_scale=None, flip=True,
-                            batch_size=32, eval_every_s=1e9)
+                            batch_size=32, eval_every_s=1e9, temperature=1.0, blend=1.0)
 #: repair's wall-clock budget when none is given (seconds)
 DEFAULT_REPAIR_BUDGET_S = 600.0
 

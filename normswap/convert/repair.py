@@ -74,6 +74,9 @@ class RepairOptions:
     norm_lr: float = 1e-3
     #: weight of the block feature-matching term
     feature_weight: float = 1.0
+    #: the KL compares the two models' logits divided by this (< 1: sharper distributions, so the
+    #: classes near the top count most)
+    temperature: float = 1.0
     #: random resized crop: share of the area kept (None: no crop), and whether to flip horizontally
     crop_scale: tuple | None = (0.5, 1.0)
     flip: bool = True
@@ -91,7 +94,20 @@ class RepairOptions:
     #: micro-batch 2, peak below 1x, 17-21 % fewer repair steps in a CPU budget (the norm-only fit:
     #: the same seconds per step)
     memory_factor: float = 0.5
+    #: share of repair's change that is returned: the weights are the calibrated ones plus ``blend``
+    #: times (trained - calibrated), and that blend is what the held-back samples score and the guard
+    #: keeps or refuses (1: the trained weights themselves); interpolating toward the starting weights
+    #: keeps more of a network's behaviour on data unlike the training data (WiSE-FT, Wortsman et al.
+    #: 2022), here the classes the calibration photos do not show
+    blend: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.blend, (int, float)) and 0.0 < self.blend <= 1.0):
+            raise NormswapError(f"RepairOptions(blend={self.blend!r}): the share of repair's change that is "
+                                f"returned must be in (0, 1]")
+        if not (isinstance(self.temperature, (int, float)) and 0.0 < self.temperature < math.inf):
+            raise NormswapError(f"RepairOptions(temperature={self.temperature!r}): must be a positive number")
 
 
 @dataclass
@@ -247,6 +263,7 @@ def _user_call(fn, x: Tensor, module: nn.Module, what: str):
 def _distill_loss(s_out, t_out, s_feats: dict, t_feats: dict, opts: RepairOptions) -> Tensor:
     s, t = first_tensor(s_out).float(), first_tensor(t_out).float()
     if is_classifier(t):
+        s, t = s / opts.temperature, t / opts.temperature
         loss = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
     else:
         loss = ((s - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12)
@@ -450,13 +467,39 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
     def snapshot():
         return [p.detach().clone() for p in params]
 
+    start = snapshot()  # the calibrated values
+
+    @torch.no_grad()
+    def put(state):
+        for p, v in zip(params, state):
+            p.copy_(v)
+
+    @torch.no_grad()
+    def candidate():
+        """The state repair would return now (the blend of the trained and the calibrated weights)."""
+        if opts.blend == 1.0:
+            return snapshot()
+        return [s + opts.blend * (p.detach() - s) for s, p in zip(start, params)]
+
+    def scored():
+        """The held-back scores of the candidate state, and that state."""
+        state = candidate()
+        if opts.blend == 1.0:
+            return _score(work, held_x, refs), state
+        trained = snapshot()
+        put(state)
+        try:
+            return _score(work, held_x, refs), state
+        finally:
+            put(trained)
+
     has_held = bool(held_x)
     if multi:  # a rank with no held-back samples still takes part in the all-reduced scores
         has_held = allreduce_max([float(has_held)])[0] > 0
     best = _score(work, held_x, refs) if has_held else None
     res.before = dict(best) if best else None
     res.curve.append({"seconds": time.perf_counter() - t0, "step": 0, **(best or {})})
-    best_state = snapshot()
+    best_state = start
     x1 = next(iter(train.subset([0]).batches(1)))[0]
     x1 = augment(to_dev(x1), opts, torch.Generator().manual_seed(0))  # a view, at the views' size
     res.micro_batch = min(opts.batch_size, _micro_batch(work, x1, plain_batch, opts.memory_factor))
@@ -518,12 +561,12 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             due = allreduce_max([due])[0]
         if has_held and due:
             te = time.perf_counter()
-            score = _score(work, held_x, refs)
+            score, state = scored()
             eval_time = time.perf_counter() - te
             last_eval = time.perf_counter()
             res.curve.append({"seconds": last_eval - t0, "step": res.steps, **score})
             if score["kl"] < best["kl"] and no_worse(score, res.before):
-                best, best_state, stale = score, snapshot(), 0
+                best, best_state, stale = score, state, 0
             else:
                 stale += 1
                 if opts.patience and stale >= opts.patience:
@@ -533,15 +576,14 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             eta = None if budget is None else max(0.0, budget - (time.perf_counter() - t0))
             progress("repair", res.steps, budget if budget is not None else max_steps, loss_sum, eta)
     if has_held and res.curve[-1]["step"] != res.steps:  # score the last state too
-        score = _score(work, held_x, refs)
+        score, state = scored()
         res.curve.append({"seconds": time.perf_counter() - t0, "step": res.steps, **score})
         if score["kl"] < best["kl"] and no_worse(score, res.before):
-            best, best_state = score, snapshot()
-    if not has_held:  # nothing to compare against: the trained state is returned
+            best, best_state = score, state
+    if not has_held:  # nothing to compare against: the (blended) trained state is returned
+        put(candidate())
         res.kept = True
         return
-    with torch.no_grad():
-        for p, v in zip(params, best_state):
-            p.copy_(v)
+    put(best_state)
     res.after = dict(best)
     res.kept = best["kl"] < res.before["kl"]
