@@ -57,12 +57,14 @@ def test_augment_views():
     same = augment(x, RepairOptions(crop_scale=(1.0, 1.0), flip=False), torch.Generator().manual_seed(0))
     # a full-area crop with aspect 3/4..4/3 clamps to the whole image: (almost) the identity
     assert same.shape == x.shape and (same - x).abs().mean() < 0.35 * x.abs().mean()
-    a = augment(x, RepairOptions(), torch.Generator().manual_seed(1))
-    b = augment(x, RepairOptions(), torch.Generator().manual_seed(1))
+    crops = RepairOptions(crop_scale=(0.5, 1.0))
+    a = augment(x, crops, torch.Generator().manual_seed(1))
+    b = augment(x, crops, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a, x)  # seeded, and a real change
     tokens = torch.randint(0, 9, (4, 7))
-    assert augment(tokens, RepairOptions(), torch.Generator()) is tokens  # not image-like: unchanged
-    # no crop (mode="fit"): every sample is itself or its exact mirror image, at its own size
+    assert augment(tokens, crops, torch.Generator()) is tokens  # not image-like: unchanged
+    assert RepairOptions().crop_scale is None and RepairOptions().flip  # the default: mirror images only
+    # no crop (the default, and mode="fit"): every sample is itself or its exact mirror image, at its own size
     g = torch.Generator().manual_seed(2)
     x = torch.randn(64, 3, 5, 7)
     v = augment(x, RepairOptions(crop_scale=None), g)

@@ -99,9 +99,10 @@ checks ONNX parity in onnxruntime (CPU, and CUDA when available).
                    "channels get the scale and shift that make the new norm's statistics follow the "
                    "old one's (an exact rewrite of the original model; the converted model keeps it).")
 @click.option("--repair", is_flag=True, default=False,
-              help="After calibration, distil the converted model toward the original on augmented "
-                   "views of the calibration data, early-stopped on held-back samples (never returned "
-                   "worse than calibration alone there: KL, top-1 agreement, accuracy if labelled).")
+              help="After calibration, distil the converted model toward the original on the "
+                   "calibration data and its mirror images, early-stopped on held-back samples (never "
+                   "returned worse than calibration alone there: KL, top-1 agreement, accuracy if "
+                   "labelled).")
 @click.option("--time-budget", "time_budget", default=None, metavar="SECONDS", callback=_positive_seconds,
               help="Wall-clock budget of --repair in seconds (default 600).")
 @click.option("--repair-steps", "repair_steps", type=click.IntRange(min=1), default=None, metavar="N",

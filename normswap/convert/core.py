@@ -33,8 +33,8 @@ How it works
 4. Fidelity of the converted model against the original on the calibration inputs (in-sample)
    and, with ``eval_data``, on held-out inputs: top-1 agreement, top-5 overlap, KL, accuracy
    with labels, and the error of every output.
-5. ``repair=True``: distillation toward the original within ``time_budget_s`` on augmented
-   views of the calibration inputs, early-stopped and reverted on the held-back samples
+5. ``repair=True``: distillation toward the original within ``time_budget_s`` on the
+   calibration inputs and their mirror images, early-stopped and reverted on the held-back samples
    (:mod:`normswap.convert.repair`).
 
 Under ``torch.distributed`` (e.g. torchrun) every statistic is all-reduced before each fit (and
@@ -131,9 +131,9 @@ def convert(model, to: str = "gn", calib=None, *, source=None, groups="auto", mo
     calib_samples: use at most this many calibration samples (evenly spread over the data).
     eval_data: held-out inputs (same forms as ``calib``) on which fidelity is measured
         (``report.fidelity_eval``); without it the numbers are in-sample.
-    repair: after calibration, distil toward the original on augmented calibration views within
-        ``time_budget_s`` seconds (default :data:`DEFAULT_REPAIR_BUDGET_S`), early-stopped and
-        reverted on held-back calibration samples (``report.repair``).
+    repair: after calibration, distil toward the original on the calibration inputs (and their
+        mirror images) within ``time_budget_s`` seconds (default :data:`DEFAULT_REPAIR_BUDGET_S`),
+        early-stopped and reverted on held-back calibration samples (``report.repair``).
     progress: optional callable ``progress(stage, step, total, loss, eta_s=None)`` with stage
         "calibrate" (per pass) or "repair" (per step).
     options: :class:`ConvertOptions` (expert settings).
