@@ -170,7 +170,8 @@ def test_repair_temperature_divides_the_logits_of_both_models():
 
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
-    plain, sharp = RepairOptions(feature_weight=0.0, temperature=1.0), RepairOptions(feature_weight=0.0, temperature=0.5)
+    plain = RepairOptions(feature_weight=0.0, temperature=1.0)
+    sharp = RepairOptions(feature_weight=0.0, temperature=0.5)
     assert torch.allclose(_distill_loss(s, t, {}, {}, sharp), _distill_loss(2 * s, 2 * t, {}, {}, plain))
     assert not torch.allclose(_distill_loss(s, t, {}, {}, sharp), _distill_loss(s, t, {}, {}, plain))
     r, q = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)  # not a classifier: no temperature
