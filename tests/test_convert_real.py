@@ -176,7 +176,7 @@ def test_repair_temperature_divides_the_logits_of_both_models():
     assert not torch.allclose(_distill_loss(s, t, {}, {}, sharp), _distill_loss(s, t, {}, {}, plain))
     r, q = torch.randn(6, 1, generator=g), torch.randn(6, 1, generator=g)  # not a classifier: no temperature
     assert torch.equal(_distill_loss(r, q, {}, {}, sharp), _distill_loss(r, q, {}, {}, plain))
-    for bad in (0, -1.0, float("inf"), float("nan"), "cold"):
+    for bad in (0, -1.0, float("inf"), float("nan"), "cold", True):
         with pytest.raises(NormswapError, match="temperature"):
             RepairOptions(temperature=bad)
 
@@ -222,7 +222,7 @@ def test_repair_blend_returns_that_share_of_the_trained_change():
     assert moved > 0
     # what the guard scored is the returned state: here between the calibrated and the trained one
     assert r1.after["kl"] < r05.after["kl"] < r05.before["kl"] == r1.before["kl"]
-    for bad in (0, -0.5, 1.5, float("nan"), "half"):
+    for bad in (0, -0.5, 1.5, float("nan"), "half", True):
         with pytest.raises(NormswapError, match="blend"):
             RepairOptions(blend=bad)
 

@@ -108,10 +108,11 @@ class RepairOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.blend, (int, float)) and 0.0 < self.blend <= 1.0):
+        if isinstance(self.blend, bool) or not (isinstance(self.blend, (int, float)) and 0.0 < self.blend <= 1.0):
             raise NormswapError(f"RepairOptions(blend={self.blend!r}): the share of repair's change that is "
                                 f"returned must be in (0, 1]")
-        if not (isinstance(self.temperature, (int, float)) and 0.0 < self.temperature < math.inf):
+        if isinstance(self.temperature, bool) or not (isinstance(self.temperature, (int, float))
+                                                        and 0.0 < self.temperature < math.inf):
             raise NormswapError(f"RepairOptions(temperature={self.temperature!r}): must be a positive number")
 
 
