@@ -41,8 +41,10 @@ VARIANTS = {
     "low-lr": {**CROPS_T1, "lr": 1e-5, "norm_lr": 3e-4},
     "logits-only": {**CROPS_T1, "feature_weight": 0.0},
     "temperature-0.5": {**CROPS_T1, "temperature": 0.5},
+    # this release's defaults spelled out (the same run as "default" while they stay the defaults)
     "sharp-flips": {"temperature": 0.5, "crop_scale": None},
     "blend-0.5": {"blend": 0.5},
+    "crops-t1-blend-0.5": {**CROPS_T1, "blend": 0.5},
 }
 
 
@@ -58,7 +60,7 @@ def _run(conv, model, train, held, held_out, name: str, budget: float, batch: in
                opts=RepairOptions(**VARIANTS[name]), plain_batch=batch)
     seconds = time.perf_counter() - t0
     fid, photos = ci._held_out(conv, model, held_out, batch)
-    return {"variant": name, "options": VARIANTS[name], "seconds": seconds, "steps": r.steps, "kept": r.kept,
+    return {"variant": name, "options": r.options, "seconds": seconds, "steps": r.steps, "kept": r.kept,
             "held_back_before": r.before, "held_back_after": r.after, "accuracy": fid.accuracy_converted,
             "drop": fid.accuracy_drop, "agreement": fid.top1_agreement, "kl": fid.kl, "photos": photos}
 

@@ -222,6 +222,13 @@ def test_repair_blend_returns_that_share_of_the_trained_change():
     assert moved > 0
     # what the guard scored is the returned state: here between the calibrated and the trained one
     assert r1.after["kl"] < r05.after["kl"] < r05.before["kl"] == r1.before["kl"]
+    # scoring a blend puts the trained weights back: scored after every step, the run trains alike
+    m = copy.deepcopy(calibrated)
+    each = repair(m, model, train, held, replaced=[x for x in m.modules() if isinstance(x, nn.InstanceNorm2d)],
+                  to_dev=lambda x: x, time_budget_s=None, max_steps=8,
+                  opts=RepairOptions(lr=1e-3, crop_scale=None, flip=False, eval_every_s=0.0, blend=0.5))
+    assert [c["step"] for c in each.curve] == list(range(9))
+    assert each.curve[-1]["kl"] == pytest.approx(r05.curve[-1]["kl"], rel=1e-9)
     for bad in (0, -0.5, 1.5, float("nan"), "half", True):
         with pytest.raises(NormswapError, match="blend"):
             RepairOptions(blend=bad)
