@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     import convert_imagenet as ci
     from normswap.convert import convert
-    from normswap.convert.calibrate import holdback_split
+    from normswap.convert.calibrate import held_parts, holdback_split
 
     torch.set_num_threads(2)
     model = ci._load(a.model).eval()
@@ -117,8 +117,7 @@ def main(argv=None) -> int:
     print(f"{'variant':18} {'acc':>5} {'drop':>5} {'agree':>6} {'KL':>6} {'steps':>5}  keeps top-1 / right (p)")
     print(f"{base['variant']:18} {pct(base['accuracy']):>5} {pct(base['drop']):>5} {pct(base['agreement']):>6} "
           f"{base['kl']:6.3f}", flush=True)
-    data, nh = holdback_split(calib)  # the order convert(..., repair=True) trains and holds back in
-    train, held = data.subset(range(len(data) - nh)), data.subset(range(len(data) - nh, len(data)))
+    train, held = held_parts(*holdback_split(calib))  # what convert(..., repair=True) trains on and holds back
     for name in names:
         row = _run(copy.deepcopy(calibrated), model, train, held, held_out, name, a.budget, a.batch)
         row["paired"] = paired_with_calibration(photos, row, f"lite{a.model}", a.split)

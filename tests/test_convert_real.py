@@ -191,7 +191,7 @@ def test_repair_blend_returns_that_share_of_the_trained_change():
     import torch.nn as nn
 
     from normswap.convert import convert
-    from normswap.convert.calibrate import holdback_split, load_calib
+    from normswap.convert.calibrate import held_parts, holdback_split, load_calib
     from normswap.convert.repair import RepairOptions, repair
     from normswap.convert.report import ConvertReport
     from normswap.errors import NormswapError
@@ -203,8 +203,7 @@ def test_repair_blend_returns_that_share_of_the_trained_change():
     model.eval()
     xc = torch.tensor(np.load("samples/digits/calib.npz")["x"]).float()[:112]
     calibrated, _ = convert(model, "in", xc)
-    data, nh = holdback_split(load_calib(xc, model, None, ConvertReport()))
-    train, held = data.subset(range(len(data) - nh)), data.subset(range(len(data) - nh, len(data)))
+    train, held = held_parts(*holdback_split(load_calib(xc, model, None, ConvertReport())))
     out = {}
     for b in (1.0, 0.5):
         m = copy.deepcopy(calibrated)

@@ -189,6 +189,13 @@ def holdback_split(data, share: float = HOLDBACK_SHARE, min_samples: int = HOLDB
     return data.subset(order), int(held_idx.numel())
 
 
+def held_parts(data, held: int):
+    """The data :func:`holdback_split` reordered, as ``(trained on, held back)``: all but the last
+    ``held`` samples, and those (None when nothing is held back)."""
+    n = len(data)
+    return (data.subset(range(n - held)), data.subset(range(n - held, n))) if held else (data, None)
+
+
 def _sub_batches(batches: Batches, start: int, stop: int) -> Batches:
     # the same kind of batches (a BoundedBatches stays memory-bounded)
     return type(batches)(batches.data.subset(range(start, stop)), batches.batch_size, batches.module,

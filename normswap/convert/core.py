@@ -57,8 +57,8 @@ from ..io import as_module
 from ..norms import NORMS
 from . import kinds as K
 from .bounded import BoundedBatches
-from .calibrate import (Batches, calib_count, calibrate, expected_input_text, holdback_split, load_calib,
-                        uncalibrated)
+from .calibrate import (Batches, calib_count, calibrate, expected_input_text, held_parts, holdback_split,
+                        load_calib, uncalibrated)
 from .checks import check_data
 from .fidelity import OutputCache, chance_warning, dist_info, eval_mode, fidelity, heldout_fidelity
 from .repair import RepairOptions, not_kept_reason
@@ -251,9 +251,7 @@ def _reweight(work, sites, batches, to, groups, held, opts, progress=None):
 def _training_parts(data, held: int, sites: list[Site]):
     """What the affine fit and repair train on: the calibration samples but the held-back last
     ``held`` (those, or None), and the replacement norm modules."""
-    n = len(data)
-    train = data.subset(range(n - held)) if held else data
-    heldset = data.subset(range(n - held, n)) if held else None
+    train, heldset = held_parts(data, held)
     replaced = [s.wrapper.new for s in sites if s.wrapper is not None and s.wrapper.new is not None]
     return train, heldset, replaced
 

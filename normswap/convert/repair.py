@@ -488,23 +488,33 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             p.copy_(v)
 
     @torch.no_grad()
-    def candidate():
-        """The state repair would return now (the blend of the trained and the calibrated weights)."""
-        if opts.blend == 1.0:
-            return snapshot()
+    def blended():
+        """The calibrated weights plus ``blend`` times the trained change (what a blend returns)."""
         return [s + opts.blend * (p.detach() - s) for s, p in zip(start, params)]
 
     def scored():
-        """The held-back scores of the candidate state, and a function that returns that state
-        (without a blend a copy is taken only when the state is kept)."""
+        """The held-back scores of the state repair would return now, and a function that returns
+        that state (without a blend a copy is taken only when the state is kept)."""
         if opts.blend == 1.0:
             return _score(work, held_x, refs), snapshot
-        state, trained = candidate(), snapshot()
+        state, trained = blended(), snapshot()
         put(state)
         try:
             return _score(work, held_x, refs), lambda: state
         finally:
             put(trained)
+
+    def consider() -> bool:
+        """Score the current state on the held-back samples, add it to the curve and keep it when
+        it has the least KL so far and loses nothing against the calibrated model (True)."""
+        nonlocal best, best_state
+        score, state = scored()
+        res.curve.append({"seconds": time.perf_counter() - t0, "step": res.steps, **score})
+        if score["kl"] < best["kl"] and no_worse(score, res.before):
+            best, best_state = score, None  # the old copy goes before the new one is taken
+            best_state = state()
+            return True
+        return False
 
     has_held = bool(held_x)
     if multi:  # a rank with no held-back samples still takes part in the all-reduced scores
@@ -576,13 +586,11 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             due = allreduce_max([due])[0]
         if has_held and due:
             te = time.perf_counter()
-            score, state = scored()
+            kept = consider()
             eval_time = time.perf_counter() - te
             last_eval = time.perf_counter()
-            res.curve.append({"seconds": last_eval - t0, "step": res.steps, **score})
-            if score["kl"] < best["kl"] and no_worse(score, res.before):
-                best, best_state, stale = score, None, 0
-                best_state = state()
+            if kept:
+                stale = 0
             else:
                 stale += 1
                 if opts.patience and stale >= opts.patience:
@@ -592,13 +600,10 @@ def _loop(work, original, train, held_x, refs, groups, s_taps, t_taps, to_dev, r
             eta = None if budget is None else max(0.0, budget - (time.perf_counter() - t0))
             progress("repair", res.steps, budget if budget is not None else max_steps, loss_sum, eta)
     if has_held and res.curve[-1]["step"] != res.steps:  # score the last state too
-        score, state = scored()
-        res.curve.append({"seconds": time.perf_counter() - t0, "step": res.steps, **score})
-        if score["kl"] < best["kl"] and no_worse(score, res.before):
-            best, best_state = score, None
-            best_state = state()
+        consider()
     if not has_held:  # nothing to compare against: the (blended) trained state is returned
-        put(candidate())
+        if opts.blend != 1.0:
+            put(blended())
         res.kept = True
         return
     put(best_state)
